@@ -1,0 +1,249 @@
+"""PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module>.<part>`` where part is ``lora_A.weight``,
+``lora_B.weight``, ``lora_B.bias`` (lora_bias), ``lora_embedding_A`` / ``lora_embedding_B``
+(embeddings), ``lora_magnitude_vector`` (DoRA); full tensors for modules_to_save are stored
+as ``<module>.weight`` (or ``<module>.base_layer.weight`` for a LoRA-targeted embedding saved
+with save_embedding_layers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .. import st
+from ..adapter import Adapter, LoraModule, alpha_for_scale, lora_scale, resolve_rank_alpha
+from ..checkpoint import read_json
+from ..errors import InputError, UnsupportedError
+from ..fsutil import atomic_dir
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PARTS = {
+    "lora_A.weight": ("linear", "A"), "lora_B.weight": ("linear", "B"), "lora_B.bias": ("linear", "bias"),
+    "lora_embedding_A": ("embedding", "A"), "lora_embedding_B": ("embedding", "B"),
+    "lora_magnitude_vector": (None, "magnitude"),
+}
+_PART_RE = re.compile(r"^(.*)\.(" + "|".join(re.escape(p) for p in PARTS) + r")$")
+
+
+def is_peft_adapter(path: str | os.PathLike) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def _check_config(cfg: dict, path: Path) -> None:
+    def bad(field, want):
+        raise InputError(f"field {field!r} must be {want}, got {cfg.get(field)!r}", path)
+
+    pt = cfg.get("peft_type")
+    if pt is None:
+        raise InputError("missing field 'peft_type'", path)
+    if not isinstance(pt, str) or pt.upper() != "LORA":
+        raise UnsupportedError(f"peft_type {pt!r} is not supported (only LORA adapters)", path)
+    if "r" not in cfg:
+        raise InputError("missing field 'r'", path)
+    if not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
+        bad("r", "a positive integer")
+    if "lora_alpha" in cfg and (not isinstance(cfg["lora_alpha"], (int, float)) or isinstance(cfg["lora_alpha"], bool)):
+        bad("lora_alpha", "a number")
+    for f in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(f)
+        if v is not None and (not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())):
+            bad(f, "an object mapping module patterns to numbers")
+    for f in ("use_rslora", "use_dora"):
+        if cfg.get(f) is not None and not isinstance(cfg[f], bool):
+            bad(f, "true or false")
+    tm = cfg.get("target_modules")
+    if tm is not None and not isinstance(tm, (str, list)):
+        bad("target_modules", "a list of names or a regex string")
+    mts = cfg.get("modules_to_save")
+    if mts is not None and not (isinstance(mts, list) and all(isinstance(x, str) for x in mts)):
+        bad("modules_to_save", "a list of module names")
+    if cfg.get("fan_in_fan_out"):
+        raise UnsupportedError("fan_in_fan_out=true (GPT-2 Conv1D layout) is not supported", path)
+
+
+def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or directory", path)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS):
+        path = path.parent
+    cfg_path = path / CONFIG
+    if not cfg_path.is_file():
+        raise InputError(f"not a PEFT adapter: no {CONFIG}", path)
+    cfg = read_json(cfg_path, CONFIG)
+    _check_config(cfg, cfg_path)
+    wpath = path / WEIGHTS
+    if wpath.is_file():
+        with st.SafetensorsFile(wpath) as f:
+            sd = {k: f.get(k) for k in f.keys()}
+    else:
+        binp = path / "adapter_model.bin"
+        if not binp.is_file():
+            raise InputError(f"PEFT adapter has no {WEIGHTS}", path)
+        if not allow_pickle:
+            raise UnsupportedError("pickle adapter refused: unpickling can run arbitrary code; pass --allow-pickle "
+                                   "to load it with torch.load(weights_only=True)", binp)
+        try:
+            sd = torch.load(binp, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot load with weights_only=True: {str(e).splitlines()[0]}", binp) from e
+        wpath = binp
+    return adapter_from_state_dict(sd, cfg, wpath)
+
+
+def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path) -> Adapter:
+    rslora = bool(cfg.get("use_rslora"))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, str] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        m = _PART_RE.match(name)
+        if m:
+            mod, part = m.group(1), m.group(2)
+            kind, field = PARTS[part]
+            parts.setdefault(mod, {})[field] = t
+            if kind:
+                if kinds.setdefault(mod, kind) != kind:
+                    raise InputError(f"module {mod!r} has both linear and embedding LoRA tensors", wpath)
+        elif name.endswith(".base_layer.weight"):
+            full[name[: -len(".base_layer.weight")] + ".weight"] = t
+        elif re.search(r"\.modules_to_save\.[^.]+\.", name):
+            full[re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)] = t
+        elif "lora_" in name or ".trainable_tokens" in name:
+            raise UnsupportedError(f"unrecognised adapter tensor {key!r}", wpath)
+        else:
+            full[name] = t
+    modules: dict[str, LoraModule] = {}
+    for mod, p in sorted(parts.items()):
+        if "A" not in p or "B" not in p:
+            have, miss = ("A", "B") if "A" in p else ("B", "A")
+            raise InputError(f"module {mod!r} has lora_{have} but no lora_{miss}", wpath)
+        A, B = p["A"], p["B"]
+        if A.dim() != 2 or B.dim() != 2:
+            raise InputError(f"module {mod!r}: LoRA factors must be 2-D (conv LoRA is not supported), got {tuple(A.shape)} and {tuple(B.shape)}", wpath)
+        if A.shape[0] != B.shape[1]:
+            raise InputError(f"module {mod!r}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; their ranks disagree", wpath)
+        r_cfg, alpha = resolve_rank_alpha(cfg, mod)
+        r = int(A.shape[0])
+        if r != r_cfg:
+            raise InputError(f"module {mod!r}: weights have rank {r} but adapter_config.json (r / rank_pattern) says {r_cfg}", wpath)
+        kind = kinds.get(mod, "linear")
+        mag = p.get("magnitude")
+        if mag is not None and kind == "embedding":
+            raise UnsupportedError(f"module {mod!r}: DoRA on embeddings is not supported", wpath)
+        if mag is not None and mag.shape != (B.shape[0],):
+            raise InputError(f"module {mod!r}: DoRA magnitude has shape {tuple(mag.shape)}, expected ({B.shape[0]},)", wpath)
+        bias = p.get("bias")
+        if bias is not None and bias.shape != (B.shape[0],):
+            raise InputError(f"module {mod!r}: lora_B.bias has shape {tuple(bias.shape)}, expected ({B.shape[0]},)", wpath)
+        modules[mod] = LoraModule(A=A, B=B, scale=lora_scale(alpha, r, rslora), alpha=alpha, bias=bias, kind=kind, magnitude=mag)
+    if cfg.get("use_dora") and not any(m.magnitude is not None for m in modules.values()):
+        raise InputError("use_dora is true but the weights have no lora_magnitude_vector", wpath)
+    if not modules and not full:
+        raise InputError("adapter holds no LoRA tensors", wpath)
+    return Adapter(modules=modules, modules_to_save=full, config=dict(cfg), source=str(wpath.parent), format="peft")
+
+
+# -- writing -------------------------------------------------------------------------------
+def _target_modules(names: list[str], num_layers: int | None = None) -> list[str]:
+    """Leaf names (``q_proj``) when each layered leaf covers the same layers 0..L-1 (L =
+    ``num_layers`` when known), so that PEFT targets exactly these modules; else full names."""
+    layer_sets: dict[str, set[int]] = {}
+    for n in names:
+        m = re.search(r"\.(\d+)\.", n)
+        layer_sets.setdefault(n.rpartition(".")[2], set()).add(int(m.group(1)) if m else -1)
+    layered = [s for s in layer_sets.values() if -1 not in s]
+    mixed = any(-1 in s and len(s) > 1 for s in layer_sets.values())
+    if layered:
+        full = set(range(num_layers if num_layers else max(layered[0]) + 1))
+        if mixed or any(s != full for s in layered):
+            return sorted(names)
+    return sorted(layer_sets)
+
+
+def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None, num_layers: int | None = None) -> dict:
+    mods = adapter.modules
+    rslora = adapter.use_rslora
+    ranks = Counter(m.rank for m in mods.values())
+    r = ranks.most_common(1)[0][0] if ranks else 8
+    alphas = {}
+    for name, m in mods.items():
+        a = m.alpha
+        if a is None or lora_scale(a, m.rank, rslora) != m.scale:
+            a = alpha_for_scale(m.scale, m.rank, rslora)
+        alphas[name] = int(a) if float(a).is_integer() else float(a)
+    common_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 2 * r
+    rank_pattern = {n: m.rank for n, m in sorted(mods.items()) if m.rank != r}
+    alpha_pattern = {n: a for n, a in sorted(alphas.items()) if a != common_alpha}
+    mts = sorted({k.rsplit(".", 1)[0] for k in adapter.modules_to_save if k.rsplit(".", 1)[0] not in mods})
+    old = adapter.config if adapter.format == "peft" else {}
+    targets = _target_modules(sorted(mods), num_layers) if mods else []
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": old.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": base_model_name_or_path if base_model_name_or_path is not None else old.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": common_alpha,
+        "target_modules": targets,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rslora,
+        "use_dora": any(m.magnitude is not None for m in mods.values()),
+        "lora_bias": any(m.bias is not None for m in mods.values()),
+        "modules_to_save": mts or None,
+        "lora_dropout": old.get("lora_dropout", 0.0),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": old.get("revision"),
+    }
+    if adapter.config.get("loratools"):
+        cfg["loratools"] = adapter.config["loratools"]
+    return cfg
+
+
+def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for name, m in sorted(adapter.modules.items()):
+        p = PREFIX + name
+        if m.kind == "embedding":
+            sd[f"{p}.lora_embedding_A"] = m.A
+            sd[f"{p}.lora_embedding_B"] = m.B
+        else:
+            sd[f"{p}.lora_A.weight"] = m.A
+            sd[f"{p}.lora_B.weight"] = m.B
+            if m.bias is not None:
+                sd[f"{p}.lora_B.bias"] = m.bias
+        if m.magnitude is not None:
+            sd[f"{p}.lora_magnitude_vector"] = m.magnitude
+    for key, t in sorted(adapter.modules_to_save.items()):
+        mod, _, leaf = key.rpartition(".")
+        if mod in adapter.modules:  # full weight of a LoRA-targeted layer (save_embedding_layers)
+            sd[f"{PREFIX}{mod}.base_layer.{leaf}"] = t
+        else:
+            sd[PREFIX + key] = t
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def write_peft(adapter: Adapter, out: str | os.PathLike, base_model_name_or_path: str | None = None,
+               num_layers: int | None = None) -> Path:
+    """Write ``adapter`` as a PEFT adapter folder, atomically. ``num_layers`` (of the base)
+    lets target_modules use leaf names only when they cover every layer."""
+    cfg = peft_config_for(adapter, base_model_name_or_path, num_layers)
+    sd = peft_state_dict(adapter)
+    with atomic_dir(out) as tmp:
+        st.save_file(sd, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return Path(out)

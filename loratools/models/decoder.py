@@ -1,0 +1,295 @@
+"""One readable decoder LM: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), with GQA,
+rope scaling, sliding windows, tied embeddings, a KV cache, and LoRA applied unmerged.
+
+Module and parameter names are the Hugging Face ones, so a checkpoint's tensors load by name.
+
+    x ─ embed_tokens ─┬─ layers[i]:  h = x + o_proj(attn(rope(q_proj(n1 x)), rope(k_proj(n1 x)), v_proj(n1 x)))
+                      │              x = h + down_proj(silu(gate_proj(n2 h)) · up_proj(n2 h))
+                      └─ norm ─ lm_head ─ logits
+
+Shapes: hidden (b, s, hidden); q (b, heads, s, head_dim); k, v (b, kv_heads, past + s, head_dim).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, LoraModule
+from ..errors import IncompatibleError, InputError
+from .config import ModelConfig, load_config, rope_inv_freq
+
+
+@dataclass
+class LoraSlot:
+    """One LoRA attached to a layer: y += scale · B (A x) (+ scale · bias); DoRA rescales rows."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+
+
+class Linear(nn.Module):
+    """nn.Linear with unmerged LoRA slots."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.loras: list[LoraSlot] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for l in self.loras:
+            lora = F.linear(F.linear(x, l.A), l.B) * l.scale
+            if l.magnitude is not None:
+                # DoRA: m / ‖W + s·B·A‖_row · (W x + s·B A x), the norm treated as a constant.
+                w = self.weight + l.scale * (l.B @ l.A)
+                k = (l.magnitude / torch.linalg.norm(w, dim=1)).to(y.dtype)
+                base = y if self.bias is None else y - self.bias
+                y = y + (k - 1) * base + k * lora
+            else:
+                y = y + lora
+            if l.bias is not None:
+                y = y + l.bias * l.scale
+        return y
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim))
+        self.loras: list[LoraSlot] = []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(ids, self.weight)
+        for l in self.loras:
+            y = y + (F.embedding(ids, l.A.T) @ l.B.T) * l.scale
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.num_key_value_heads, d, window
+        self.q_proj = Linear(h, cfg.q_size, cfg.qkv_bias)
+        self.k_proj = Linear(h, cfg.kv_size, cfg.qkv_bias)
+        self.v_proj = Linear(h, cfg.kv_size, cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, h, cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, past: tuple | None):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        rep = self.heads // self.kv_heads
+        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        scores = (q @ kr.transpose(-1, -2)) * self.head_dim**-0.5 + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs @ vr).transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out), present
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, cfg.mlp_bias)
+        self.up_proj = Linear(h, i, cfg.mlp_bias)
+        self.down_proj = Linear(i, h, cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, cfg.layer_windows[i] if cfg.layer_windows else None)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, masks, past):
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.self_attn.window], past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), present
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DecoderLM(nn.Module):
+    """``forward(input_ids, attention_mask=None, position_ids=None, past=None)`` →
+    ``(logits (b, s, vocab) fp32, present: list of (k, v))``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Body(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+
+    # -- forward -----------------------------------------------------------------------------
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def masks(self, b: int, s: int, past_len: int, attention_mask, dtype, device) -> dict:
+        """Additive masks (b, 1, s, past+s), one per distinct window (None = full causal)."""
+        total = past_len + s
+        qpos = torch.arange(past_len, total, device=device)[:, None]
+        kpos = torch.arange(total, device=device)[None, :]
+        keep_pad = None
+        if attention_mask is not None:
+            if attention_mask.shape != (b, total):
+                raise InputError(f"attention_mask must be {(b, total)}, got {tuple(attention_mask.shape)}")
+            keep_pad = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        out = {}
+        for w in set(self.cfg.layer_windows) | {None}:
+            keep = kpos <= qpos
+            if w is not None:
+                keep = keep & (qpos - kpos < w)
+            keep = keep[None, None].expand(b, 1, s, total)
+            if keep_pad is not None:
+                keep = keep & keep_pad
+            m = torch.zeros(b, 1, s, total, dtype=dtype, device=device)
+            out[w] = m.masked_fill(~keep, torch.finfo(dtype).min)
+        return out
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        b, s = input_ids.shape
+        past_len = 0 if not past else past[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + s, device=input_ids.device)[None].expand(b, s)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        masks = self.masks(b, s, past_len, attention_mask, x.dtype, x.device)
+        presents = []
+        for i, layer in enumerate(self.model.layers):
+            x, pr = layer(x, cos, sin, masks, past[i] if past else None)
+            presents.append(pr)
+        logits = self.lm_head(self.model.norm(x)).float()
+        return logits, presents
+
+    # -- weights -----------------------------------------------------------------------------
+    def linear_modules(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, (Linear, Embedding))}
+
+    def attach(self, adapter: Adapter, weight: float = 1.0) -> None:
+        """Apply ``adapter`` unmerged, its scale multiplied by ``weight``."""
+        shapes = {f"{n}.{p}": tuple(t.shape) for n, m in self.linear_modules().items() for p, t in m.named_parameters(recurse=False)}
+        adapter.check_against(shapes, "base model")
+        mods = self.linear_modules()
+        dev, dt = self.inv_freq.device, self.model.norm.weight.dtype
+        to = lambda t: None if t is None else t.to(device=dev, dtype=dt)  # noqa: E731
+        for name, m in adapter.modules.items():
+            mods[name].loras.append(LoraSlot(to(m.A), to(m.B), m.scale * weight, to(m.bias), to(m.magnitude)))
+        if adapter.modules_to_save:
+            if weight != 1.0:
+                raise IncompatibleError("an adapter with modules_to_save cannot be weighted", adapter.source or None)
+            for key, t in adapter.modules_to_save.items():
+                self._set(key, to(t))
+
+    def detach_adapters(self) -> None:
+        for m in self.linear_modules().values():
+            m.loras.clear()
+
+    def _set(self, key: str, t: torch.Tensor) -> None:
+        mod_name, _, pname = key.rpartition(".")
+        mod = self.get_submodule(mod_name)
+        if pname == "weight" and mod is self.lm_head and self.lm_head.weight is self.model.embed_tokens.weight:
+            self.lm_head.weight = nn.Parameter(t, requires_grad=False)  # untie: lm_head replaced alone
+            return
+        setattr(mod, pname, nn.Parameter(t, requires_grad=False))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self.named_parameters(remove_duplicate=False)}
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
+               adapters: Iterable[Adapter] = (), weights: Iterable[float] | None = None,
+               allow_pickle: bool = False) -> DecoderLM:
+    """Build the reference model from a checkpoint folder, tensor by tensor, and attach adapters."""
+    from ..checkpoint import Checkpoint
+
+    cfg = load_config(path)
+    dev = _device(device)
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    expected = model.expected_shapes()
+    with Checkpoint.open(path, allow_pickle=allow_pickle) as ck:
+        for name in ck.keys():
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise IncompatibleError(f"tensor {name!r} is not part of a {cfg.model_type} model with this config", ck.path)
+            info = ck.info(name)
+            if info.shape != expected[name]:
+                raise IncompatibleError(f"tensor {name!r} has shape {info.shape} but config.json implies {expected[name]}", ck.path)
+            model._set(name, ck.get(name).to(device=dev, dtype=dtype))
+        if "lm_head.weight" not in ck and (cfg.tie_word_embeddings or "lm_head.weight" not in ck):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", ck.path)
+    if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg).to(dev)
+    model.requires_grad_(False)
+    model.eval()
+    ws = list(weights) if weights is not None else None
+    for i, a in enumerate(adapters):
+        model.attach(a, 1.0 if ws is None else ws[i])
+    return model

@@ -1,0 +1,226 @@
+"""The safetensors format, read and written tensor by tensor.
+
+Layout: an 8-byte little-endian header length N, N bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``),
+then the data region; offsets are relative to its start. The reader validates the whole
+header before touching data (so a hostile file gets a clear error, not an allocation), maps
+the file, and copies one tensor at a time out of the map. The writer plans every tensor's
+offset from a manifest, writes the header first and then each tensor at its offset as it
+arrives, so a writer never holds more than the tensor it is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import InputError, LoratoolsError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header. Returns (tensors, metadata, data_start)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"truncated safetensors file ({size} bytes; it must start with an 8-byte header length)", path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise InputError(f"corrupt safetensors header: it claims {n} header bytes (limit {MAX_HEADER})", path)
+            if n > size - 8:
+                raise InputError(f"truncated or corrupt safetensors file: header claims {n} bytes but the file has {size - 8} after the length", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e}", path) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"corrupt safetensors header: invalid JSON ({e})", path) from e
+    if not isinstance(header, dict):
+        raise InputError("corrupt safetensors header: not a JSON object", path)
+    data_start = 8 + n
+    data_len = size - data_start
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise InputError("corrupt safetensors header: __metadata__ must map strings to strings", path)
+    infos: dict[str, TensorInfo] = {}
+    for name, ent in header.items():
+        if not isinstance(ent, dict):
+            raise InputError(f"corrupt safetensors header: entry {name!r} is not an object", path)
+        dt, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
+        if dt not in DTYPES:
+            raise InputError(f"tensor {name!r} has unknown or unsupported dtype {dt!r}", path)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise InputError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise InputError(f"tensor {name!r} has invalid data_offsets {offs!r}", path)
+        b, e = offs
+        if not 0 <= b <= e:
+            raise InputError(f"tensor {name!r} has invalid data_offsets {offs!r}", path)
+        if e > data_len:
+            raise InputError(f"truncated or corrupt: tensor {name!r} ends at byte {e} of the data but the data region has {data_len} bytes", path)
+        info = TensorInfo(name, DTYPES[dt], tuple(shape), b, e)
+        if info.nbytes != e - b:
+            raise InputError(f"tensor {name!r}: shape {shape} of {dt} needs {info.nbytes} bytes but its offsets span {e - b}", path)
+        infos[name] = info
+    prev_end, prev = 0, None
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin < prev_end and info.end > info.begin:
+            raise InputError(f"corrupt: tensors {prev!r} and {info.name!r} overlap in the data region", path)
+        if info.end > info.begin:
+            prev_end, prev = info.end, info.name
+    return infos, meta, data_start
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file; ``get`` copies one tensor out."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tensors, self.metadata, self._data_start = read_header(self.path)
+        self._mm: mmap.mmap | None = None
+        self._file = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            self._file = open(self.path, "rb")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            src = np.frombuffer(self._map(), dtype=np.uint8, count=info.nbytes, offset=self._data_start + info.begin)
+            out.view(-1).view(torch.uint8).numpy()[:] = src
+        return out
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._file.close()
+            self._mm = self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def plan_header(specs: Iterable[TensorInfo], metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, TensorInfo]]:
+    """Lay out tensors in the given order; return the encoded header (length prefix included,
+    padded to 8 bytes) and the placed infos."""
+    placed: dict[str, TensorInfo] = {}
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    off = 0
+    for s in specs:
+        if s.name in placed:
+            raise LoratoolsError(f"tensor {s.name!r} listed twice")
+        info = TensorInfo(s.name, s.dtype, tuple(s.shape), off, off + s.nbytes)
+        placed[s.name] = info
+        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [info.begin, info.end]}
+        off = info.end
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, placed
+
+
+class SafetensorsWriter:
+    """Write one safetensors file from a manifest; tensors may arrive in any order."""
+
+    def __init__(self, path: str | os.PathLike, specs: Iterable[TensorInfo], metadata: Mapping[str, str] | None = None):
+        self.path = Path(path)
+        head, self.placed = plan_header(specs, metadata)
+        self._data_start = len(head)
+        self._pending = set(self.placed)
+        self._f = open(self.path, "wb")
+        self._f.write(head)
+        total = self._data_start + sum(i.nbytes for i in self.placed.values())
+        self._f.truncate(total)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        info = self.placed.get(name)
+        if info is None or name not in self._pending:
+            raise LoratoolsError(f"{self.path}: tensor {name!r} not expected (or written twice)")
+        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+            raise LoratoolsError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if info.nbytes:
+            self._f.seek(self._data_start + info.begin)
+            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            self._f.close()
+            raise LoratoolsError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write a dict of tensors to one safetensors file (not atomic by itself: use fsutil)."""
+    specs = [TensorInfo(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = SafetensorsWriter(path, specs, {"format": "pt", **(metadata or {})})
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+
+
+def load_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    with SafetensorsFile(path) as f:
+        return {k: f.get(k) for k in f.keys()}
