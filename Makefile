@@ -1,0 +1,38 @@
+# loratools: `make demo` runs the main job on the embedded fixture models; `make test` runs the tests.
+# Each target creates .venv and installs what it needs (torch 2.13.0 CPU first, then the project).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+FIX := build/fixtures
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q "torch>=2.4,<3"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(FIX) && $(BIN)/python -m fixtures.generate $(FIX)
+	$(BIN)/loratools inspect $(FIX)/models/llama
+	$(BIN)/loratools inspect $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama
+	$(BIN)/loratools forward $(FIX)/models/llama --adapter $(FIX)/adapters/llama-patterns --prompt "The quick brown fox"
+	$(BIN)/loratools convert $(FIX)/adapters/mistral-kohya.safetensors --to peft -o $(FIX)/mistral-from-kohya --base $(FIX)/models/mistral
+	$(BIN)/loratools forward $(FIX)/models/mistral --adapter $(FIX)/mistral-from-kohya --prompt "User: What is the capital of France?"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/stream_read.py
+
+clean:
+	rm -rf build .pytest_cache
