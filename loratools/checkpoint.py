@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -63,10 +64,28 @@ def _inside(root: Path, rel: str, index_path: Path) -> Path:
     if os.path.isabs(rel) or rel.startswith(("/", "\\")):
         raise InputError(f"weight_map names an absolute path {rel!r}; shards must be inside the checkpoint", index_path)
     p = (root / rel)
-    real = p.resolve()
-    if root.resolve() not in real.parents:
+    try:
+        real = p.resolve()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL byte, symlink loop
+        raise InputError(f"weight_map entry {rel!r} is not a usable path ({e})", index_path) from e
+    rroot = root.resolve()
+    # A Hugging Face cache snapshot (<repo>/snapshots/<rev>/x -> <repo>/blobs/<hash>) is the one
+    # layout whose links legitimately leave the folder; anything else outside it is refused.
+    hf_cache = (rroot.parent.name == "snapshots" and real.parent.name == "blobs"
+                and real.parent.parent == rroot.parent.parent and ".." not in Path(rel).parts)
+    if rroot not in real.parents and not hf_cache:
         raise InputError(f"weight_map entry {rel!r} points outside the checkpoint directory", index_path)
     return p
+
+
+def torch_load_reason(e: Exception) -> str:
+    """One readable line out of torch.load's (multi-line, ANSI-coloured) failure message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if m:
+        return f"it holds a non-tensor object ({m.group(1)})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 class _PickleShard:
@@ -75,12 +94,13 @@ class _PickleShard:
     def __init__(self, path: Path):
         self.path = path
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format; legacy (_use_new_zipfile_serialization=False) files load without it
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as e:  # noqa: BLE001 - any failure to unpickle safely is a clear refusal
-            raise InputError(f"cannot load pickle checkpoint with weights_only=True: {str(e).splitlines()[0]}", path) from e
+            raise InputError(f"cannot load pickle checkpoint with weights_only=True: {torch_load_reason(e)}", path) from e
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise InputError("pickle file does not hold a flat dict of tensors", path)
         self._sd = sd
         self.tensors = {k: st.TensorInfo(k, v.dtype, tuple(v.shape)) for k, v in sd.items()}

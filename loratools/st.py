@@ -88,7 +88,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(ent, dict):
             raise InputError(f"corrupt safetensors header: entry {name!r} is not an object", path)
         dt, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise InputError(f"tensor {name!r} has unknown or unsupported dtype {dt!r}", path)
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InputError(f"tensor {name!r} has an invalid shape {shape!r}", path)

@@ -18,7 +18,7 @@ import torch
 
 from .. import st
 from ..adapter import Adapter, LoraModule, alpha_for_scale, lora_scale, resolve_rank_alpha
-from ..checkpoint import read_json
+from ..checkpoint import read_json, torch_load_reason
 from ..errors import InputError, UnsupportedError
 from ..fsutil import atomic_dir
 
@@ -94,7 +94,9 @@ def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
         try:
             sd = torch.load(binp, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot load with weights_only=True: {str(e).splitlines()[0]}", binp) from e
+            raise InputError(f"cannot load with weights_only=True: {torch_load_reason(e)}", binp) from e
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise InputError("pickle file does not hold a flat dict of tensors", binp)
         wpath = binp
     return adapter_from_state_dict(sd, cfg, wpath)
 
@@ -238,12 +240,15 @@ def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def write_peft(adapter: Adapter, out: str | os.PathLike, base_model_name_or_path: str | None = None,
-               num_layers: int | None = None) -> Path:
+               num_layers: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write ``adapter`` as a PEFT adapter folder, atomically. ``num_layers`` (of the base)
-    lets target_modules use leaf names only when they cover every layer."""
+    lets target_modules use leaf names only when they cover every layer; ``extra_files``
+    (name -> text) are written into the same folder (reports)."""
     cfg = peft_config_for(adapter, base_model_name_or_path, num_layers)
     sd = peft_state_dict(adapter)
     with atomic_dir(out) as tmp:
         st.save_file(sd, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)

@@ -102,6 +102,8 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
     mt = cfg.get("model_type")
     if mt is None:
         raise InputError("missing field 'model_type'", path)
+    if not isinstance(mt, str):
+        raise InputError(f"field 'model_type' must be a string, got {mt!r}", path)
     if mt not in ARCHS:
         raise UnsupportedError(f"unsupported architecture model_type={mt!r} (supported: {', '.join(ARCHS)})", path)
     arch = ARCHS[mt]
@@ -166,6 +168,8 @@ def _layer_windows(cfg: dict, arch: Arch, layers: int, path) -> tuple:
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     p = Path(path)
+    if not p.exists():
+        raise InputError("no such file or directory", p)
     if p.is_dir():
         p = p / "config.json"
     return parse_config(read_json(p, "config.json"), p)

@@ -1,0 +1,1 @@
+"""Operations on tensors and adapters: pure functions; formats stay at the edges."""

@@ -1,0 +1,128 @@
+"""Adapter arithmetic: weighted combinations of adapters, module by module.
+
+- ``cat`` / ``linear``: exact. Factors are stacked, A' = [A₁; A₂; …], B' = [w₁s₁B₁, w₂s₂B₂, …],
+  so B'A' = Σ wᵢ sᵢ Bᵢ Aᵢ with no cross terms, whatever the ranks.
+- ``svd``: the optimal rank-k approximation of that sum, from the stacked factors
+  (``factor.svd_factored``), never forming the dense matrix.
+- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: these act on the entries of
+  each dense ΔWᵢ = sᵢ Bᵢ Aᵢ, one module at a time, then the result is re-factored to rank k.
+  ties: keep the top ``density`` fraction of each ΔWᵢ by magnitude, elect each entry's sign as
+  the sign of Σ wᵢ ΔWᵢ (pruned), average the weighted entries that agree with it.
+  dare: keep each entry with probability ``density`` and divide by it (seeded), then sum
+  (dare_linear) or elect signs as ties does (dare_ties). magnitude_prune: ties' pruning, then sum.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
+from . import factor
+
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def _check(adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
+    if not adapters:
+        raise LoratoolsError("no adapters to combine")
+    if len(weights) != len(adapters):
+        raise LoratoolsError(f"{len(weights)} weights for {len(adapters)} adapters")
+    shapes: dict[str, tuple] = {}
+    for a in adapters:
+        if a.use_dora:
+            raise UnsupportedError("DoRA adapters cannot be combined (their magnitude vectors do not add)", a.source or None)
+        if a.modules_to_save:
+            raise UnsupportedError(f"adapters with modules_to_save ({', '.join(sorted(a.modules_to_save))}) cannot be combined",
+                                   a.source or None)
+        for n, m in a.modules.items():
+            s = (m.kind, m.weight_shape)
+            if shapes.setdefault(n, s) != s:
+                raise IncompatibleError(f"module {n!r} is {s} here but {shapes[n]} in another adapter: adapters for different bases",
+                                        a.source or None)
+
+
+def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries with the largest magnitude."""
+    k = int(round(density * t.numel()))
+    if k >= t.numel():
+        return t
+    if k <= 0:
+        return torch.zeros_like(t)
+    thresh = t.abs().flatten().kthvalue(t.numel() - k + 1).values
+    return t * (t.abs() >= thresh)
+
+
+def _dare(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    keep = torch.rand(t.shape, generator=gen) < density
+    return t * keep.to(t.device) / density
+
+
+def _elect_and_merge(ts: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(ts)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0).clamp_min(1)
+    return (stacked * agree).sum(0) / count
+
+
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear",
+            rank: int | None = None, density: float = 1.0, seed: int = 0, exact: bool = False,
+            dtype: torch.dtype = torch.float32) -> Adapter:
+    if method not in METHODS:
+        raise LoratoolsError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    _check(adapters, weights)
+    if method in DENSE and not 0 < density <= 1:
+        raise LoratoolsError(f"--density must be in (0, 1], got {density}")
+    if rank is not None and rank < 1:
+        raise LoratoolsError(f"--rank must be >= 1, got {rank}")
+    names = sorted({n for a in adapters for n in a.modules})
+    out: dict[str, LoraModule] = {}
+    for name in names:
+        parts = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
+        kind = parts[0][0].kind
+        bias = None
+        if any(m.bias is not None for m, _ in parts):
+            bias = sum((m.bias.float() * m.scale * w for m, w in parts if m.bias is not None))
+        A = torch.cat([m.A.float() for m, _ in parts], 0)
+        B = torch.cat([m.B.float() * (m.scale * w) for m, w in parts], 1)
+        k = rank or max(m.rank for m, _ in parts)
+        if method in ("linear", "cat"):
+            pass
+        elif method == "svd":
+            U, S, Vh = factor.svd_factored(B, A)
+            B, A = factor.split_sqrt(U, S, Vh, min(k, S.numel()))
+        else:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
+            deltas = [(m.B.float() @ m.A.float()) * (m.scale * w) for m, w in parts]
+            if method in ("ties", "magnitude_prune"):
+                deltas = [_trim(d, density) for d in deltas]
+            else:
+                deltas = [_dare(d, density, gen) for d in deltas]
+            merged = _elect_and_merge(deltas) if method in ("ties", "dare_ties") else sum(deltas)
+            full = min(merged.shape)
+            if k > full:
+                raise IncompatibleError(f"rank {k} exceeds what module {name!r} ({merged.shape[0]}×{merged.shape[1]}) allows ({full})")
+            B, A, _, _ = factor.factorize(merged, factor.RankRule("rank", k), exact=exact, seed=seed)
+            if B.shape[1] == 0:
+                continue
+        out[name] = LoraModule(A=A.to(dtype).contiguous(), B=B.to(dtype).contiguous(), scale=1.0,
+                               alpha=float(A.shape[0]), kind=kind,
+                               bias=None if bias is None else bias.to(dtype))
+    cfg = {k: v for k, v in adapters[0].config.items() if k in ("base_model_name_or_path", "task_type")}
+    return Adapter(modules=out, config=cfg, format="peft")
+
+
+def scale_adapter(adapter: Adapter, factor_: float) -> Adapter:
+    """Multiply every ΔW (and lora bias) by ``factor_``; factors unchanged, scales multiplied."""
+    if adapter.use_dora:
+        raise UnsupportedError("a DoRA adapter cannot be scaled linearly", adapter.source or None)
+    if adapter.modules_to_save:
+        raise UnsupportedError("an adapter with modules_to_save cannot be scaled", adapter.source or None)
+    mods = {n: LoraModule(A=m.A, B=m.B, scale=m.scale * factor_, alpha=None, bias=m.bias, kind=m.kind)
+            for n, m in adapter.modules.items()}
+    return Adapter(modules=mods, config=dict(adapter.config), source=adapter.source, format=adapter.format)

@@ -1,0 +1,185 @@
+"""Extract a LoRA from a full fine-tune: ΔW = W_tuned − W_base, tensor by tensor, factored.
+
+Streaming: one module's two weights, their delta and its factors are in memory at a time
+(with ``budget``, every module's truncated factors are kept until the allocation is known).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter, LoraModule
+from ..checkpoint import Checkpoint
+from ..errors import IncompatibleError, LoratoolsError
+from ..formats.peft import write_peft
+from ..fsutil import check_output
+from ..models.config import load_config
+from . import factor
+from .common import check_finite, pick_device, progress
+
+EMBED_NAMES = ("model.embed_tokens", "lm_head")
+REPORT = "extract_report.json"
+
+
+def _selected(name: str, include: str | None, exclude: str | None) -> bool:
+    if include and not re.search(include, name):
+        return False
+    if exclude and re.search(exclude, name):
+        return False
+    return True
+
+
+def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike | None,
+            rule: factor.RankRule = factor.RankRule("rank", 16), *, budget: str | int | None = None,
+            exact: bool = False, include: str | None = None, exclude: str | None = None,
+            embeddings: str = "lora", device: str = "auto", seed: int = 0, oversample: int = 16,
+            power_iters: int = 4, dtype: torch.dtype = torch.float32, overwrite: bool = False,
+            quiet: bool = True) -> tuple[Adapter, dict]:
+    """Extract a LoRA adapter; write it (PEFT, with ``extract_report.json``) when ``out`` is given."""
+    if embeddings not in ("lora", "full", "skip"):
+        raise LoratoolsError(f"--embeddings must be lora, full or skip, got {embeddings!r}")
+    for pat in (include, exclude):
+        if pat:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise LoratoolsError(f"invalid regex {pat!r}: {e}") from e
+    if out is not None:
+        check_output(out, [base, tuned], overwrite)
+    dev = pick_device(device)
+    cb, ct = load_config(base), load_config(tuned)
+    if cb.model_type != ct.model_type:
+        raise IncompatibleError(f"base is {cb.model_type} but tuned is {ct.model_type}", tuned)
+    if cb.vocab_size != ct.vocab_size:
+        raise IncompatibleError(f"different vocab sizes: base {cb.vocab_size}, tuned {ct.vocab_size} (a resized vocabulary cannot be carried by a LoRA)", tuned)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget_params = factor.parse_budget(budget, itemsize) if isinstance(budget, str) else budget
+    t0 = time.perf_counter()
+    report: dict = {"base": str(base), "tuned": str(tuned), "rule": rule.describe(), "exact": exact,
+                    "budget_params": budget_params, "seed": seed, "oversample": oversample,
+                    "power_iters": power_iters, "device": str(dev), "modules": {}, "embeddings": {},
+                    "bias": {}, "norms": {}, "unchanged": [], "warnings": []}
+    modules: dict[str, LoraModule] = {}
+    full: dict[str, torch.Tensor] = {}
+    spectra: dict[str, tuple] = {}
+    bias_deltas: dict[str, torch.Tensor] = {}
+    energy_total = 0.0
+    embed_energy: dict[str, float] = {}
+    with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
+        keys_b, keys_t = set(kb.keys()), set(kt.keys())
+        if keys_b != keys_t:
+            only_b, only_t = sorted(keys_b - keys_t), sorted(keys_t - keys_b)
+            what = (f"only in base: {only_b[:3]}" if only_b else "") + ("; " if only_b and only_t else "") + \
+                   (f"only in tuned: {only_t[:3]}" if only_t else "")
+            raise IncompatibleError(f"base and tuned checkpoints hold different tensors ({what})", tuned)
+        for name in sorted(keys_b):
+            if kb.info(name).shape != kt.info(name).shape:
+                raise IncompatibleError(f"tensor {name!r} is {kb.info(name).shape} in base but {kt.info(name).shape} in tuned", tuned)
+        names = sorted(keys_b)
+        for name in progress(names, "extract", quiet=quiet):
+            info = kb.info(name)
+            mod, _, leaf = name.rpartition(".")
+            if not info.dtype.is_floating_point:
+                continue
+            wb, wt = kb.get(name), kt.get(name)
+            check_finite(wb, name, kb.path)
+            check_finite(wt, name, kt.path)
+            delta = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
+            e = float(delta.double().pow(2).sum())
+            energy_total += e
+            if e == 0.0:
+                report["unchanged"].append(name)
+                continue
+            if len(info.shape) == 1:
+                if leaf == "bias":
+                    bias_deltas[mod] = delta.cpu()
+                    report["bias"][mod] = {"norm": math.sqrt(e)}
+                else:
+                    base_norm = float(wb.float().norm())
+                    report["norms"][name] = {"max_abs": float(delta.abs().max()), "rel": math.sqrt(e) / max(base_norm, 1e-30)}
+                continue
+            if leaf != "weight" or len(info.shape) != 2 or not _selected(mod, include, exclude):
+                report["warnings"].append(f"{name}: delta not carried (not a selected 2-D weight)")
+                embed_energy[name] = e
+                continue
+            if mod in EMBED_NAMES:
+                embed_energy[name] = e
+                if embeddings == "skip":
+                    continue
+                if embeddings == "full":
+                    full[name] = wt  # modules_to_save: the tuned tensor itself, in its own dtype
+                    report["embeddings"][mod] = {"mode": "full", "params": wt.numel()}
+                    continue
+                del embed_energy[name]
+            M = delta.T if mod == "model.embed_tokens" else delta  # PEFT's embedding orientation
+            kind = "embedding" if mod == "model.embed_tokens" else "linear"
+            ts = time.perf_counter()
+            if budget_params is not None:
+                cap = min(rule.max_rank or 256, min(M.shape))
+                B, A, S, info_f = factor.factorize(M, factor.RankRule("rank", cap), exact, oversample, power_iters, seed)
+                spectra[mod] = (S.cpu(), sum(M.shape))
+            else:
+                B, A, S, info_f = factor.factorize(M, rule, exact, oversample, power_iters, seed)
+            info_f["seconds"] = time.perf_counter() - ts
+            info_f["shape"] = list(M.shape)
+            info_f["total_energy"] = e
+            if info_f["rank"] == 0:
+                continue
+            modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
+            (report["embeddings"] if kind == "embedding" or mod == "lm_head" else report["modules"])[mod] = info_f
+            del delta, M, wb, wt
+    if budget_params is not None:
+        ranks = factor.allocate_budget(spectra, budget_params)
+        for mod, k in ranks.items():
+            m = modules[mod]
+            S = spectra[mod][0]
+            entry = report["modules"].get(mod) or report["embeddings"][mod]
+            if k == 0:
+                del modules[mod]
+                continue
+            modules[mod] = LoraModule(A=m.A[:k].clone(), B=m.B[:, :k].clone(), scale=1.0, alpha=float(k), kind=m.kind)
+            energy, err = factor.tail_error(S, k, entry["total_energy"])
+            entry.update(rank=k, energy=energy, rel_error=err)
+    # bias deltas ride along as lora_bias when PEFT can load that: every LoRA layer needs a base bias
+    if bias_deltas:
+        with Checkpoint.open(base) as kb:
+            all_have_bias = all(f"{m}.bias" in kb for m, lm in modules.items() if lm.kind == "linear")
+        if all_have_bias and set(bias_deltas) <= set(modules):
+            for mod, d in bias_deltas.items():
+                modules[mod].bias = d / modules[mod].scale
+                report["bias"][mod]["carried"] = True
+        else:
+            lost = sum(float(d.double().pow(2).sum()) for d in bias_deltas.values())
+            report["warnings"].append(
+                f"bias deltas of {len(bias_deltas)} modules dropped ({100 * lost / max(energy_total, 1e-300):.3g}% of the delta energy): "
+                "PEFT's lora_bias needs every LoRA-targeted layer to have a base bias")
+    for name, e in embed_energy.items():
+        if embeddings == "skip" or name not in full:
+            report["warnings"].append(f"{name}: delta skipped, losing {100 * e / max(energy_total, 1e-300):.3g}% of the total delta energy")
+    if report["norms"]:
+        worst = max(report["norms"].items(), key=lambda kv: kv[1]["rel"])
+        report["warnings"].append(f"{len(report['norms'])} norm weights changed (largest relative change {worst[1]['rel']:.3g} in {worst[0]}); "
+                                  "a LoRA cannot carry norm weights")
+    for m in modules.values():
+        m.A, m.B = m.A.to(dtype).contiguous(), m.B.to(dtype).contiguous()
+        if m.bias is not None:
+            m.bias = m.bias.to(dtype)
+    adapter = Adapter(modules=modules, modules_to_save=full, format="peft", source=str(out or ""),
+                      config={"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
+    kept = sum(v["energy"] * v["total_energy"] for v in list(report["modules"].values()) + list(report["embeddings"].values())
+               if "energy" in v)
+    report.update(total_delta_energy=energy_total, retained_energy=kept / energy_total if energy_total else 1.0,
+                  parameters=adapter.num_parameters(), seconds=time.perf_counter() - t0,
+                  ranks={k: m.rank for k, m in sorted(modules.items())})
+    if not modules and not full:
+        raise LoratoolsError("no delta to extract: base and tuned checkpoints are identical in the selected tensors", tuned)
+    if out is not None:
+        write_peft(adapter, out, str(base), num_layers=cb.num_hidden_layers,
+                   extra_files={REPORT: json.dumps(report, indent=2, default=str) + "\n"})
+    return adapter, report

@@ -1,0 +1,209 @@
+"""Factorizations and rank rules.
+
+All math in fp32 on the chosen device; randomness from an explicit seed.
+
+- ``svd_exact(M)``: the full thin SVD.
+- ``svd_randomized(M, l, ...)``: Halko-Martinsson-Tropp range finder with power iterations
+  (re-orthonormalized each time), then an exact SVD of the small projected matrix.
+- ``svd_factored(B, A, scale)``: the SVD of ``scale · B @ A`` without forming it: QR of B and
+  Aᵀ, SVD of the r × r core. Cost O((out + in) · r²) instead of O(out · in · min(out, in)).
+- ``choose_rank(S, rule, total_energy)``: the rank rules (rank, energy, fro, ratio, threshold).
+- ``split_sqrt``: B = U·√S, A = √S·Vh, so both factors carry half the spectrum.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LoratoolsError
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """One of: rank=N, energy=F, fro=F, ratio=F, threshold=T; plus an optional max_rank cap."""
+
+    kind: str = "rank"
+    value: float = 16
+    max_rank: int | None = None
+
+    def __post_init__(self):
+        k, v = self.kind, self.value
+        if k not in ("rank", "energy", "fro", "ratio", "threshold"):
+            raise LoratoolsError(f"unknown rank rule {k!r}")
+        if k == "rank" and (v != int(v) or v < 1):
+            raise LoratoolsError(f"--rank must be a positive integer, got {v}")
+        if k in ("energy", "fro") and not 0 < v <= 1:
+            raise LoratoolsError(f"--{k} must be in (0, 1], got {v}")
+        if k == "ratio" and v < 1:
+            raise LoratoolsError(f"--ratio must be >= 1 (keep σ_i >= σ_1 / ratio), got {v}")
+        if k == "threshold" and v < 0:
+            raise LoratoolsError(f"--threshold must be >= 0, got {v}")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise LoratoolsError(f"--max-rank must be >= 1, got {self.max_rank}")
+
+    def describe(self) -> str:
+        s = f"{self.kind}={self.value:g}"
+        return s + (f", max_rank={self.max_rank}" if self.max_rank else "")
+
+
+def choose_rank(S: torch.Tensor, rule: RankRule, total_energy: float | None = None) -> int:
+    """Rank chosen by ``rule`` from singular values ``S`` (descending). ``total_energy`` is
+    ‖M‖_F² when ``S`` is a truncated spectrum (default: Σ S²). Returns at least 1 when any
+    singular value is positive; 0 for a zero matrix."""
+    S = S.double().cpu()
+    n = S.numel()
+    if n == 0 or float(S[0]) <= 0:
+        return 0
+    e = S.pow(2)
+    total = float(e.sum()) if total_energy is None else max(float(total_energy), float(e.sum()))
+    if rule.kind == "rank":
+        k = int(rule.value)
+    elif rule.kind in ("energy", "fro"):
+        target = rule.value if rule.kind == "energy" else rule.value**2
+        cum = torch.cumsum(e, 0) / total
+        hit = (cum >= target - 1e-12).nonzero()
+        k = int(hit[0]) + 1 if hit.numel() else n + 1  # n + 1: the computed spectrum is not enough
+    elif rule.kind == "ratio":
+        k = int((S >= S[0] / rule.value).sum())
+    else:
+        k = int((S >= rule.value).sum())
+    if rule.max_rank:
+        k = min(k, rule.max_rank)
+    return max(k, 1) if rule.kind != "threshold" else k
+
+
+def svd_exact(M: torch.Tensor):
+    return torch.linalg.svd(M.float(), full_matrices=False)
+
+
+def svd_randomized(M: torch.Tensor, l: int, power_iters: int = 4, seed: int = 0):
+    """Approximate top-``l`` SVD of M (out × in). Returns U (out × l), S (l,), Vh (l × in)."""
+    M = M.float()
+    m, n = M.shape
+    l = min(l, m, n)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, l, generator=g).to(M.device)
+    Q, _ = torch.linalg.qr(M @ omega)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(M.T @ Q)
+        Q, _ = torch.linalg.qr(M @ Z)
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+def svd_factored(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0):
+    """Thin SVD of ``scale · B @ A`` (B: out × r, A: r × in) from the factors alone.
+    Returns U (out × r'), S (r',), Vh (r' × in) with r' = min(r, out, in)."""
+    B, A = B.float(), A.float()
+    Qb, Rb = torch.linalg.qr(B)            # out × r', r' × r
+    Qa, Ra = torch.linalg.qr(A.T)          # in × r'', r'' × r
+    core = (Rb @ Ra.T) * scale              # r' × r''
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    return Qb @ Uc, S, Vch @ Qa.T
+
+
+def split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int):
+    """B (out × k) = U_k √S_k, A (k × in) = √S_k Vh_k."""
+    r = S[:k].clamp_min(0).sqrt()
+    return U[:, :k] * r, r[:, None] * Vh[:k]
+
+
+def tail_error(S: torch.Tensor, k: int, total_energy: float) -> tuple[float, float]:
+    """(retained energy fraction, relative Frobenius error) of keeping the top k of S."""
+    kept = float(S[:k].double().pow(2).sum())
+    if total_energy <= 0:
+        return 1.0, 0.0
+    kept = min(kept, total_energy)
+    return kept / total_energy, math.sqrt(max(total_energy - kept, 0.0) / total_energy)
+
+
+def factorize(M: torch.Tensor, rule: RankRule, exact: bool = False, oversample: int = 16,
+              power_iters: int = 4, seed: int = 0, start_rank: int = 64):
+    """Low-rank factorization of M chosen by ``rule``. Returns (B, A, S_kept, info) where
+    ``B @ A`` approximates M, and info holds rank, retained energy and relative error.
+
+    The randomized path sizes its sketch from the rule: ``rank`` and ``max_rank`` cap it; other
+    rules start at ``start_rank`` and double the sketch until the rule is decided within it
+    (the total energy ‖M‖_F² is exact, so energy rules need only the head of the spectrum)."""
+    M = M.float()
+    m, n = M.shape
+    full = min(m, n)
+    total = float(M.double().pow(2).sum())
+    if total == 0.0:
+        return M.new_zeros(m, 0), M.new_zeros(0, n), M.new_zeros(0), {"rank": 0, "energy": 1.0, "rel_error": 0.0, "method": "zero"}
+    if rule.kind == "rank" and int(rule.value) > full:
+        raise LoratoolsError(f"rank {int(rule.value)} exceeds what a {m}×{n} matrix allows ({full})")
+    cap = full
+    if rule.kind == "rank":
+        cap = int(rule.value)
+    if rule.max_rank:
+        cap = min(cap, rule.max_rank)
+    method = "exact"
+    if exact or cap + oversample >= full * 0.5:
+        U, S, Vh = svd_exact(M)
+        k = choose_rank(S, rule, total)
+    else:
+        l = cap if rule.kind == "rank" or rule.max_rank else min(start_rank, cap)
+        while True:
+            U, S, Vh = svd_randomized(M, l + oversample, power_iters, seed)
+            k = choose_rank(S[:l], rule, total)
+            if k <= min(l, cap) and (k < l or l >= cap):
+                method = "randomized"
+                break
+            if 2 * l + oversample >= full * 0.5:
+                U, S, Vh = svd_exact(M)
+                k = choose_rank(S, rule, total)
+                break
+            l = min(2 * l, cap)
+    k = min(k, S.numel())
+    B, A = split_sqrt(U, S, Vh, k)
+    energy, err = tail_error(S, k, total)
+    return B, A, S[:k], {"rank": k, "energy": energy, "rel_error": err, "method": method}
+
+
+def allocate_budget(spectra: dict[str, tuple[torch.Tensor, int]], budget_params: int, min_rank: int = 1) -> dict[str, int]:
+    """Spend a parameter budget across modules to retain the most energy.
+
+    ``spectra[name] = (S, cost)``: singular values of the module's delta (descending) and the
+    parameters one rank-1 component costs (in + out). Each component is an item of value σ²
+    and weight ``cost``; taking them greedily by σ²/cost (which is optimal for this knapsack up
+    to the last item, since within a module values only decrease) gives the ranks. Every
+    module with a non-zero spectrum first gets ``min_rank`` components so it stays present."""
+    ranks = {n: 0 for n in spectra}
+    spent = 0
+    items = []
+    for n, (S, cost) in spectra.items():
+        s2 = S.double().pow(2).tolist()
+        nz = [x for x in s2 if x > 0]
+        base = min(min_rank, len(nz))
+        ranks[n] = base
+        spent += base * cost
+        items += [(x / cost, n, i) for i, x in enumerate(nz) if i >= base]
+    if spent > budget_params:
+        raise LoratoolsError(f"budget of {budget_params:,} parameters is below the {spent:,} needed for rank {min_rank} on every module")
+    # within a module σ² decreases with i, so sorting by density keeps each module's prefix order
+    items.sort(key=lambda t: (-t[0], t[1], t[2]))
+    for _, n, i in items:
+        cost = spectra[n][1]
+        if i != ranks[n]:
+            continue  # a later component of a module whose earlier one did not fit
+        if spent + cost > budget_params:
+            continue
+        ranks[n] += 1
+        spent += cost
+    return ranks
+
+
+def parse_budget(text: str, bytes_per_param: int) -> int:
+    """'5M' / '1.5G' parameters, or '20MB' / '1GiB' bytes (divided by the output dtype size)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
+    if not m:
+        raise LoratoolsError(f"cannot parse budget {text!r}: use parameters (5M) or bytes (20MB)")
+    num, unit, byt = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if byt and byt.lower() == "ib" else 1000
+    n = num * base ** "_KMGT".index(unit or "_")
+    return int(n // bytes_per_param) if byt else int(n)
