@@ -9,11 +9,20 @@ temporary directory, tensor by tensor from a seeded generator and streamed throu
 CheckpointWriter, so building it never holds more than one tensor. Then each method runs in a
 fresh child process (so peaks don't mix):
 
-  build        generate every tensor and stream it through CheckpointWriter (loratools)
-  read-ours    Checkpoint.open, then ck.get(name) for every tensor, checksum it, drop it
-  read-peer    safetensors.torch.load_file on every shard (the usual way), then the same checksum
-  write-ours   stream every tensor from the checkpoint through CheckpointWriter into a copy
-  write-peer   load_file every shard, save_file each shard again (+ index, config), fsync
+  build             generate every tensor and stream it through CheckpointWriter (loratools)
+  read-ours    (a)  Checkpoint.open, then ck.get(name) for every tensor, checksum it, drop it
+  read-peer    (b)  safetensors.torch.load_file on every shard (the usual way), then the same checksum
+  read-peer-pread (b2)  the same with load_file(..., backend="pread"): bytes read into RAM
+  write-ours   (c)  stream every tensor from the checkpoint through CheckpointWriter into a copy
+  write-peer   (d)  load_file every shard, save_file each shard again (+ index, config), fsync
+  write-peer-pread (d2)  the same with load_file(..., backend="pread")
+
+Note: safetensors' default ("mmap") load_file returns tensors backed by a private, copy-on-write
+memory map of the file (an rw-p mapping in /proc/self/maps): nothing is copied until a tensor is
+written to, so its pages are file-backed and do not show in RssAnon. The "pread" backend (when
+the installed safetensors has it) reads the bytes into ordinary process memory, as an eager load
+does; those rows are skipped on versions without it. Each method runs --repeat times, interleaved;
+the table shows the median wall time and the highest peak.
 
 While a child works, a thread in this (parent) process reads /proc/CHILD/status every
 --interval-ms and keeps the maximum RssAnon (private anonymous memory: what a process really
@@ -356,6 +365,8 @@ def verify_copy(path: Path, expected: dict) -> None:
     """Read a written checkpoint back (with loratools, untimed) and compare every tensor."""
     from loratools.checkpoint import Checkpoint
 
+    if not (path / "model.safetensors.index.json").exists():
+        raise SystemExit(f"FAIL: {path.name} has no model.safetensors.index.json")
     with Checkpoint.open(path) as ck:
         if set(ck.keys()) != set(expected):
             raise SystemExit(f"FAIL: {path.name} holds other tensors than the source")
@@ -363,9 +374,6 @@ def verify_copy(path: Path, expected: dict) -> None:
             got = checksum(ck.get(name))
             if tuple(got) != tuple(expected[name]):
                 raise SystemExit(f"FAIL: {path.name}: tensor {name!r} differs from the source")
-    if (path / "model.safetensors.index.json").exists():
-        return
-    raise SystemExit(f"FAIL: {path.name} has no model.safetensors.index.json")
 
 
 def compare_sums(a: dict, b: dict, what: str) -> None:
@@ -405,11 +413,23 @@ def mib(n: float) -> str:
     return f"{n / MiB:,.0f}" if n >= 10 * MiB else f"{n / MiB:,.1f}"
 
 
+def summarize(runs: list[dict]) -> dict:
+    """Median wall time; the highest peak (and its baseline) over the repeats."""
+    walls = sorted(r["wall"] for r in runs)
+    worst = max(runs, key=lambda r: r["peak_anon"] - r["baseline_anon"])
+    return {"wall": walls[len(walls) // 2], "wall_min": walls[0], "wall_max": walls[-1],
+            "peak_anon": worst["peak_anon"], "baseline_anon": worst["baseline_anon"],
+            "over": worst["peak_anon"] - worst["baseline_anon"],
+            "hwm": max(r["after"].get("VmHWM", 0) for r in runs)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=1.5, help="checkpoint size in GiB (default 1.5)")
     ap.add_argument("--largest-mb", type=float, default=64, help="largest tensor in MiB (default 64)")
     ap.add_argument("--quick", action="store_true", help="small sizes (64 MiB, largest 4 MiB): a few seconds")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of each method, interleaved (default 3; 1 with --quick): median wall, highest peak")
     ap.add_argument("--interval-ms", type=float, default=2.0, help="memory sampling interval (default 2 ms)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--tmpdir", help="where to build the temporary checkpoint (default: the system temp dir)")
@@ -417,21 +437,31 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.quick:
         a.size_gb, a.largest_mb = 1 / 16, 4
+        if "--repeat" not in (argv if argv is not None else sys.argv):
+            a.repeat = 1
     size, largest = int(a.size_gb * GiB), int(a.largest_mb * MiB)
     if largest * 10 > size:
         ap.error("--largest-mb must be under a tenth of --size-gb (the point is a checkpoint much larger than its largest tensor)")
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
     interval = a.interval_ms / 1000
+    t_start = time.perf_counter()
 
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
           f"{info['ram_gib']} GiB RAM, {info['os']}; Python {info['python']}, torch {info['torch']}, "
           f"safetensors {info['safetensors']}")
 
+    pread = has_pread_backend()
+    readers = ["read-ours", "read-peer"] + (["read-peer-pread"] if pread else [])
+    writers = ["write-ours", "write-peer"] + (["write-peer-pread"] if pread else [])
+    runs: dict[str, list[dict]] = {m: [] for m in [*readers, *writers]}
     tmp = Path(tempfile.mkdtemp(prefix="loratools-bench-", dir=a.tmpdir))
     try:
         src = tmp / "src"
-        t = time.perf_counter()
         build = run_child("build", [src, size, largest, a.seed], interval)
+        expected = build.pop("sums")
+        runs["build"] = [build]
         from loratools.checkpoint import Checkpoint
 
         with Checkpoint.open(src) as ck:
@@ -441,56 +471,53 @@ def main(argv=None) -> None:
         disk = sum(p.stat().st_size for p in src.iterdir())
         print(f"checkpoint: {n_tensors} bf16 tensors, {mib(total)} MiB in {n_shards} shards "
               f"(+ index, config; {mib(disk)} MiB on disk), largest tensor {mib(big)} MiB; "
-              f"built in {time.perf_counter() - t:.1f} s")
-        expected = build.pop("sums")
-        results = [build]
-        pread = has_pread_backend()
-        readers = ["read-ours", "read-peer"] + (["read-peer-pread"] if pread else [])
-        writers = ["write-ours", "write-peer"] + (["write-peer-pread"] if pread else [])
-        for method in readers:
-            r = run_child(method, [src], interval)
-            compare_sums(expected, r.pop("sums"), f"{method} vs the generated tensors")
-            results.append(r)
-        print(f"checksums: {' == '.join(readers)} == generated, for every tensor")
-        for method in writers:
-            dst = tmp / method
-            r = run_child(method, [src, dst], interval)
-            verify_copy(dst, expected)
-            shutil.rmtree(dst)
-            results.append(r)
+              f"built in {build['wall']:.1f} s")
+        for rep in range(a.repeat):
+            for method in readers:
+                r = run_child(method, [src], interval)
+                compare_sums(expected, r.pop("sums"), f"{method} vs the generated tensors")
+                runs[method].append(r)
+            for method in writers:
+                dst = tmp / method
+                r = run_child(method, [src, dst], interval)
+                if rep == 0:
+                    verify_copy(dst, expected)
+                shutil.rmtree(dst)
+                runs[method].append(r)
+        print(f"checksums: {' == '.join(readers)} == generated, for every tensor (every run)")
         print(f"copies: the outputs of {', '.join(writers)} read back equal to the source")
         if not pread:
             print(f"(safetensors {info['safetensors']} has no load_file(backend=...): the pread rows are skipped)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    by = {r["method"]: r for r in results}
+    by = {m: summarize(rs) for m, rs in runs.items()}
     print()
-    print(f"checkpoint {mib(total)} MiB, largest tensor {mib(big)} MiB; memory in MiB; "
+    print(f"checkpoint {mib(total)} MiB, largest tensor {mib(big)} MiB; {a.repeat} run(s) each; memory in MiB; "
           f"'over base' = peak RssAnon minus the child's RssAnon after imports")
-    print("| method | wall s | peak RssAnon | over base | VmHWM | over base / largest | over base / total "
+    print("| method | wall s (median) | peak RssAnon | over base | VmHWM | over base / largest | over base / total "
           "| peer/ours peak RssAnon (over base) | peer/ours wall |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
     for m in [*readers, *writers, "build"]:
         r = by[m]
-        over = r["peak_anon"] - r["baseline_anon"]
-        hwm = r["after"].get("VmHWM", 0)
         ratio_mem = ratio_wall = ""
         if m in OURS:
             o = by[OURS[m]]
-            o_over = o["peak_anon"] - o["baseline_anon"]
-            ratio_mem = f"{r['peak_anon'] / o['peak_anon']:.2f}x ({over / max(o_over, 1):.2f}x)"
+            ratio_mem = f"{r['peak_anon'] / o['peak_anon']:.2f}x ({r['over'] / max(o['over'], 1):.2f}x)"
             ratio_wall = f"{r['wall'] / o['wall']:.2f}x"
-        print(f"| {LABELS[m]} | {r['wall']:.2f} | {mib(r['peak_anon'])} | {mib(over)} | {mib(hwm)} | "
-              f"{over / big:.2f} | {over / total:.3f} | {ratio_mem} | {ratio_wall} |")
-    base = by["read-ours"]["baseline_anon"]
-    print(f"\nchild baseline RssAnon after imports: {mib(base)} MiB; "
-          f"samples per run: {min(r['samples'] for r in results)}-{max(r['samples'] for r in results)} "
-          f"every {a.interval_ms:g} ms; VmHWM reset after imports: {all(r['hwm_reset'] for r in results)}")
+        wall = f"{r['wall']:.2f}" if len(runs[m]) == 1 else f"{r['wall']:.2f} ({r['wall_min']:.2f}-{r['wall_max']:.2f})"
+        print(f"| {LABELS[m]} | {wall} | {mib(r['peak_anon'])} | {mib(r['over'])} | {mib(r['hwm'])} | "
+              f"{r['over'] / big:.2f} | {r['over'] / total:.3f} | {ratio_mem} | {ratio_wall} |")
+    every = [r for rs in runs.values() for r in rs]
+    print(f"\nchild baseline RssAnon after imports: {mib(min(r['baseline_anon'] for r in every))}-"
+          f"{mib(max(r['baseline_anon'] for r in every))} MiB; samples per run: "
+          f"{min(r['samples'] for r in every)}-{max(r['samples'] for r in every)} every {a.interval_ms:g} ms; "
+          f"VmHWM reset after imports: {all(r['hwm_reset'] for r in every)}; "
+          f"total time {time.perf_counter() - t_start:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps({"machine": info, "total_bytes": total, "largest_bytes": big,
-                                            "tensors": n_tensors, "shards": n_shards, "results": results},
-                                           indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({"machine": info, "args": vars(a), "total_bytes": total,
+                                            "largest_bytes": big, "tensors": n_tensors, "shards": n_shards,
+                                            "summary": by, "runs": runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -147,6 +147,212 @@ def _top(logits, k, model) -> list[dict]:
     return [{"id": int(i), "token": dec(int(i)), "logit": float(v)} for v, i in zip(vals, idx)]
 
 
+# -- re-factorization ---------------------------------------------------------------------------
+def rank_options(f):
+    """The rank rules shared by extract and resize (exactly one of them, or --budget)."""
+    opts = [
+        click.option("--rank", type=int, help="Keep N components per module."),
+        click.option("--energy", type=float, help="Smallest k with Σσ²(≤k)/Σσ² ≥ F."),
+        click.option("--fro", type=float, help="kohya's rule: √energy ≥ F."),
+        click.option("--ratio", type=float, help="Keep σ_i ≥ σ_1 / F."),
+        click.option("--threshold", type=float, help="Keep σ_i ≥ T."),
+        click.option("--budget", help="Total budget across modules: parameters (5M) or bytes (20MB); maximises retained energy."),
+        click.option("--max-rank", type=int, help="Cap every module's rank."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _rule(rank, energy, fro, ratio, threshold, budget, max_rank, default_rank=16):
+    from .ops.factor import RankRule
+
+    given = [(k, v) for k, v in (("rank", rank), ("energy", energy), ("fro", fro), ("ratio", ratio),
+                                 ("threshold", threshold)) if v is not None]
+    if len(given) > 1 or (given and budget):
+        raise click.UsageError("give at most one of --rank, --energy, --fro, --ratio, --threshold, --budget")
+    kind, value = given[0] if given else ("rank", default_rank)
+    return RankRule(kind, value, max_rank)
+
+
+def _done(what: str, path, report: dict | None, as_json: bool, summary: str = "") -> None:
+    if as_json:
+        click.echo(json.dumps(report or {}, indent=2, default=str))
+    else:
+        if summary:
+            click.echo(summary)
+        click.echo(f"wrote {what} to {path}")
+
+
+@cli.command()
+@click.option("--base", required=True, type=click.Path(), help="Base checkpoint folder.")
+@click.option("--tuned", required=True, type=click.Path(), help="Fully fine-tuned checkpoint folder.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output PEFT adapter folder.")
+@rank_options
+@click.option("--exact", is_flag=True, help="Full SVD instead of the seeded randomized SVD.")
+@click.option("--include", help="Regex: only modules whose name matches.")
+@click.option("--exclude", help="Regex: skip modules whose name matches.")
+@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
+              help="embed_tokens/lm_head deltas: embedding LoRA, full modules_to_save, or skip (with a warning).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--oversample", default=16, show_default=True, help="Randomized SVD: extra sketch columns.")
+@click.option("--power-iters", default=4, show_default=True, help="Randomized SVD: power iterations.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
+@click.option("--quiet", is_flag=True)
+def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, max_rank, exact, include, exclude,
+            embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet):
+    """Extract a LoRA from a full fine-tune (ΔW = tuned − base, factored per module)."""
+    from .ops.common import parse_dtype
+    from .ops.extract import REPORT, extract as run
+
+    rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
+    _, rep = run(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
+                 embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
+                 dtype=parse_dtype(dtype, False), overwrite=overwrite, quiet=quiet or as_json)
+    if not as_json:
+        for w in rep["warnings"]:
+            click.echo(f"warning: {w}", err=True)
+    ranks = sorted(set(rep["ranks"].values()))
+    _done("PEFT adapter", output, rep, as_json,
+          f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters, "
+          f"retained energy {100 * rep['retained_energy']:.2f}% in {rep['seconds']:.1f} s (report: {output}/{REPORT})"
+          if ranks else "")
+
+
+def _save(adapter, output, fmt, overwrite, inputs, base=None):
+    from .models.config import load_config
+
+    n = load_config(base).num_hidden_layers if base else None
+    return api.save_adapter(adapter, output, fmt, overwrite=overwrite, inputs=inputs, num_layers=n)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path())
+@rank_options
+@click.option("--base", type=click.Path(), help="Base model (checks shapes; exact kohya names).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output format (default: the input's).")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, overwrite, as_json):
+    """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix)."""
+    from .ops.common import parse_dtype
+    from .ops.factor import parse_budget
+    from .ops.resize import resize as run
+
+    rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
+    a = api.load_adapter(adapter, base=base)
+    dt = parse_dtype(dtype)
+    bp = parse_budget(budget, torch_itemsize(dt or a.dtype())) if budget else None
+    res, rep = run(a, rule, bp, dt)
+    _save(res, output, fmt or a.format, overwrite, [adapter, base], base)
+    before, after = rep["parameters_before"], rep["parameters_after"]
+    _done(f"{fmt or a.format} adapter", output, rep, as_json,
+          f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, min retained energy "
+          f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%")
+
+
+def torch_itemsize(dt) -> int:
+    import torch
+
+    return torch.empty((), dtype=dt or torch.float32).element_size()
+
+
+def _weights(weights: str | None, n: int):
+    if weights is None:
+        return None
+    try:
+        ws = [float(w) for w in weights.split(",")]
+    except ValueError as e:
+        raise click.BadParameter(f"--weights must be comma-separated numbers: {e}") from e
+    if len(ws) != n:
+        raise click.BadParameter(f"--weights has {len(ws)} values for {n} adapters")
+    return ws
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--weights", help="Comma-separated weight per adapter (default 1 each).")
+@click.option("--method", type=click.Choice(["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"]),
+              default="linear", show_default=True)
+@click.option("--rank", type=int, help="Output rank for svd / ties / dare / magnitude_prune (default: the largest input rank).")
+@click.option("--density", type=float, default=1.0, show_default=True, help="ties / dare / magnitude_prune: fraction kept.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--base", type=click.Path(), help="Base model (checks every adapter fits it).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--overwrite", is_flag=True)
+def combine(adapters, output, weights, method, rank, density, seed, base, fmt, overwrite):
+    """Combine adapters: exact linear/cat, optimal svd, or ties / dare / magnitude_prune."""
+    from .ops.combine import combine as run
+
+    loaded = [api.load_adapter(a, base=base) for a in adapters]
+    res = run(loaded, _weights(weights, len(loaded)), method, rank, density, seed)
+    _save(res, output, fmt, overwrite, list(adapters) + [base], base)
+    click.echo(f"combined {len(loaded)} adapters ({method}): {len(res.modules)} modules, ranks "
+               f"{sorted(set(res.ranks.values()))}; wrote {output}")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--factor", "factor_", type=float, required=True, help="Multiply the adapter's ΔW by this.")
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True)
+def scale(adapter, factor_, output, overwrite):
+    """Scale an adapter's effect: ΔW' = factor · ΔW."""
+    from .ops.combine import scale_adapter
+
+    a = api.load_adapter(adapter)
+    _save(scale_adapter(a, factor_), output, a.format, overwrite, [adapter])
+    click.echo(f"wrote {a.format} adapter to {output}")
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path())
+@click.argument("other", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True)
+def subtract(adapter, other, output, overwrite):
+    """ADAPTER − OTHER, exactly (stacked factors)."""
+    from .ops.combine import combine as run
+
+    res = run([api.load_adapter(adapter), api.load_adapter(other)], [1.0, -1.0], "cat")
+    _save(res, output, "peft", overwrite, [adapter, other])
+    click.echo(f"wrote peft adapter to {output}")
+
+
+def _merge_cmd(unmerge: bool):
+    @click.option("--base", required=True, type=click.Path(), help="Base checkpoint folder.")
+    @click.option("-a", "--adapter", "adapters", multiple=True, required=True, type=click.Path(), help="Adapter (repeatable).")
+    @click.option("--weights", help="Comma-separated weight per adapter.")
+    @click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint folder.")
+    @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
+    @click.option("--max-shard-size", default="2GB", show_default=True)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--overwrite", is_flag=True)
+    @click.option("--quiet", is_flag=True)
+    def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet):
+        from .ops.common import parse_dtype
+        from .ops.merge import merge as run
+
+        loaded = [api.load_adapter(a, base=base) for a in adapters]
+        rep = run(base, loaded, output, _weights(weights, len(loaded)), parse_dtype(dtype), max_shard_size, device,
+                  overwrite, unmerge=unmerge, quiet=quiet)
+        click.echo(f"{'unmerged' if unmerge else 'merged'} {len(loaded)} adapter(s) into {len(rep['modified'])} tensors; "
+                   f"wrote checkpoint to {output}")
+    cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
+                   "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")
+    return cmd
+
+
+cli.command("merge")(_merge_cmd(False))
+cli.command("unmerge")(_merge_cmd(True))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv

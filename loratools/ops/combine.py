@@ -7,7 +7,7 @@
 - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: these act on the entries of
   each dense ΔWᵢ = sᵢ Bᵢ Aᵢ, one module at a time, then the result is re-factored to rank k.
   ties: keep the top ``density`` fraction of each ΔWᵢ by magnitude, elect each entry's sign as
-  the sign of Σ wᵢ ΔWᵢ (pruned), average the weighted entries that agree with it.
+  the sign of Σ ΔWᵢ (pruned, unweighted, as PEFT does), average the weighted entries that agree.
   dare: keep each entry with probability ``density`` and divide by it (seeded), then sum
   (dare_linear) or elect signs as ties does (dare_ties). magnitude_prune: ties' pruning, then sum.
 """
@@ -45,28 +45,37 @@ def _check(adapters: Sequence[Adapter], weights: Sequence[float]) -> None:
                                         a.source or None)
 
 
-def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude."""
-    k = int(round(density * t.numel()))
-    if k >= t.numel():
-        return t
-    if k <= 0:
-        return torch.zeros_like(t)
-    thresh = t.abs().flatten().kthvalue(t.numel() - k + 1).values
-    return t * (t.abs() >= thresh)
+def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density · n) entries of largest magnitude (PEFT's magnitude pruning)."""
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    if k > 0:
+        mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = 1
+    return t * mask.reshape(t.shape)
 
 
-def _dare(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+def dare_mask(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Keep each entry with probability ``density`` and rescale by 1/density (seeded)."""
     keep = torch.rand(t.shape, generator=gen) < density
-    return t * keep.to(t.device) / density
+    return t * keep.to(t.device, t.dtype) / density
 
 
-def _elect_and_merge(ts: list[torch.Tensor]) -> torch.Tensor:
+def dense_merge(deltas: list[torch.Tensor], weights: list[float], method: str, density: float,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+    """Entry-wise merge of task deltas (each already scaled by its LoRA scale), following the
+    definitions PEFT uses: the majority sign is elected from the unweighted pruned deltas
+    (ties toward +), and the weighted entries that agree with it are averaged."""
+    if method in ("ties", "magnitude_prune"):
+        ts = [magnitude_mask(d, density) for d in deltas]
+    else:
+        ts = [dare_mask(d, density, gen) for d in deltas]
+    if method in ("magnitude_prune", "dare_linear"):
+        return sum(t * w for t, w in zip(ts, weights))
     stacked = torch.stack(ts)
-    sign = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    count = agree.sum(0).clamp_min(1)
-    return (stacked * agree).sum(0) / count
+    majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = stacked.sign() == majority
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * deltas[0].dim())
+    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1.0)
 
 
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "linear",
@@ -98,12 +107,8 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
             B, A = factor.split_sqrt(U, S, Vh, min(k, S.numel()))
         else:
             gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
-            deltas = [(m.B.float() @ m.A.float()) * (m.scale * w) for m, w in parts]
-            if method in ("ties", "magnitude_prune"):
-                deltas = [_trim(d, density) for d in deltas]
-            else:
-                deltas = [_dare(d, density, gen) for d in deltas]
-            merged = _elect_and_merge(deltas) if method in ("ties", "dare_ties") else sum(deltas)
+            deltas = [(m.B.float() @ m.A.float()) * m.scale for m, _ in parts]
+            merged = dense_merge(deltas, [w for _, w in parts], method, density, gen)
             full = min(merged.shape)
             if k > full:
                 raise IncompatibleError(f"rank {k} exceeds what module {name!r} ({merged.shape[0]}×{merged.shape[1]}) allows ({full})")

@@ -95,13 +95,16 @@ def svd_randomized(M: torch.Tensor, l: int, power_iters: int = 4, seed: int = 0)
 
 def svd_factored(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0):
     """Thin SVD of ``scale · B @ A`` (B: out × r, A: r × in) from the factors alone.
-    Returns U (out × r'), S (r',), Vh (r' × in) with r' = min(r, out, in)."""
-    B, A = B.float(), A.float()
+    Returns U (out × r'), S (r',), Vh (r' × in) with r' = min(r, out, in).
+
+    Computed in fp64 (cheap at these sizes) so that nearly equal singular values, common in
+    random-init or rsLoRA adapters, still give the right truncation subspace; returned in fp32."""
+    B, A = B.double(), A.double()
     Qb, Rb = torch.linalg.qr(B)            # out × r', r' × r
     Qa, Ra = torch.linalg.qr(A.T)          # in × r'', r'' × r
     core = (Rb @ Ra.T) * scale              # r' × r''
     Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
-    return Qb @ Uc, S, Vch @ Qa.T
+    return (Qb @ Uc).float(), S.float(), (Vch @ Qa.T).float()
 
 
 def split_sqrt(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int):
