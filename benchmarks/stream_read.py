@@ -80,6 +80,14 @@ def read_status(pid: int | str = "self") -> dict[str, int]:
     return {k.decode(): int(v) * 1024 for k, v in _STATUS_RE.findall(raw)}
 
 
+def cpu_busy_seconds() -> float:
+    """CPU time spent busy by the whole machine so far (all cores, from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -97,6 +105,7 @@ class Sampler(threading.Thread):
         self.pid, self.interval = pid, interval
         self.stop_event = threading.Event()
         self.peak_anon = self.peak_rss = self.samples = 0
+        self.cpu = 0.0  # this thread's own CPU time
 
     def sample(self) -> bool:
         s = read_status(self.pid)
@@ -108,8 +117,10 @@ class Sampler(threading.Thread):
         return True
 
     def run(self):
+        c0 = time.thread_time()
         while not self.stop_event.is_set() and self.sample():
             time.sleep(self.interval)
+        self.cpu = time.thread_time() - c0
 
     def stop(self):
         self.stop_event.set()
@@ -313,12 +324,13 @@ def child_main(method: str, args: list[str]) -> None:
         sys.exit(2)
     hwm_reset = reset_hwm()
     before = read_status()
-    t0 = time.perf_counter()
     fn, extra = WORK[method]
+    busy0, cpu0, t0 = cpu_busy_seconds(), time.process_time(), time.perf_counter()
     res = fn(*conv, *extra)
     wall = time.perf_counter() - t0
+    cpu, busy = time.process_time() - cpu0, cpu_busy_seconds() - busy0
     after = read_status()
-    res.update(wall=wall, before=before, after=after, hwm_reset=hwm_reset)
+    res.update(wall=wall, cpu=cpu, machine_busy=busy, before=before, after=after, hwm_reset=hwm_reset)
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -356,8 +368,11 @@ def run_child(method: str, args: list, interval: float) -> dict:
         if p.poll() is None:
             p.kill()
             p.wait()
+    # CPU the rest of the machine used while the child worked (other processes: they slow it down)
+    other = max(0.0, result["machine_busy"] - result["cpu"] - sampler.cpu)
     result.update(method=method, baseline_anon=baseline, peak_anon=sampler.peak_anon,
-                  peak_rss=sampler.peak_rss, samples=sampler.samples)
+                  peak_rss=sampler.peak_rss, samples=sampler.samples, sampler_cpu=sampler.cpu,
+                  other_cpu=other, other_load=other / max(result["wall"], 1e-9) / (os.cpu_count() or 1))
     return result
 
 
@@ -514,6 +529,12 @@ def main(argv=None) -> None:
           f"{min(r['samples'] for r in every)}-{max(r['samples'] for r in every)} every {a.interval_ms:g} ms; "
           f"VmHWM reset after imports: {all(r['hwm_reset'] for r in every)}; "
           f"total time {time.perf_counter() - t_start:.0f} s")
+    busiest = max(every, key=lambda r: r["other_load"] if r["wall"] >= 0.5 else 0)
+    print(f"other processes' CPU during the runs: at most {busiest['other_load']:.0%} of the machine "
+          f"(over {busiest['wall']:.1f} s, {busiest['method']}; /proc/stat, runs of 0.5 s or more)")
+    if busiest["other_load"] > 0.10:
+        print("WARNING: the machine was busy with other work during some runs: wall times are disturbed "
+              "(memory figures are not); rerun on a quiet machine")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": info, "args": vars(a), "total_bytes": total,
                                             "largest_bytes": big, "tensors": n_tensors, "shards": n_shards,
