@@ -27,6 +27,11 @@ demo: $(STAMP)
 	$(BIN)/loratools forward $(FIX)/models/llama --adapter $(FIX)/adapters/llama-patterns --prompt "The quick brown fox"
 	$(BIN)/loratools convert $(FIX)/adapters/mistral-kohya.safetensors --to peft -o $(FIX)/mistral-from-kohya --base $(FIX)/models/mistral
 	$(BIN)/loratools forward $(FIX)/models/mistral --adapter $(FIX)/mistral-from-kohya --prompt "User: What is the capital of France?"
+	$(BIN)/loratools extract --base $(FIX)/models/llama --tuned $(FIX)/models/llama-tuned -o $(FIX)/extracted --energy 0.9 --max-rank 8
+	$(BIN)/loratools resize $(FIX)/extracted -o $(FIX)/resized --rank 2
+	$(BIN)/loratools combine $(FIX)/resized $(FIX)/adapters/llama-rslora --weights 1,0.5 -o $(FIX)/combined
+	$(BIN)/loratools merge --base $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged --dtype bf16
+	$(BIN)/loratools inspect $(FIX)/merged
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,3 +137,19 @@ def test_killed_write_leaves_nothing_at_destination(tmp_path, existing):
         assert not dest.exists()
     leftovers = [x for x in tmp_path.iterdir() if x.name.startswith(".out.tmp-")]
     assert leftovers  # the partial write went to a temp name beside the destination
+
+
+def test_hugging_face_cache_layout_with_blob_symlinks_loads(fx, tmp_path):
+    """<repo>/snapshots/<rev>/shard -> ../../blobs/<hash>: the one layout whose links leave the folder."""
+    src = fx / "models" / "llama-bf16-sharded"
+    repo = tmp_path / "models--x--y"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in src.iterdir():
+        blob = blobs / hashlib.sha256(f.name.encode()).hexdigest()
+        shutil.copyfile(f, blob)
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    with Checkpoint.open(snap) as ck, Checkpoint.open(src) as ref:
+        assert ck.keys() == ref.keys()
+        assert all(torch.equal(ck.get(k), ref.get(k)) for k in ref.keys())
