@@ -2,7 +2,7 @@
 
 A checkpoint is a folder with config.json and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json`` (pickle ``*.bin``/``*.pt`` only with ``allow_pickle``).
-Only headers are read on open; ``get(name)`` copies one tensor out of its memory-mapped shard.
+Only headers are read on open; ``get(name)`` reads one tensor (a positioned read into its own buffer).
 """
 from __future__ import annotations
 

@@ -3,16 +3,16 @@
 Layout: an 8-byte little-endian header length N, N bytes of JSON
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``),
 then the data region; offsets are relative to its start. The reader validates the whole
-header before touching data (so a hostile file gets a clear error, not an allocation), maps
-the file, and copies one tensor at a time out of the map. The writer plans every tensor's
-offset from a manifest, writes the header first and then each tensor at its offset as it
-arrives, so a writer never holds more than the tensor it is given.
+header before touching data (so a hostile file gets a clear error, not an allocation), then
+reads one tensor at a time with a positioned read straight into the tensor's own buffer (no
+mapping is kept, so neither anonymous nor resident memory grows past that tensor). The writer
+plans every tensor's offset from a manifest, writes the header first and then each tensor at
+its offset as it arrives, so a writer never holds more than the tensor it is given.
 """
 from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -114,36 +114,36 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 
 
 class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; ``get`` copies one tensor out."""
+    """A validated safetensors file; ``get`` reads one tensor into its own buffer."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.tensors, self.metadata, self._data_start = read_header(self.path)
-        self._mm: mmap.mmap | None = None
         self._file = None
 
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
+    def _fh(self):
+        if self._file is None:
             self._file = open(self.path, "rb")
-            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+        return self._file
 
     def keys(self) -> list[str]:
         return list(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor straight into its own buffer (positioned read, no mapping kept)."""
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes:
-            src = np.frombuffer(self._map(), dtype=np.uint8, count=info.nbytes, offset=self._data_start + info.begin)
-            out.view(-1).view(torch.uint8).numpy()[:] = src
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = os.preadv(self._fh().fileno(), [view], self._data_start + info.begin)
+            if got != info.nbytes:
+                raise InputError(f"truncated while reading tensor {name!r} ({got} of {info.nbytes} bytes)", self.path)
         return out
 
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
+        if self._file is not None:
             self._file.close()
-            self._mm = self._file = None
+            self._file = None
 
     def __enter__(self):
         return self
@@ -166,7 +166,9 @@ def plan_header(specs: Iterable[TensorInfo], metadata: Mapping[str, str] | None 
     if metadata:
         header["__metadata__"] = dict(metadata)
     off = 0
-    for s in specs:
+    # Larger element sizes first: with the 8-byte-aligned header every tensor then starts at a
+    # multiple of its element size, and the data has no holes (the format forbids them).
+    for s in sorted(specs, key=lambda x: -itemsize(x.dtype)):
         if s.name in placed:
             raise LoratoolsError(f"tensor {s.name!r} listed twice")
         info = TensorInfo(s.name, s.dtype, tuple(s.shape), off, off + s.nbytes)
@@ -207,8 +209,7 @@ class SafetensorsWriter:
         if self._pending:
             self._f.close()
             raise LoratoolsError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._f.flush()  # fsync and rename belong to the atomic_file / atomic_dir around the writer
         self._f.close()
 
 
