@@ -226,6 +226,11 @@ class Checkpoint:
         t = self._shard(self.index[name]).get(name)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
+    def safetensors_file(self, name: str) -> "st.SafetensorsFile | None":
+        """The open safetensors shard holding ``name`` (None for pickle shards)."""
+        s = self._shard(self.index[name])
+        return s if isinstance(s, st.SafetensorsFile) else None
+
     def by_shard(self) -> Iterator[tuple[Path, list[str]]]:
         for f in self.shards:
             yield f, [n for n, s in self.index.items() if s == f]
@@ -317,6 +322,17 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writers[name].write(name, tensor)
+
+    def copy_from(self, name: str, ck: "Checkpoint", src_name: str | None = None) -> bool:
+        """Copy an unchanged tensor's bytes from ``ck`` (no tensor in memory). False when the
+        source is not a safetensors shard or differs in dtype/shape (then write() it instead)."""
+        src_name = src_name or name
+        f = ck.safetensors_file(src_name)
+        w = self._writers[name]
+        if f is None or (f.tensors[src_name].dtype, f.tensors[src_name].shape) != (w.placed[name].dtype, w.placed[name].shape):
+            return False
+        w.copy_raw(name, f, src_name)
+        return True
 
     def __exit__(self, et, ev, tb):
         try:

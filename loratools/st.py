@@ -140,6 +140,11 @@ class SafetensorsFile:
                 raise InputError(f"truncated while reading tensor {name!r} ({got} of {info.nbytes} bytes)", self.path)
         return out
 
+    def location(self, name: str) -> tuple[int, int]:
+        """(absolute byte offset, byte count) of a tensor's data in the file."""
+        info = self.tensors[name]
+        return self._data_start + info.begin, info.nbytes
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -203,6 +208,31 @@ class SafetensorsWriter:
         if info.nbytes:
             self._f.seek(self._data_start + info.begin)
             self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        self._pending.discard(name)
+
+    def copy_raw(self, name: str, src: "SafetensorsFile", src_name: str | None = None) -> None:
+        """Copy a tensor's bytes from another safetensors file unchanged (same dtype and shape),
+        in chunks, without materializing the tensor."""
+        src_name = src_name or name
+        info, sinfo = self.placed.get(name), src.tensors[src_name]
+        if info is None or name not in self._pending:
+            raise LoratoolsError(f"{self.path}: tensor {name!r} not expected (or written twice)")
+        if (sinfo.shape, sinfo.dtype) != (info.shape, info.dtype):
+            raise LoratoolsError(f"{self.path}: tensor {name!r} is {sinfo.shape} {sinfo.dtype}, planned {info.shape} {info.dtype}")
+        off, n = src.location(src_name)
+        self._f.flush()
+        fin, fout = src._fh().fileno(), self._f.fileno()
+        dst = self._data_start + info.begin
+        done = 0
+        while done < n:
+            step = min(n - done, 64 << 20)
+            try:
+                k = os.copy_file_range(fin, fout, step, off + done, dst + done)
+            except OSError:
+                k = os.pwrite(fout, os.pread(fin, min(step, 8 << 20), off + done), dst + done)
+            if k <= 0:
+                raise InputError(f"truncated while copying tensor {src_name!r}", src.path)
+            done += k
         self._pending.discard(name)
 
     def close(self) -> None:

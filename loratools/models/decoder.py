@@ -279,7 +279,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
             if info.shape != expected[name]:
                 raise IncompatibleError(f"tensor {name!r} has shape {info.shape} but config.json implies {expected[name]}", ck.path)
             model._set(name, ck.get(name).to(device=dev, dtype=dtype))
-        if "lm_head.weight" not in ck and (cfg.tie_word_embeddings or "lm_head.weight" not in ck):
+        if "lm_head.weight" not in ck:  # tied (config says so, or the checkpoint simply has no head)
             model.lm_head.weight = model.model.embed_tokens.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:

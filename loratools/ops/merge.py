@@ -112,8 +112,11 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
                 if key.endswith(".bias"):
                     W += (m.scale * w) * m.bias.to(dev, torch.float32)
                     continue
-                d = (m.B.to(dev, torch.float32) @ m.A.to(dev, torch.float32)) * (m.scale * w)
-                W += d.T if m.kind == "embedding" else d
+                B, A = m.B.to(dev, torch.float32), m.A.to(dev, torch.float32)
+                if m.kind == "embedding":  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ
+                    W.addmm_(A.T, B.T, alpha=m.scale * w)
+                else:  # in place: no dense ΔW beside W
+                    W.addmm_(B, A, alpha=m.scale * w)
                 if m.magnitude is not None:
                     W *= (m.magnitude.to(dev, torch.float32) / torch.linalg.norm(W, dim=1))[:, None]
             report["modified"].append(key)
@@ -121,6 +124,9 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
 
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=config) as wr:
             for spec in progress(specs, "unmerge" if unmerge else "merge", quiet=quiet):
+                src = spec.name if spec.name in ck else "model.embed_tokens.weight"
+                if spec.name not in saved and spec.name not in by_tensor and wr.copy_from(spec.name, ck, src):
+                    continue  # unchanged: bytes copied file to file, never loaded
                 wr.write(spec.name, produce(spec))
     missing = [k for k in by_tensor if k not in report["modified"]]
     if missing:  # check_against guarantees presence; a tied lm_head LoRA lands on the untied copy
