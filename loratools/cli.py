@@ -101,7 +101,7 @@ def convert(adapter, output, fmt, base, overwrite):
 @click.option("--weights", help="Comma-separated weight per adapter.")
 @click.option("-p", "--prompt", help="Text to run (tokenized with the model's tokenizer.json).")
 @click.option("--ids", help="Comma-separated token ids instead of --prompt.")
-@click.option("--top-k", default=5, show_default=True)
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
@@ -111,8 +111,8 @@ def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
     if (prompt is None) == (ids is None):
         raise click.UsageError("give exactly one of --prompt or --ids")
     try:
-        toks = [int(t) for t in ids.split(",")] if ids else api.tokenize(model, prompt)
-        ws = [float(w) for w in weights.split(",")] if weights else None
+        toks = [int(t) for t in ids.split(",")] if ids is not None else api.tokenize(model, prompt)
+        ws = _weights(weights, len(adapters)) if weights else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     base = api.forward(model, toks, device=device)
@@ -195,9 +195,9 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 @click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
               help="embed_tokens/lm_head deltas: embedding LoRA, full modules_to_save, or skip (with a warning).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--oversample", default=16, show_default=True, help="Randomized SVD: extra sketch columns.")
-@click.option("--power-iters", default=4, show_default=True, help="Randomized SVD: power iterations.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--oversample", type=click.IntRange(0), default=16, show_default=True, help="Randomized SVD: extra sketch columns.")
+@click.option("--power-iters", type=click.IntRange(0), default=4, show_default=True, help="Randomized SVD: power iterations.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
@@ -270,8 +270,18 @@ def _weights(weights: str | None, n: int):
     except ValueError as e:
         raise click.BadParameter(f"--weights must be comma-separated numbers: {e}") from e
     if len(ws) != n:
-        raise click.BadParameter(f"--weights has {len(ws)} values for {n} adapters")
+        raise click.BadParameter(f"--weights has {len(ws)} values for {n} adapter(s)")
+    for w in ws:
+        _finite(w, "--weights")
     return ws
+
+
+def _finite(v: float, what: str) -> float:
+    import math
+
+    if v is not None and not math.isfinite(v):
+        raise click.BadParameter(f"{what} must be finite, got {v}")
+    return v
 
 
 @cli.command()
@@ -282,7 +292,7 @@ def _weights(weights: str | None, n: int):
               default="linear", show_default=True)
 @click.option("--rank", type=int, help="Output rank for svd / ties / dare / magnitude_prune (default: the largest input rank).")
 @click.option("--density", type=float, default=1.0, show_default=True, help="ties / dare / magnitude_prune: fraction kept.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--base", type=click.Path(), help="Base model (checks every adapter fits it).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
 @click.option("--overwrite", is_flag=True)
@@ -299,7 +309,8 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
 
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("--factor", "factor_", type=float, required=True, help="Multiply the adapter's ΔW by this.")
+@click.option("--factor", "factor_", type=float, required=True, callback=lambda c, p, v: _finite(v, "--factor"),
+              help="Multiply the adapter's ΔW by this.")
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True)
 def scale(adapter, factor_, output, overwrite):
@@ -351,6 +362,75 @@ def _merge_cmd(unmerge: bool):
 
 cli.command("merge")(_merge_cmd(False))
 cli.command("unmerge")(_merge_cmd(True))
+
+
+# -- export / import --------------------------------------------------------------------------
+@cli.group()
+def export():
+    """Write models and adapters for other runtimes (llama.cpp GGUF)."""
+
+
+@export.command("gguf")
+@click.argument("model", type=click.Path())
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter merged first (repeatable).")
+@click.option("--weights", help="Comma-separated weight per adapter.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf file.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
+              default="f16", show_default=True)
+@click.option("--pre", help="Override the detected tokenizer.ggml.pre name (e.g. llama-bpe, qwen2, smollm).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export_gguf(model, adapters, weights, output, outtype, pre, overwrite, quiet, as_json):
+    """A llama.cpp GGUF model (Llama, Mistral, Qwen2, Qwen3), adapters merged, tensors streamed."""
+    import warnings
+
+    from .formats.gguf_model import export_gguf as run
+
+    loaded = [api.load_adapter(a, base=model) for a in adapters]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = run(model, output, loaded, _weights(weights, len(loaded)), outtype, pre, overwrite, quiet or as_json)
+    if not as_json:
+        for w in caught:
+            click.echo(f"warning: {w.message}", err=True)
+    _done(f"GGUF model ({rep['arch']}, {outtype}, tokenizer pre {rep['tokenizer'].get('pre')})", output, rep, as_json)
+
+
+@export.command("gguf-adapter")
+@click.argument("adapter", type=click.Path())
+@click.option("--base", required=True, type=click.Path(), help="The base model folder the adapter belongs to.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf file.")
+@click.option("--outtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
+    """A llama.cpp LoRA adapter; rank/alpha patterns and rsLoRA folded into B exactly."""
+    from .formats.gguf_adapter import export_gguf_adapter as run
+
+    rep = run(api.load_adapter(adapter, base=base), base, output, outtype, overwrite)
+    _done(f"GGUF adapter (alpha {rep['alpha']:g}, {rep['scales_folded']} module scales folded into B)", output, rep, as_json)
+
+
+@cli.group("import")
+def import_():
+    """Read models from other formats into Hugging Face checkpoints."""
+
+
+@import_.command("gguf")
+@click.argument("path", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output checkpoint folder.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="auto: the GGUF's own float type, fp32 for quantized files.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def import_gguf(path, output, dtype, overwrite, quiet, as_json):
+    """GGUF → HF checkpoint: dequantize, undo the Q/K permutation, rebuild config and tokenizer."""
+    from .formats.gguf_model import import_gguf as run
+
+    rep = run(path, output, dtype, overwrite, quiet or as_json)
+    _done(f"{rep['arch']} checkpoint ({rep['dtype']}, from {', '.join(rep['quant_types'])})", output, rep, as_json)
 
 
 def _tune_allocator() -> None:

@@ -15,6 +15,7 @@ from .. import st
 from ..adapter import Adapter, LoraModule
 from ..errors import InputError, UnsupportedError
 from ..fsutil import atomic_file
+from ..ops.common import check_finite
 
 DEFAULT_PREFIX = "lora_unet_"
 _KNOWN_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te4_", "lora_te_", "lora_transformer_", "lora_")
@@ -81,6 +82,10 @@ def read_kohya(path: str | os.PathLike, module_names: Iterable[str] | None = Non
         if A.shape[0] != B.shape[1]:
             raise InputError(f"{kname}: lora_down {tuple(A.shape)} and lora_up {tuple(B.shape)} disagree on rank", path)
         r = int(A.shape[0])
+        for part, t in g.items():
+            check_finite(t, f"{kname}.{part}", path)
+        if "alpha" in g and g["alpha"].numel() != 1:
+            raise InputError(f"{kname}.alpha must hold one number, got shape {tuple(g['alpha'].shape)}", path)
         alpha = float(g["alpha"].float().reshape(-1)[0]) if "alpha" in g else float(r)
         flat = kname
         for p in _KNOWN_PREFIXES:

@@ -19,8 +19,9 @@ import torch
 from .. import st
 from ..adapter import Adapter, LoraModule, alpha_for_scale, lora_scale, resolve_rank_alpha
 from ..checkpoint import read_json, torch_load_reason
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir
+from ..ops.common import check_finite
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -30,6 +31,8 @@ PARTS = {
     "lora_embedding_A": ("embedding", "A"), "lora_embedding_B": ("embedding", "B"),
     "lora_magnitude_vector": (None, "magnitude"),
 }
+# init_lora_weights values for which PEFT rewrites the base weight at load time (W - s·B₀A₀)
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _PART_RE = re.compile(r"^(.*)\.(" + "|".join(re.escape(p) for p in PARTS) + r")$")
 
 
@@ -67,6 +70,16 @@ def _check_config(cfg: dict, path: Path) -> None:
         bad("modules_to_save", "a list of module names")
     if cfg.get("fan_in_fan_out"):
         raise UnsupportedError("fan_in_fan_out=true (GPT-2 Conv1D layout) is not supported", path)
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+        raise UnsupportedError(f"init_lora_weights={init!r}: PEFT subtracts the initial B·A from the base weights when it "
+                               "loads this adapter, so it only fits that residual base; re-save it with PEFT's "
+                               "path_initial_model_for_weight_conversion to get a plain LoRA", path)
+    for f, why in (("alora_invocation_tokens", "an activated LoRA applies only after its invocation tokens"),
+                   ("layer_replication", "layer_replication changes the model's layer stack"),
+                   ("target_parameters", "LoRA on raw parameters (target_parameters) is not supported")):
+        if cfg.get(f):
+            raise UnsupportedError(f"{f} is set: {why}", path)
 
 
 def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
@@ -107,10 +120,13 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
     kinds: dict[str, str] = {}
     full: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
+        check_finite(t, key, wpath)
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         m = _PART_RE.match(name)
         if m:
             mod, part = m.group(1), m.group(2)
+            if not t.is_floating_point():
+                raise InputError(f"tensor {key!r} has dtype {t.dtype}; LoRA tensors must be floating point", wpath)
             kind, field = PARTS[part]
             parts.setdefault(mod, {})[field] = t
             if kind:
@@ -150,6 +166,9 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
         modules[mod] = LoraModule(A=A, B=B, scale=lora_scale(alpha, r, rslora), alpha=alpha, bias=bias, kind=kind, magnitude=mag)
     if cfg.get("use_dora") and not any(m.magnitude is not None for m in modules.values()):
         raise InputError("use_dora is true but the weights have no lora_magnitude_vector", wpath)
+    if not cfg.get("use_dora") and any(m.magnitude is not None for m in modules.values()):
+        # PEFT would build plain LoRA layers and ignore the magnitudes: say so rather than guess
+        raise InputError("the weights have lora_magnitude_vector (DoRA) but adapter_config.json has use_dora false", wpath)
     if not modules and not full:
         raise InputError("adapter holds no LoRA tensors", wpath)
     return Adapter(modules=modules, modules_to_save=full, config=dict(cfg), source=str(wpath.parent), format="peft")
@@ -165,8 +184,10 @@ def _target_modules(names: list[str], num_layers: int | None = None) -> list[str
         layer_sets.setdefault(n.rpartition(".")[2], set()).add(int(m.group(1)) if m else -1)
     layered = [s for s in layer_sets.values() if -1 not in s]
     mixed = any(-1 in s and len(s) > 1 for s in layer_sets.values())
+    if layered and num_layers is None:
+        return sorted(names)  # without the base's layer count, leaf names could reach layers we lack
     if layered:
-        full = set(range(num_layers if num_layers else max(layered[0]) + 1))
+        full = set(range(num_layers))
         if mixed or any(s != full for s in layered):
             return sorted(names)
     return sorted(layer_sets)
@@ -174,6 +195,16 @@ def _target_modules(names: list[str], num_layers: int | None = None) -> list[str
 
 def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None, num_layers: int | None = None) -> dict:
     mods = adapter.modules
+    if not mods and not adapter.modules_to_save:
+        raise LoratoolsError("nothing to write: the adapter has no LoRA modules left (every rank came out 0?) "
+                             "and no modules_to_save")
+    if not mods:
+        raise UnsupportedError("PEFT cannot load an adapter that holds only modules_to_save "
+                               f"({', '.join(sorted(adapter.modules_to_save))}): it needs at least one LoRA module", adapter.source or None)
+    emb = sorted(n for n, m in mods.items() if m.kind == "embedding")
+    if emb and any(m.bias is not None for m in mods.values()):
+        raise UnsupportedError(f"PEFT cannot load lora_bias together with embedding LoRA ({', '.join(emb)}): "
+                               "its embedding layers refuse lora_bias=True", adapter.source or None)
     rslora = adapter.use_rslora
     ranks = Counter(m.rank for m in mods.values())
     r = ranks.most_common(1)[0][0] if ranks else 8

@@ -37,6 +37,10 @@ def progress(iterable, desc: str, total: int | None = None, quiet: bool = False)
 def check_finite(t: torch.Tensor, name: str, path) -> None:
     from ..errors import InputError
 
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not t.is_floating_point():
+        return
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # float8 types have no isfinite kernel
+    if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise InputError(f"tensor {name!r} has {bad} NaN/Inf values", path)

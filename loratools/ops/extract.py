@@ -71,6 +71,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     bias_deltas: dict[str, torch.Tensor] = {}
     energy_total = 0.0
     embed_energy: dict[str, float] = {}
+    dropped_by_rule = 0  # changed modules whose rank rule kept nothing
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
         keys_b, keys_t = set(kb.keys()), set(kt.keys())
         if keys_b != keys_t:
@@ -130,6 +131,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             info_f["shape"] = list(M.shape)
             info_f["total_energy"] = e
             if info_f["rank"] == 0:
+                dropped_by_rule += 1
                 continue
             modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
             (report["embeddings"] if kind == "embedding" or mod == "lm_head" else report["modules"])[mod] = info_f
@@ -146,10 +148,21 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             modules[mod] = LoraModule(A=m.A[:k].clone(), B=m.B[:, :k].clone(), scale=1.0, alpha=float(k), kind=m.kind)
             energy, err = factor.tail_error(S, k, entry["total_energy"])
             entry.update(rank=k, energy=energy, rel_error=err)
+    # A tied model's embedding is also its output head, so the tuned head moved with it; PEFT's
+    # embedding LoRA / modules_to_save on embed_tokens changes the input side only. Carry it on lm_head.
+    if cb.tie_word_embeddings and "lm_head.weight" not in keys_b:
+        e = modules.get("model.embed_tokens")
+        if e is not None:  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ: as a linear LoRA on lm_head, B' = Aᵀ, A' = Bᵀ
+            modules["lm_head"] = LoraModule(A=e.B.T.contiguous(), B=e.A.T.contiguous(), scale=e.scale, alpha=e.alpha)
+        if "model.embed_tokens.weight" in full:
+            full["lm_head.weight"] = full["model.embed_tokens.weight"]
+        if e is not None or "model.embed_tokens.weight" in full:
+            report["embeddings"]["lm_head"] = {"tied_to": "model.embed_tokens"}
     # bias deltas ride along as lora_bias when PEFT can load that: every LoRA layer needs a base bias
+    # (and PEFT refuses lora_bias on embedding layers)
     if bias_deltas:
         with Checkpoint.open(base) as kb:
-            all_have_bias = all(f"{m}.bias" in kb for m, lm in modules.items() if lm.kind == "linear")
+            all_have_bias = all(lm.kind == "linear" and f"{m}.bias" in kb for m, lm in modules.items())
         if all_have_bias and set(bias_deltas) <= set(modules):
             for mod, d in bias_deltas.items():
                 modules[mod].bias = d / modules[mod].scale
@@ -178,6 +191,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                   parameters=adapter.num_parameters(), seconds=time.perf_counter() - t0,
                   ranks={k: m.rank for k, m in sorted(modules.items())})
     if not modules and not full:
+        if dropped_by_rule:
+            raise LoratoolsError(f"the rank rule ({rule.describe()}) keeps no component of any module; nothing to write")
         raise LoratoolsError("no delta to extract: base and tuned checkpoints are identical in the selected tensors", tuned)
     if out is not None:
         write_peft(adapter, out, str(base), num_layers=cb.num_hidden_layers,

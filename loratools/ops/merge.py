@@ -36,99 +36,124 @@ def _shapes(ck: Checkpoint, tied: bool) -> dict[str, tuple]:
     return shapes
 
 
+class MergedView:
+    """An open base checkpoint with adapters applied, tensor by tensor.
+
+    ``names()`` lists the output tensors (the base's, plus ``lm_head.weight`` when a tied model
+    must be untied); ``source(name)`` is the base tensor it comes from; ``changed(name)`` says
+    whether an adapter touches it; ``tensor(name)`` computes it (fp32 when changed, else the
+    stored tensor). Used by merge and by the exporters, so every sink merges the same way."""
+
+    def __init__(self, ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
+                 sign: float = 1.0, device: str | torch.device = "cpu"):
+        weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(adapters):
+            raise IncompatibleError(f"{len(weights)} weights for {len(adapters)} adapters")
+        self.ck, self.dev = ck, torch.device(device)
+        self.cfg = load_config(ck.root)
+        dora_mods = [n for a in adapters for n, m in a.modules.items() if m.magnitude is not None]
+        touched = [n for a in adapters for n in a.modules]
+        clash = [n for n in set(dora_mods) if touched.count(n) > 1]
+        if clash:
+            raise UnsupportedError(f"module {clash[0]!r} has a DoRA adapter and another adapter; merge them one at a time")
+        self.saved: dict[str, torch.Tensor] = {}
+        for a in adapters:
+            for k, t in a.modules_to_save.items():
+                if k in self.saved:
+                    raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
+                self.saved[k] = t
+        shapes = _shapes(ck, self.cfg.tie_word_embeddings)
+        for a in adapters:
+            a.check_against(shapes, f"base model {ck.path}")
+        self.updates: dict[str, list] = {}
+        for a, w in zip(adapters, weights):
+            for n, m in a.modules.items():
+                self.updates.setdefault(f"{n}.weight", []).append((m, w * sign))
+                if m.bias is not None:
+                    self.updates.setdefault(f"{n}.bias", []).append((m, w * sign))
+        # a tied model (even one that also stores lm_head.weight, which transformers then ignores)
+        # must be untied when an adapter changes only one side of the tie
+        self.untie = self.cfg.tie_word_embeddings and any(
+            k in self.updates or k in self.saved for k in ("lm_head.weight", "model.embed_tokens.weight"))
+        self.modified: list[str] = []
+
+    def names(self) -> list[str]:
+        return self.ck.keys() + (["lm_head.weight"] if self.untie and "lm_head.weight" not in self.ck else [])
+
+    def source(self, name: str) -> str:
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return "model.embed_tokens.weight"  # what a tied head really computes with
+        return name
+
+    def info(self, name: str) -> st.TensorInfo:
+        i = self.ck.info(self.source(name))
+        return st.TensorInfo(name, i.dtype, i.shape)
+
+    def changed(self, name: str) -> bool:
+        return name in self.saved or name in self.updates
+
+    def tensor(self, name: str) -> torch.Tensor:
+        src = self.source(name)
+        # a full tensor saved with the adapter (modules_to_save, save_embedding_layers) replaces the
+        # base tensor; LoRA updates on the same module then apply on top of it, as in PEFT
+        t = self.saved[name] if name in self.saved else self.ck.get(src)
+        ups = self.updates.get(name, [])
+        if not ups:
+            return t
+        check_finite(t, src, self.ck.path)
+        W = t.to(self.dev, torch.float32)
+        for m, w in ups:
+            if name.endswith(".bias"):
+                W += (m.scale * w) * m.bias.to(self.dev, torch.float32)
+                continue
+            B, A = m.B.to(self.dev, torch.float32), m.A.to(self.dev, torch.float32)
+            if m.kind == "embedding":  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ
+                W.addmm_(A.T, B.T, alpha=m.scale * w)
+            else:  # in place: no dense ΔW beside W
+                W.addmm_(B, A, alpha=m.scale * w)
+            if m.magnitude is not None:
+                W *= (m.magnitude.to(self.dev, torch.float32) / torch.linalg.norm(W, dim=1))[:, None]
+        self.modified.append(name)
+        return W.cpu()
+
+    def config(self, dtype: torch.dtype | None = None) -> dict:
+        config = dict(self.cfg.raw)
+        if dtype is not None:
+            config["dtype"] = CONFIG_DTYPE[dtype]
+            if "torch_dtype" in config:
+                config["torch_dtype"] = CONFIG_DTYPE[dtype]
+        if self.untie:
+            config["tie_word_embeddings"] = False
+        return config
+
+
 def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.PathLike,
           weights: Sequence[float] | None = None, dtype: torch.dtype | None = None,
           max_shard_size: int | str = DEFAULT_MAX_SHARD, device: str = "auto", overwrite: bool = False,
           unmerge: bool = False, quiet: bool = True) -> dict:
     """Write base + adapters (or base − adapters with ``unmerge``) as a new checkpoint."""
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise IncompatibleError(f"{len(weights)} weights for {len(adapters)} adapters")
     check_output(out, [base] + [a.source for a in adapters if a.source], overwrite)
-    sign = -1.0 if unmerge else 1.0
     dev = pick_device(device)
-    cfg = load_config(base)
     for a in adapters:
         if unmerge and a.use_dora:
             raise UnsupportedError("a DoRA merge cannot be undone exactly (the row norms of the original weight are lost)", a.source or None)
         if unmerge and a.modules_to_save:
             raise UnsupportedError("modules_to_save replaced whole tensors; the originals cannot be recovered by unmerge", a.source or None)
-    dora_mods = [n for a in adapters for n, m in a.modules.items() if m.magnitude is not None]
-    if dora_mods and len(adapters) > 1:
-        touched = [n for a in adapters for n in a.modules]
-        clash = [n for n in set(dora_mods) if touched.count(n) > 1]
-        if clash:
-            raise UnsupportedError(f"module {clash[0]!r} has a DoRA adapter and another adapter; merge them one at a time", None)
-    saved = {}
-    for a in adapters:
-        for k, t in a.modules_to_save.items():
-            if k in saved:
-                raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
-            saved[k] = t
-    report = {"base": str(base), "out": str(out), "adapters": [a.source for a in adapters], "weights": weights,
-              "unmerge": unmerge, "device": str(dev), "modified": []}
+    load_config(base)
     with Checkpoint.open(base) as ck:
-        tied = cfg.tie_word_embeddings and "lm_head.weight" not in ck
-        shapes = _shapes(ck, cfg.tie_word_embeddings)
-        for a in adapters:
-            a.check_against(shapes, f"base model {base}")
-        by_tensor: dict[str, list] = {}
-        for a, w in zip(adapters, weights):
-            for n, m in a.modules.items():
-                by_tensor.setdefault(f"{n}.weight", []).append((m, w * sign))
-                if m.bias is not None:
-                    by_tensor.setdefault(f"{n}.bias", []).append((m, w * sign))
-        untie = tied and any(k in by_tensor or k in saved for k in ("lm_head.weight", "model.embed_tokens.weight"))
-        names = ck.keys()
+        view = MergedView(ck, adapters, weights, -1.0 if unmerge else 1.0, dev)
         specs = []
-        for n in names:
-            i = ck.info(n)
-            od = dtype if dtype is not None and i.dtype.is_floating_point else i.dtype
-            specs.append(st.TensorInfo(n, od, i.shape))
-        if untie:
-            e = ck.info("model.embed_tokens.weight")
-            specs.append(st.TensorInfo("lm_head.weight", dtype or e.dtype, e.shape))
-        config = dict(cfg.raw)
-        if dtype is not None:
-            for key in ("dtype", "torch_dtype"):
-                if key in config or key == "dtype":
-                    config[key] = CONFIG_DTYPE[dtype]
-        if untie:
-            config["tie_word_embeddings"] = False
-            report["untied_embeddings"] = True
-
-        def produce(spec: st.TensorInfo) -> torch.Tensor:
-            src = spec.name if spec.name in ck else "model.embed_tokens.weight"  # untied lm_head
-            key = spec.name
-            if key in saved:
-                return saved[key].to(spec.dtype)
-            ups = by_tensor.get(key, [])
-            t = ck.get(src)
-            if not ups:
-                return t if t.dtype == spec.dtype else t.to(spec.dtype)
-            check_finite(t, src, ck.path)
-            W = t.to(dev, torch.float32)
-            for m, w in ups:
-                if key.endswith(".bias"):
-                    W += (m.scale * w) * m.bias.to(dev, torch.float32)
-                    continue
-                B, A = m.B.to(dev, torch.float32), m.A.to(dev, torch.float32)
-                if m.kind == "embedding":  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ
-                    W.addmm_(A.T, B.T, alpha=m.scale * w)
-                else:  # in place: no dense ΔW beside W
-                    W.addmm_(B, A, alpha=m.scale * w)
-                if m.magnitude is not None:
-                    W *= (m.magnitude.to(dev, torch.float32) / torch.linalg.norm(W, dim=1))[:, None]
-            report["modified"].append(key)
-            return W.to(spec.dtype).cpu()
-
-        with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=config) as wr:
+        for n in view.names():
+            i = view.info(n)
+            specs.append(st.TensorInfo(n, dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape))
+        with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=view.config(dtype)) as wr:
             for spec in progress(specs, "unmerge" if unmerge else "merge", quiet=quiet):
-                src = spec.name if spec.name in ck else "model.embed_tokens.weight"
-                if spec.name not in saved and spec.name not in by_tensor and wr.copy_from(spec.name, ck, src):
+                if not view.changed(spec.name) and wr.copy_from(spec.name, ck, view.source(spec.name)):
                     continue  # unchanged: bytes copied file to file, never loaded
-                wr.write(spec.name, produce(spec))
-    missing = [k for k in by_tensor if k not in report["modified"]]
-    if missing:  # check_against guarantees presence; a tied lm_head LoRA lands on the untied copy
-        raise IncompatibleError(f"could not apply LoRA to {missing[:3]}", base)
+                wr.write(spec.name, view.tensor(spec.name).to(spec.dtype))
+    report = {"base": str(base), "out": str(out), "adapters": [a.source for a in adapters],
+              "weights": list(weights) if weights is not None else [1.0] * len(adapters), "unmerge": unmerge,
+              "device": str(dev), "modified": view.modified}
+    if view.untie:
+        report["untied_embeddings"] = True
     return report
