@@ -1,0 +1,103 @@
+"""llama.cpp LoRA adapters (GGUF, general.type = adapter).
+
+llama.cpp applies ``W x + (alpha / r) · B (A x)`` with ONE alpha per file and r read from each
+tensor. PEFT's per-module scales (rank_pattern, alpha_pattern, rsLoRA) therefore do not survive
+a plain copy of the factors; here each module's B is multiplied by ``s · r / alpha`` so that
+llama.cpp's ``alpha / r`` times that factor gives back exactly PEFT's scale ``s``. alpha is the
+value most modules already use, so for a plain adapter B is written unchanged.
+
+Tensors: ``<gguf tensor>.lora_a`` = A (r × in) and ``.lora_b`` = B (out × r) in numpy order;
+for ``token_embd`` llama.cpp wants A transposed (vocab × r). On the ``llama`` architecture B's
+rows of attn_q / attn_k get the same per-head permutation as the model's weights.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter
+from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
+from ..fsutil import atomic_file, check_output
+from ..models.config import load_config
+from .gguf_model import ARCHS, name_map, permute_qk
+
+DTYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str | os.PathLike,
+                        outtype: str = "f32", overwrite: bool = False) -> dict:
+    import gguf
+
+    if outtype not in DTYPES:
+        raise LoratoolsError(f"adapter --outtype must be f32 or f16, got {outtype!r}")
+    check_output(out, [base_dir, adapter.source or None], overwrite)
+    src = adapter.source or None
+    if adapter.use_dora:
+        raise UnsupportedError("llama.cpp cannot apply DoRA (its magnitude vector rescales whole rows of W + ΔW); "
+                               "merge the adapter and export the merged model instead", src)
+    if adapter.modules_to_save:
+        raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(sorted(adapter.modules_to_save))}): "
+                               "they replace whole tensors; merge the adapter and export the merged model instead", src)
+    biased = [n for n, m in adapter.modules.items() if m.bias is not None]
+    if biased:
+        raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
+    cfg = load_config(base_dir)
+    if cfg.model_type not in ARCHS:
+        raise UnsupportedError(f"no GGUF export for model_type {cfg.model_type!r}", base_dir)
+    arch = ARCHS[cfg.model_type]
+    names = name_map(cfg)
+    if "lm_head" in adapter.modules and cfg.tie_word_embeddings:
+        raise UnsupportedError("the adapter targets lm_head, but the base model ties it to the embeddings: llama.cpp has "
+                               "no separate output tensor to apply it to; merge the adapter instead", src)
+    from ..checkpoint import Checkpoint
+    with Checkpoint.open(base_dir) as ck:
+        shapes = {k: ck.info(k).shape for k in ck.keys()}
+    if cfg.tie_word_embeddings:
+        shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
+    adapter.check_against(shapes, f"base model {base_dir}")
+    # llama.cpp's scale is alpha / r: choose the alpha most modules already imply
+    implied = Counter(round(m.scale * m.rank, 12) for m in adapter.modules.values())
+    alpha = float(implied.most_common(1)[0][0]) if implied else 1.0
+    if alpha <= 0:
+        alpha = 1.0
+    w = gguf.GGUFWriter(None, arch.name)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    plan = []
+    folded = 0
+    for name, m in sorted(adapter.modules.items()):
+        key = f"{name}.weight"
+        if key not in names:
+            raise IncompatibleError(f"module {name!r} has no GGUF tensor in a {arch.name} model", src)
+        gname = names[key]
+        factor = m.scale * m.rank / alpha
+        folded += factor != 1.0
+        A = m.A.double()
+        B = m.B.double() * factor
+        if m.kind == "embedding":
+            a, b = A.T, B  # llama.cpp: token_embd's lora_a is transposed
+        else:
+            a, b = A, B
+            if arch.permute_qk and name.endswith(".self_attn.q_proj"):
+                b = permute_qk(b, cfg.num_attention_heads)
+            elif arch.permute_qk and name.endswith(".self_attn.k_proj"):
+                b = permute_qk(b, cfg.num_key_value_heads)
+        for suffix, t in ((".lora_a", a), (".lora_b", b)):
+            arr = np.ascontiguousarray(t.to(torch.float32).numpy().astype(DTYPES[outtype]))
+            plan.append((gname + suffix, arr))
+    for n, arr in plan:
+        w.add_tensor_info(n, arr.shape, arr.dtype, arr.nbytes)
+    with atomic_file(out) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for _, arr in plan:
+            w.write_tensor_data(arr)
+        w.close()
+    return {"out": str(out), "arch": arch.name, "alpha": alpha, "modules": len(adapter.modules),
+            "scales_folded": folded, "outtype": outtype}

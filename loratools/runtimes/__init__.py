@@ -1,0 +1,1 @@
+"""Runtimes: each gives logits for token ids from an artifact in its own engine."""

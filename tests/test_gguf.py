@@ -1,0 +1,177 @@
+"""GGUF export and import, validated in llama.cpp itself (llama-cpp-python)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from loratools import api, st
+from loratools.checkpoint import Checkpoint
+from loratools.errors import IncompatibleError, InputError, UnsupportedError
+from loratools.formats.gguf_adapter import export_gguf_adapter
+from loratools.formats.gguf_model import export_gguf, import_gguf, permute_qk, unpermute_qk
+from loratools.models import load_model
+
+llamacpp = pytest.importorskip("loratools.runtimes.llamacpp")
+pytest.importorskip("llama_cpp")
+
+IDS = [int(x) for x in torch.randint(3, 380, (24,), generator=torch.Generator().manual_seed(5))]
+ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+def ref_logits(model_dir, adapters=(), ids=IDS):
+    return load_model(model_dir, adapters=list(adapters))(torch.tensor([ids]))[0][0].numpy()
+
+
+def n_ids(arch):
+    return IDS[:8] if arch == "mistral" else IDS  # mistral fixture: sliding window 8, which llama.cpp ignores
+
+
+def compare(ref, got):
+    d = np.abs(ref - got)
+    return float(d.max()), float((ref.argmax(-1) == got.argmax(-1)).mean()), float(np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def test_permutation_round_trip():
+    w = torch.randn(4 * 16, 8)
+    assert torch.equal(unpermute_qk(permute_qk(w, 4), 4), w)
+    assert not torch.equal(permute_qk(w, 4), w)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_model_matches_reference_in_llama_cpp(fx, gguf_dir, arch):
+    out = gguf_dir / f"{arch}-f32.gguf"
+    rep = export_gguf(fx / "models" / arch, out, outtype="f32")
+    assert rep["tokenizer"]["pre"] == "gpt-2"
+    ids = n_ids(arch)
+    dmax, top1, scale = compare(ref_logits(fx / "models" / arch, ids=ids), llamacpp.logits(out, ids))
+    assert top1 == 1.0
+    assert dmax < 1e-3 * max(scale, 1.0)  # measured ~1e-5..1e-4: fp32 kernels, different summation order
+
+
+@pytest.mark.parametrize("outtype,top1_min,rel_max", [("f16", 1.0, 0.02), ("bf16", 0.95, 0.08), ("q8_0", 0.95, 0.1)])
+def test_lower_precision_models(fx, gguf_dir, outtype, top1_min, rel_max):
+    out = gguf_dir / f"llama-{outtype}.gguf"
+    export_gguf(fx / "models" / "llama", out, outtype=outtype)
+    dmax, top1, scale = compare(ref_logits(fx / "models" / "llama"), llamacpp.logits(out, IDS))
+    assert top1 >= top1_min and dmax <= rel_max * scale
+
+
+@pytest.mark.parametrize("arch,adapter", [("llama", "llama-patterns"), ("llama", "llama-rslora"),
+                                          ("mistral", "mistral-kohya.safetensors")])
+def test_adapter_gguf_in_llama_cpp_matches_peft_semantics(fx, gguf_dir, arch, adapter):
+    model = fx / "models" / arch
+    a = api.load_adapter(fx / "adapters" / adapter, base=model)
+    base_gguf = gguf_dir / f"{arch}-f32.gguf"
+    if not base_gguf.exists():
+        export_gguf(model, base_gguf, outtype="f32")
+    ad = gguf_dir / f"{adapter}.gguf"
+    rep = export_gguf_adapter(a, model, ad)
+    ids = n_ids(arch)
+    ref = ref_logits(model, [a], ids)
+    got = llamacpp.logits(base_gguf, ids, lora=ad)
+    dmax, top1, scale = compare(ref, got)
+    assert (np.abs(ref - ref_logits(model, ids=ids))).max() > 0.1  # the adapter matters
+    assert top1 == 1.0 and dmax < 1e-3 * max(scale, 1.0)
+    # merged GGUF ≈ base GGUF + adapter GGUF
+    merged = gguf_dir / f"{arch}-{adapter}-merged.gguf"
+    export_gguf(model, merged, [a], outtype="f32")
+    assert np.abs(llamacpp.logits(merged, ids) - got).max() < 1e-3 * max(scale, 1.0)
+    if adapter == "llama-patterns":
+        assert rep["scales_folded"] > 0  # rank/alpha patterns: per-module factors folded into B
+    if adapter == "llama-rslora":
+        assert rep["alpha"] == 32.0  # alpha/r must give PEFT's rsLoRA scale 8/sqrt(16) = 2, not 8/16
+
+
+def test_dropping_the_fold_would_be_caught(fx, gguf_dir):
+    """Without folding the rsLoRA scale, llama.cpp computes another adapter: the check above can fail."""
+    from loratools.adapter import Adapter, LoraModule
+    model = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-rslora", base=model)
+    wrong = Adapter(modules={n: LoraModule(m.A, m.B, 8 / m.rank, 8.0) for n, m in a.modules.items()})
+    ad = gguf_dir / "wrong.gguf"
+    export_gguf_adapter(wrong, model, ad)
+    base_gguf = gguf_dir / "llama-f32.gguf"
+    if not base_gguf.exists():
+        export_gguf(model, base_gguf, outtype="f32")
+    dmax, _, _ = compare(ref_logits(model, [a]), llamacpp.logits(base_gguf, IDS, lora=ad))
+    assert dmax > 0.1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_gguf_f32_hf_is_bit_exact(fx, gguf_dir, tmp_path, arch):
+    src = fx / "models" / arch
+    g = gguf_dir / f"{arch}-rt.gguf"
+    export_gguf(src, g, outtype="f32")
+    import_gguf(g, tmp_path / "back")
+    with Checkpoint.open(src) as a, Checkpoint.open(tmp_path / "back") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get(k), b.get(k)), k
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == arch
+    from tokenizers import Tokenizer
+    t0, t1 = Tokenizer.from_file(str(src / "tokenizer.json")), Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
+    for text in ("The quick brown fox", "<|im_start|>user\nhi<|im_end|>", "Café 東京 🙂 42"):
+        assert t0.encode(text).ids == t1.encode(text).ids
+
+
+def test_llama_cpp_tokenization_equals_tokenizer_json(fx, gguf_dir):
+    from tokenizers import Tokenizer
+    g = gguf_dir / "llama-f32.gguf"
+    if not g.exists():
+        export_gguf(fx / "models" / "llama", g, outtype="f32")
+    tok = Tokenizer.from_file(str(fx / "models" / "llama" / "tokenizer.json"))
+    for text in ("The quick brown fox jumps.", "def forward(x):\n    return x", "<|im_start|>user\nWhat?<|im_end|>\n",
+                 "Numbers 3.14159 and 2024", "Café, naïve, 東京, 🙂", "  double  spaces\tand tabs"):
+        assert llamacpp.tokenize(g, text, add_bos=False) == tok.encode(text).ids, text
+
+
+def test_refusals(fx, tmp_path):
+    model = fx / "models" / "qwen3"
+    dora = api.load_adapter(fx / "adapters" / "qwen3-dora")
+    with pytest.raises(UnsupportedError, match="DoRA"):
+        export_gguf_adapter(dora, model, tmp_path / "d.gguf")
+    bias = api.load_adapter(fx / "adapters" / "qwen2-bias")
+    with pytest.raises(UnsupportedError, match="lora_bias"):
+        export_gguf_adapter(bias, fx / "models" / "qwen2", tmp_path / "b.gguf")
+    with pytest.raises(IncompatibleError):
+        export_gguf_adapter(api.load_adapter(fx / "adapters" / "llama-patterns"), model, tmp_path / "x.gguf")
+    # a quant type the row length does not allow
+    odd = tmp_path / "odd"
+    from fixtures.generate import make_model
+    make_model(odd, "llama", intermediate_size=80)
+    with pytest.raises(IncompatibleError, match="not a multiple of the 32-element block"):
+        export_gguf(odd, tmp_path / "odd.gguf", outtype="q4_0")
+    assert not (tmp_path / "odd.gguf").exists() and not list(tmp_path.glob(".odd.gguf.tmp*"))
+
+
+def test_bad_gguf_inputs(fx, gguf_dir, tmp_path, run_cli):
+    g = gguf_dir / "llama-f32.gguf"
+    if not g.exists():
+        export_gguf(fx / "models" / "llama", g, outtype="f32")
+    data = g.read_bytes()
+    cases = {"truncated.gguf": data[: len(data) // 2], "magic.gguf": b"XXXX" + data[4:], "tiny.gguf": data[:10]}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        code, _, err = run_cli("import", "gguf", tmp_path / name, "-o", tmp_path / f"{name}.out")
+        assert code != 0 and name in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"{name}.out").exists()
+
+
+def test_cli_export_and_import(fx, tmp_path, run_cli):
+    code, out, err = run_cli("export", "gguf", fx / "models" / "qwen2", "-a", fx / "adapters" / "qwen2-bias",
+                             "-o", tmp_path / "m.gguf", "--outtype", "f16")
+    assert code == 0, err
+    assert "wrote GGUF model" in out
+    code, out, err = run_cli("import", "gguf", tmp_path / "m.gguf", "-o", tmp_path / "m")
+    assert code == 0, err
+    a = api.load_adapter(fx / "adapters" / "qwen2-bias")
+    ref = ref_logits(fx / "models" / "qwen2", [a])
+    back = ref_logits(tmp_path / "m")
+    assert (ref.argmax(-1) == back.argmax(-1)).mean() >= 0.95
