@@ -129,7 +129,7 @@ def write_hparams(w, cfg: ModelConfig, arch: GgufArch) -> None:
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads or arch.name == "qwen3":
+    if cfg.raw.get("head_dim") is not None or cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     if arch.name == "llama":
@@ -312,7 +312,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
                 a = gguf.quants.dequantize(t.data, t.tensor_type)
             except (NotImplementedError, ValueError) as e:
                 raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
-            x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(shape)
+            x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).reshape(shape)
             if arch.permute_qk and ".self_attn.q_proj." in hf:
                 x = unpermute_qk(x, cfg.num_attention_heads)
             elif arch.permute_qk and ".self_attn.k_proj." in hf:

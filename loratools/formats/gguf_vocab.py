@@ -158,7 +158,6 @@ _ADD_BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixt
 
 SPIECE_UNDERLINE = "\u2581"
 _BYTE_TOKEN_RE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-_PAD_TOKEN_RE = re.compile(r"\[PAD\d+\]")
 _SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 # GGUFWriter method per special token type (cls has no writer method in gguf-py)
 _ID_WRITERS = {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
@@ -642,7 +641,7 @@ def tokenizer_files_from_gguf(fields: Any) -> dict[str, str]:
     types = _field(fields, "tokenizer.ggml.token_type") or [int(T.NORMAL)] * n
     if len(types) < n:
         raise InputError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
-    pre = _field(fields, "tokenizer.ggml.pre") or "default"
+    pre = _field(fields, "tokenizer.ggml.pre")
     ids = {typ: _field(fields, key) for typ, key in _ID_KEYS.items()}
     ids = {typ: v for typ, v in ids.items() if isinstance(v, int) and 0 <= v < n}
     add_bos = _field(fields, "tokenizer.ggml.add_bos_token")
@@ -651,12 +650,15 @@ def tokenizer_files_from_gguf(fields: Any) -> dict[str, str]:
         add_bos = kind == "llama" or pre in _ADD_BOS_PRE
     add_eos = bool(add_eos)
 
-    def is_pad(i: int) -> bool:
-        return types[i] == T.UNUSED and bool(_PAD_TOKEN_RE.fullmatch(tokens[i]))
+    def is_pad(i: int) -> bool:  # a converter's filler for an id the tokenizer does not have
+        return tokens[i] == f"[PAD{i}]" and types[i] not in (T.CONTROL, T.USER_DEFINED)
 
     vocab = {tok: i for i, tok in enumerate(tokens) if not is_pad(i)}
     if kind == "gpt2":
         family = _FAMILY_OF_PRE.get(pre)
+        if pre is None:
+            raise UnsupportedError("the GGUF's BPE tokenizer has no tokenizer.ggml.pre (a file from before llama.cpp "
+                                   "recorded pre-tokenizers); its tokenizer cannot be rebuilt")
         if family is None:
             supported = sorted(_FAMILY_OF_PRE)
             raise UnsupportedError(f"rebuilding a tokenizer.json for tokenizer.ggml.pre {pre!r} is not supported "
