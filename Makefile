@@ -36,12 +36,19 @@ demo: $(STAMP)
 	$(BIN)/loratools combine $(FIX)/resized $(FIX)/adapters/llama-rslora --weights 1,0.5 -o $(FIX)/combined
 	$(BIN)/loratools merge --base $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged --dtype bf16
 	$(BIN)/loratools inspect $(FIX)/merged
+	$(BIN)/loratools export gguf $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged.gguf --outtype q8_0
+	$(BIN)/loratools export gguf-adapter $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama -o $(FIX)/adapter.gguf
+	$(BIN)/loratools import gguf $(FIX)/merged.gguf -o $(FIX)/from-gguf
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench
 	$(BIN)/python benchmarks/stream_read.py
+	$(BIN)/python benchmarks/resize_extract.py
+	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/gguf_bench.py
 
 clean:
 	rm -rf build .pytest_cache

@@ -433,8 +433,9 @@ def _merge_scores(merges: list[tuple[str, str]]) -> dict[str, float]:
     """Sentencepiece-style scores from BPE merge ranks: the token made by the earliest merge
     scores highest, so llama.cpp's score-ordered merging follows the merge order."""
     scores: dict[str, float] = {}
-    for rank, (a, b) in enumerate(merges):
-        scores.setdefault(a + b, -float(rank))
+    for a, b in merges:
+        if a + b not in scores:  # -1, -2, ... in order of first production (Llama-2's own values)
+            scores[a + b] = -float(len(scores) + 1)
     return scores
 
 
@@ -497,7 +498,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     else:
         merge_score = _merge_scores(merges)
         unk = model.get("unk_token")
-        n_merges = len(merges)
+        n_merges = len(merge_score) + 1
         for i in range(vocab_size):
             if i not in id_to_tok:
                 tokens.append(f"[PAD{i}]")
