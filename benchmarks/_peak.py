@@ -51,20 +51,23 @@ def run_child(code: str, interval: float = 0.005, env: dict | None = None) -> tu
     return json.loads(last), peak / 1024
 
 
-def machine() -> str:
-    import platform
-
-    cpu = "?"
+def cpu_model() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
     import os
+    import platform
 
     import torch
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")

@@ -400,14 +400,10 @@ def compare_sums(a: dict, b: dict, what: str) -> None:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks._peak import cpu_model
+
+    cpu = cpu_model()
     ram = 0
     try:
         for line in open("/proc/meminfo"):

@@ -185,3 +185,17 @@ def test_low_bit_models_run_in_llama_cpp(fx, tmp_path, outtype, corr_min):
     export_gguf(fx / "models" / "llama", out, outtype=outtype)
     ref, got = ref_logits(fx / "models" / "llama"), llamacpp.logits(out, IDS)
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] >= corr_min
+
+
+def test_import_refuses_unknown_architecture(tmp_path, run_cli):
+    import gguf
+    p = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(p), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, _, err = run_cli("import", "gguf", p, "-o", tmp_path / "out")
+    assert code == 4 and "gpt2" in err and "cannot be imported" in err and not (tmp_path / "out").exists()

@@ -44,8 +44,7 @@ def write_vocab_gguf(path: Path, arch: str, model_dir: Path, vocab_size: int, pr
 
 
 def fields_of(path: Path) -> dict:
-    r = gguf.GGUFReader(str(path))
-    return {k: gv.gguf_field_value(f) for k, f in r.fields.items()}
+    return gv.read_gguf_kv(path)
 
 
 def hf_merges(tj: dict) -> list[str]:
@@ -103,7 +102,10 @@ def test_fixture_tokenizer_round_trips_through_gguf(fx, tmp_path, arch):
     cfg = json.loads((src / "config.json").read_text())
     n = cfg["vocab_size"]
     info = write_vocab_gguf(tmp_path / "v.gguf", arch, src, n + 5)  # 5 padding rows
-    f = fields_of(tmp_path / "v.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "v.gguf"))
+    f = {k: gv.gguf_field_value(v) for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert f == fields_of(tmp_path / "v.gguf")  # gguf-py and the fast reader agree
+    assert len(reader.tensors) == 0 and all(k == "general.architecture" or k.startswith("tokenizer.") for k in f)
     assert f["general.architecture"] == arch
     assert f["tokenizer.ggml.model"] == "gpt2"
     assert f["tokenizer.ggml.pre"] == "gpt-2" == info["pre"] and info["pre_source"] == "structure"
@@ -211,6 +213,20 @@ def test_smollm2_add_tokenizer_reproduces_the_original_gguf(smol_fields, smol_di
                 "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
                 "tokenizer.chat_template"):
         assert f[key] == orig[key], key
+
+
+def test_fast_kv_reader_agrees_with_gguf_reader(smol_path, smol_fields, tmp_path):
+    kv = gv.read_gguf_kv(smol_path)
+    ref = {k: gv.gguf_field_value(f) for k, f in smol_fields.items() if not k.startswith("GGUF.")}
+    assert kv == ref
+    assert isinstance(kv["tokenizer.ggml.add_bos_token"], bool) and isinstance(kv["llama.rope.freq_base"], float)
+    head = smol_path.read_bytes()[:200_000]  # cut inside the token list
+    (tmp_path / "cut.gguf").write_bytes(head)
+    with pytest.raises(InputError, match="truncated"):
+        gv.read_gguf_kv(tmp_path / "cut.gguf")
+    (tmp_path / "bad.gguf").write_bytes(b"GGML" + head[4:100])
+    with pytest.raises(InputError, match="not a GGUF"):
+        gv.read_gguf_kv(tmp_path / "bad.gguf")
 
 
 # -- (c) unknown pre-tokenizers and the override -------------------------------------------------------
@@ -352,3 +368,36 @@ def test_spm_style_llama_cpp_and_rebuild_agree(spm, tmp_path):
         llm = llama_vocab(path)
         for text in SPM_TEXTS:
             assert llama_ids(llm, text) == t0.encode(text).ids, text
+
+
+# -- llama.cpp's own reference vocabularies (optional) ---------------------------------------------------
+# llama.cpp's source tree (e.g. vendor/llama.cpp in the llama-cpp-python sdist) ships vocab-only GGUFs of
+# real models with test texts (.inp) and the ids the original HF tokenizer gives them (.out). Point
+# LORATOOLS_LLAMA_CPP_MODELS at its models/ folder to run these.
+REF_VOCABS = {"gpt-2": "gpt-2", "llama-bpe": "llama-bpe", "qwen2": "qwen2", "llama-spm": None}
+
+
+@pytest.mark.parametrize("name", sorted(REF_VOCABS))
+def test_llama_cpp_reference_vocab_rebuilds_exactly(name, tmp_path):
+    import os
+    models_dir = os.environ.get("LORATOOLS_LLAMA_CPP_MODELS")
+    if not models_dir or not (Path(models_dir) / f"ggml-vocab-{name}.gguf").is_file():
+        pytest.skip("set LORATOOLS_LLAMA_CPP_MODELS to llama.cpp's models/ folder")
+    base = Path(models_dir) / f"ggml-vocab-{name}.gguf"
+    orig = gv.read_gguf_kv(base)
+    back = write_files(tmp_path / "back", gv.tokenizer_files_from_gguf(orig))
+    tok = Tokenizer.from_file(str(back / "tokenizer.json"))
+    texts = Path(f"{base}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    texts = texts[:-1] if texts[-1] == "" else texts  # the file ends with a separator
+    expected = [[int(x) for x in line.split()] for line in Path(f"{base}.out").read_text(encoding="utf-8").splitlines()]
+    assert len(texts) == len(expected)
+    for text, ids in zip(texts, expected):
+        assert tok.encode(text, add_special_tokens=False).ids == ids, text
+    if REF_VOCABS[name]:  # the rebuilt tokenizer.json is the original: llama.cpp's check hash finds it
+        assert gv.detect_pre(back / "tokenizer.json")[:2] == (REF_VOCABS[name], "hash")
+    n = len(orig["tokenizer.ggml.tokens"])
+    write_vocab_gguf(tmp_path / "v.gguf", "llama", back, n)
+    again = fields_of(tmp_path / "v.gguf")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert again.get(key) == orig.get(key), key

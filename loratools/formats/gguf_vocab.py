@@ -222,7 +222,8 @@ def _merge_pairs(raw: Any, path: Path) -> list[tuple[str, str]]:
 
 def _gguf_merge(pair: tuple[str, str]) -> str:
     # GGUF stores "a b"; a space inside a part is written as U+0120 like gguf-py's SpecialVocab does
-    return " ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
+    a, b = pair
+    return f"{a.replace(' ', chr(0x120))} {b.replace(' ', chr(0x120))}"
 
 
 def _steps(node: dict | None, key: str) -> list[dict]:
@@ -475,6 +476,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
         raise InputError(f"token id {top} ({id_to_tok[top]!r}) does not fit the model's vocab_size {vocab_size}",
                          tj_path)
     merges = _merge_pairs(model.get("merges"), tj_path)
+    if kind == "gpt2" and not merges:
+        raise InputError("a byte-level BPE tokenizer.json without merges", tj_path)
 
     tokens: list[str] = []
     types: list[int] = []
@@ -533,8 +536,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
     if kind == "gpt2":
         if pre is not None:
             if pre not in KNOWN_PRE_NAMES:
-                raise UnsupportedError(f"unknown --pre {pre!r}; llama.cpp knows e.g. {', '.join(COMMON_PRE_NAMES)} "
-                                       f"(all: {', '.join(sorted(KNOWN_PRE_NAMES))})")
+                import difflib
+                close = difflib.get_close_matches(pre, sorted(KNOWN_PRE_NAMES), n=3)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                raise UnsupportedError(f"unknown --pre {pre!r}; {hint}llama.cpp's names include "
+                                       f"{', '.join(COMMON_PRE_NAMES)} ({len(KNOWN_PRE_NAMES)} in all, see "
+                                       f"src/llama-vocab.cpp)")
             pre_name, source, chk = pre, "explicit", None
         else:
             pre_name, source, chk = detect_pre(tj_path, tj)
@@ -552,8 +559,6 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int, pre
         writer.add_token_scores(scores)
     writer.add_token_types([int(t) for t in types])
     if kind == "gpt2":
-        if not merges:
-            raise InputError("a byte-level BPE tokenizer.json without merges", tj_path)
         writer.add_token_merges([_gguf_merge(m) for m in merges])
     else:
         writer.add_add_space_prefix(_add_space_prefix(tj))
@@ -605,6 +610,85 @@ def gguf_field_value(field: Any) -> Any:
         return bytes(part).decode("utf-8")
     value = part[0].item()
     return bool(value) if types[0] == vt.BOOL else value
+
+
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_kv(path: str | Path) -> dict[str, Any]:
+    """The key/value metadata of a GGUF file as plain Python values, without the tensor infos.
+
+    gguf.GGUFReader builds a numpy view per array element, which takes seconds for a 150k-token
+    vocabulary; this reads the same values directly (strings, numbers, bools, lists of them)."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot open: {e.strerror}", path) from None
+    with fh:
+        try:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # empty file
+            raise InputError("not a GGUF file (empty)", path) from None
+        try:
+            if buf[:4] != b"GGUF":
+                raise InputError("not a GGUF file (bad magic)", path)
+            end = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
+            version = struct.unpack_from(end + "I", buf, 4)[0]
+            if version not in (2, 3):
+                raise UnsupportedError(f"GGUF version {version} is not supported (2 and 3 are)", path)
+            pos = 8
+            n_tensors, n_kv = struct.unpack_from(end + "QQ", buf, pos)
+            pos += 16
+            size = len(buf)
+
+            def take(n: int) -> int:
+                nonlocal pos
+                if n < 0 or pos + n > size:
+                    raise InputError("truncated GGUF metadata", path)
+                start = pos
+                pos += n
+                return start
+
+            def string() -> str:
+                n = struct.unpack_from(end + "Q", buf, take(8))[0]
+                s = take(n)
+                return buf[s:s + n].decode("utf-8")
+
+            def value(vtype: int) -> Any:
+                if vtype == 8:
+                    return string()
+                if vtype in _SCALAR_FORMATS:
+                    fmt = end + _SCALAR_FORMATS[vtype]
+                    return struct.unpack_from(fmt, buf, take(struct.calcsize(fmt)))[0]
+                if vtype == 9:
+                    etype = struct.unpack_from(end + "I", buf, take(4))[0]
+                    count = struct.unpack_from(end + "Q", buf, take(8))[0]
+                    if etype in _SCALAR_FORMATS:
+                        width = struct.calcsize(_SCALAR_FORMATS[etype])
+                        arr = np.frombuffer(buf, dtype=np.dtype(end + _SCALAR_FORMATS[etype]), count=count,
+                                            offset=take(width * count))
+                        return arr.tolist()
+                    return [value(etype) for _ in range(count)]
+                raise InputError(f"unknown GGUF value type {vtype}", path)
+
+            out: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = string()
+                vtype = struct.unpack_from(end + "I", buf, take(4))[0]
+                out[key] = value(vtype)
+            return out
+        except struct.error:
+            raise InputError("truncated GGUF metadata", path) from None
+        except UnicodeDecodeError:
+            raise InputError("GGUF metadata string is not UTF-8", path) from None
+        finally:
+            buf.close()
 
 
 def _field(fields: Any, key: str, default: Any = None) -> Any:
