@@ -40,8 +40,19 @@ demo: $(STAMP)
 	$(BIN)/loratools export gguf-adapter $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama -o $(FIX)/adapter.gguf
 	$(BIN)/loratools import gguf $(FIX)/merged.gguf -o $(FIX)/from-gguf
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# llama.cpp's reference vocabularies (vocab-only GGUFs with test texts and expected ids), from the
+# llama-cpp-python source package of the installed version: the tokenizer tests check against them
+VOCABS := build/llama.cpp-models
+$(VOCABS)/.done: $(STAMP)
+	rm -rf build/sdist && mkdir -p build/sdist $(VOCABS)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d build/sdist \
+	  "llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
+	tar -xzf build/sdist/llama_cpp_python-*.tar.gz -C build/sdist --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
+	cp build/sdist/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-* $(VOCABS)/ && rm -rf build/sdist
+	touch $@
+
+test: $(STAMP) $(VOCABS)/.done
+	LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench
