@@ -335,3 +335,50 @@ def test_merge_refusals(fx, tmp_path, run_cli):
     code, _, err = run_cli("merge", "--base", fx / "models" / "llama", "-a", fx / "adapters" / "llama-patterns",
                            "-o", fx / "models" / "llama")
     assert code == 5 and "input" in err
+
+
+def test_bf16_merge_rounds_once(fx, tmp_path):
+    """Into a bf16 base: W' = round_bf16(W + s·B·A computed in fp32). Rounding once is checked
+    against an fp64 ground truth; adding a bf16-rounded delta (rounding twice) is measurably worse."""
+    base = fx / "models" / "llama-bf16-sharded"
+    a = read_peft(fx / "adapters" / "llama-rslora")
+    merge(base, [a], tmp_path / "m")
+    once = twice = total = 0
+    with Checkpoint.open(base) as x, Checkpoint.open(tmp_path / "m") as y:
+        for name, m in a.modules.items():
+            w = x.get(f"{name}.weight")
+            got = y.get(f"{name}.weight")
+            assert got.dtype == torch.bfloat16
+            truth = (w.double() + m.delta(torch.float64)).to(torch.bfloat16)
+            double_rounded = w + m.delta().to(torch.bfloat16)
+            once += int((got == truth).sum())
+            twice += int((double_rounded == truth).sum())
+            total += truth.numel()
+            ulp = (got.float() - truth.float()).abs() / truth.float().abs().clamp_min(1e-30)
+            assert float(ulp.max()) <= 2 ** -7  # at most one bf16 ulp from the exact result
+    assert once / total > 0.999 and twice / total < once / total - 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_full_rank_extract_then_merge_reproduces_the_tuned_weights(fx, tmp_path, arch):
+    base, tuned = fx / "models" / arch, fx / "models" / f"{arch}-tuned"
+    a, _ = extract(base, tuned, tmp_path / "a", RankRule("energy", 1.0), exact=True)
+    merge(base, [read_peft(tmp_path / "a")], tmp_path / "m")
+    with Checkpoint.open(tuned) as t, Checkpoint.open(tmp_path / "m") as m:
+        for k in t.keys():
+            if t.info(k).shape.__len__() == 2:
+                assert torch.allclose(m.get(k), t.get(k), atol=2e-6), k
+        if arch == "qwen2":  # tied: the head's change is carried too (the merged model is untied)
+            assert torch.allclose(m.get("lm_head.weight"), t.get("model.embed_tokens.weight"), atol=2e-6)
+
+
+def test_partial_layer_adapter_round_trips_through_peft(fx, tmp_path):
+    base = fx / "models" / "llama"
+    full = read_peft(fx / "adapters" / "llama-rslora")
+    from loratools.adapter import Adapter
+    part = Adapter(modules={n: m for n, m in full.modules.items() if ".layers.1." in n}, config=dict(full.config))
+    out = write_peft(part, tmp_path / "p", num_layers=2)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert all(".layers.1." in t for t in cfg["target_modules"])
+    assert (logits(base, [read_peft(out)]) - peft_logits(base, out)).abs().max() <= 1e-5
+    assert (logits(base, [part]) - logits(base)).abs().max() > 0.1
