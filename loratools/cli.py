@@ -433,6 +433,48 @@ def import_gguf(path, output, dtype, overwrite, quiet, as_json):
     _done(f"{rep['arch']} checkpoint ({rep['dtype']}, from {', '.join(rep['quant_types'])})", output, rep, as_json)
 
 
+# -- train ------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--model", required=True, type=click.Path(), help="Base model folder.")
+@click.option("--data", "data_path", required=True, type=click.Path(), help=".txt or .jsonl (text | prompt/completion | messages).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output PEFT adapter folder.")
+@click.option("--rank", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--alpha", type=float, default=32.0, show_default=True)
+@click.option("--rslora", is_flag=True, help="Scale alpha/sqrt(r) instead of alpha/r.")
+@click.option("--targets", default="all-linear", show_default=True, help="all-linear | attention | mlp | q_proj,v_proj,...")
+@click.option("--lr", type=float, help="Peak learning rate (default: about 10x a full fine-tuning LR for the model's size).")
+@click.option("--epochs", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(2), default=512, show_default=True, help="Packed sequence length; longer examples are truncated.")
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True, help="Warmup steps before the cosine decay.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--eval", "eval_path", type=click.Path(), help="Held-out data, same formats.")
+@click.option("--eval-every", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True, help="Base weights' dtype (LoRA stays fp32).")
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUTPUT.train/.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json, **opts):
+    """Train a LoRA adapter on your data (PEFT output)."""
+    from .train.loop import TrainConfig, train as run
+
+    cfg = TrainConfig(**opts)
+    rep = run(model, data_path, output, cfg, eval_path, resume, overwrite, quiet or as_json,
+              log=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)))
+    last = rep["eval_losses"][-1][1] if rep["eval_losses"] else None
+    _done("PEFT adapter", output, rep, as_json,
+          f"{rep['steps']} steps, final train loss {rep['losses'][-1]:.4f}"
+          + (f", eval loss {last:.4f}" if last is not None else "") + f", {rep.get('tokens_per_s', 0):.0f} tokens/s")
+
+
 def _tune_allocator() -> None:
     """Streaming commands allocate and free one tensor after another. With glibc's dynamic mmap
     threshold, freed blocks of up to 32 MB stay in the heap and the process's memory creeps up

@@ -47,7 +47,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         for l in self.loras:
-            lora = F.linear(F.linear(x, l.A), l.B) * l.scale
+            xl = x if x.dtype == l.A.dtype else x.to(l.A.dtype)  # fp32 LoRA on a bf16 base (training)
+            lora = (F.linear(F.linear(xl, l.A), l.B) * l.scale).to(y.dtype)
             if l.magnitude is not None:
                 # DoRA: m / ‖W + s·B·A‖_row · (W x + s·B A x), the norm treated as a constant.
                 w = self.weight + l.scale * (l.B @ l.A)
@@ -173,6 +174,7 @@ class DecoderLM(nn.Module):
         self.model = Body(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.gradient_checkpointing = False
 
     # -- forward -----------------------------------------------------------------------------
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -212,7 +214,12 @@ class DecoderLM(nn.Module):
         masks = self.masks(b, s, past_len, attention_mask, x.dtype, x.device)
         presents = []
         for i, layer in enumerate(self.model.layers):
-            x, pr = layer(x, cos, sin, masks, past[i] if past else None)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+
+                x, pr = checkpoint(layer, x, cos, sin, masks, past[i] if past else None, use_reentrant=False)
+            else:
+                x, pr = layer(x, cos, sin, masks, past[i] if past else None)
             presents.append(pr)
         logits = self.lm_head(self.model.norm(x)).float()
         return logits, presents

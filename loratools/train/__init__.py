@@ -1,0 +1,1 @@
+"""LoRA training on loratools' reference models: data loading (data.py) and the loop (loop.py)."""

@@ -1,0 +1,141 @@
+"""Training: a learnable task, exact resume, completion-only masking, PEFT round trip, bad data."""
+import json
+import random
+
+import pytest
+import torch
+
+from loratools.errors import InputError, OutputError
+from loratools.formats.peft import read_peft
+from loratools.models import load_model
+from loratools.train import data
+from loratools.train.loop import TrainConfig, default_lr, train
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "tiger", "music", "paper"]
+
+
+def mapping_data(tmp_path, kind="pc", repeat=8):
+    """A fixed word → 3-digit code mapping: nothing the base model can know."""
+    rnd = random.Random(0)
+    codes = {w: str(rnd.randint(100, 999)) for w in WORDS}
+
+    def rec(w):
+        if kind == "pc":
+            return {"prompt": f"Code for {w}:", "completion": f" {codes[w]}"}
+        return {"messages": [{"role": "user", "content": f"Code for {w}?"}, {"role": "assistant", "content": codes[w]}]}
+
+    tr, ev = tmp_path / f"train-{kind}.jsonl", tmp_path / f"eval-{kind}.jsonl"
+    tr.write_text("".join(json.dumps(rec(w)) + "\n" for _ in range(repeat) for w in WORDS))
+    ev.write_text("".join(json.dumps(rec(w)) + "\n" for w in WORDS))
+    return tr, ev
+
+
+def cfg(**kw):
+    base = dict(rank=8, alpha=16, seq_len=48, batch_size=4, epochs=12, lr=3e-3, warmup=4, eval_every=1000,
+                checkpoint_every=1000, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["pc", "chat"])
+def test_learns_a_mapping_the_base_cannot_know(fx, tmp_path, kind):
+    tr, ev = mapping_data(tmp_path, kind)
+    rep = train(fx / "models" / "llama", tr, tmp_path / "out", cfg(lr=1e-2, epochs=20, rank=16, alpha=32),
+                eval_path=ev, log=lambda m: None)
+    first, last = rep["eval_loss_initial"], rep["eval_losses"][-1][1]
+    assert last < 0.25 * first, (first, last)  # measured: 6.4 → 0.4 (prompt/completion)
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == rep["steps"]
+
+
+def test_trained_adapter_loads_in_peft_with_the_same_logits(fx, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    tr, _ = mapping_data(tmp_path)
+    train(fx / "models" / "qwen3", tr, tmp_path / "out", cfg(epochs=2, rslora=True), log=lambda m: None)
+    ids = torch.randint(0, 380, (1, 12), generator=torch.Generator().manual_seed(0))
+    a = read_peft(tmp_path / "out")
+    ours = load_model(fx / "models" / "qwen3", adapters=[a])(ids)[0]
+    base = load_model(fx / "models" / "qwen3")(ids)[0]
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(fx / "models" / "qwen3"), dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(m.eval(), str(tmp_path / "out"))(ids).logits
+    assert (ours - base).abs().max() > 1e-3 and (ours - ref).abs().max() <= 1e-5
+    assert a.use_rslora and set(a.ranks.values()) == {8} and len(a.modules) == 14
+
+
+def test_resume_gives_the_same_loss_curve(fx, tmp_path):
+    tr, ev = mapping_data(tmp_path)
+    c = dict(epochs=3, checkpoint_every=4, eval_every=5)
+    full = train(fx / "models" / "llama", tr, tmp_path / "a", cfg(**c), eval_path=ev, log=lambda m: None)
+    part = train(fx / "models" / "llama", tr, tmp_path / "b", cfg(**c, stop_after=7), eval_path=ev, log=lambda m: None)
+    assert part["stopped_at"] == 7 and not (tmp_path / "b").exists()
+    with pytest.raises(OutputError, match="--resume"):
+        train(fx / "models" / "llama", tr, tmp_path / "b", cfg(**c), eval_path=ev, log=lambda m: None)
+    rest = train(fx / "models" / "llama", tr, tmp_path / "b", cfg(**c), eval_path=ev, resume=True, log=lambda m: None)
+    assert rest["losses"] == full["losses"] and rest["eval_losses"] == full["eval_losses"]
+    a, b = read_peft(tmp_path / "a"), read_peft(tmp_path / "b")
+    assert all(torch.equal(a.modules[n].B, b.modules[n].B) for n in a.modules)
+
+
+def test_completion_only_masking(fx, tmp_path):
+    tr, _ = mapping_data(tmp_path, "pc", repeat=1)
+    ds = data.load(tr, fx / "models" / "llama")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(fx / "models" / "llama" / "tokenizer.json"))
+    for rec, ex in zip((json.loads(l) for l in tr.read_text().splitlines()), ds.examples):
+        n_prompt = len(tok.encode(rec["prompt"], add_special_tokens=False).ids)
+        assert not any(ex.mask[:n_prompt - 1])  # prompt tokens carry no loss
+        assert all(ex.mask[n_prompt:])          # the completion (and its end token) does
+    x, y = data.pack(ds, 32, ds.report["eos_id"], list(range(len(ds.examples))))
+    labelled = {int(t) for t in y[y != -100]}
+    prompt_only = set(tok.encode("Code for", add_special_tokens=False).ids)
+    assert not (labelled & prompt_only)
+
+
+def test_chat_masks_only_assistant_turns(fx, tmp_path):
+    p = tmp_path / "chat.jsonl"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye"}]
+    p.write_text(json.dumps({"messages": msgs}) + "\n")
+    ds = data.load(p, fx / "models" / "llama")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(fx / "models" / "llama" / "tokenizer.json"))
+    ex = ds.examples[0]
+    text = tok.decode([i for i, m in zip(ex.ids, ex.mask) if m], skip_special_tokens=False)
+    assert "Hello there" in text and "Goodbye" in text and "Hi" not in text and "Be brief" not in text
+
+
+def test_bad_data(fx, tmp_path, run_cli):
+    m = fx / "models" / "llama"
+    cases = {"empty.jsonl": ("", "empty"), "bad.jsonl": ('{"text": "ok"}\n{"text": oops}\n', "line 2: malformed JSON"),
+             "noasst.jsonl": (json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n", "no assistant turn"),
+             "fields.jsonl": (json.dumps({"foo": 1}) + "\n", "needs 'text'")}
+    for name, (content, msg) in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(InputError, match=msg):
+            data.load(tmp_path / name, m)
+        code, _, err = run_cli("train", "--model", m, "--data", tmp_path / name, "-o", tmp_path / f"{name}.out")
+        assert code == 2 and name in err and msg.split(":")[-1].strip() in err and "Traceback" not in err
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 20}) + "\n")
+    ds = data.load(long, m)
+    x, y = data.pack(ds, 16, ds.report["eos_id"], [0])
+    assert ds.report["truncated"] == 1 and x.shape == (1, 16)
+
+
+def test_bf16_gradient_checkpointing_and_cli(fx, tmp_path, run_cli):
+    tr, ev = mapping_data(tmp_path)
+    code, out, err = run_cli("train", "--model", fx / "models" / "mistral", "--data", tr, "--eval", ev, "-o", tmp_path / "o",
+                             "--dtype", "bf16", "--gradient-checkpointing", "--max-steps", "12", "--seq-len", "48",
+                             "--targets", "attention", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["eval_losses"][-1][1] < rep["eval_loss_initial"] and rep["lr"] == pytest.approx(default_lr(rep["model_parameters"])[0])
+    assert all(n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj") for n in read_peft(tmp_path / "o").modules)
+
+
+def test_default_lr_is_ten_times_full_finetuning():
+    lr, ft = default_lr(135_000_000)
+    assert lr == pytest.approx(10 * ft) and 5e-4 < lr < 2e-3
+    assert default_lr(7_000_000_000)[0] < lr
