@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(BIN)/loratools forward $(FIX)/models/llama --adapter $(FIX)/adapters/llama-patterns --prompt "The quick brown fox"
 	$(BIN)/loratools convert $(FIX)/adapters/mistral-kohya.safetensors --to peft -o $(FIX)/mistral-from-kohya --base $(FIX)/models/mistral
 	$(BIN)/loratools forward $(FIX)/models/mistral --adapter $(FIX)/mistral-from-kohya --prompt "User: What is the capital of France?"
+	$(BIN)/loratools train --model $(FIX)/models/llama --data $(FIX)/data/chat-train.jsonl --eval $(FIX)/data/chat-eval.jsonl -o $(FIX)/trained --epochs 4 --seq-len 64 --lr 1e-2 --quiet
 	$(BIN)/loratools extract --base $(FIX)/models/llama --tuned $(FIX)/models/llama-tuned -o $(FIX)/extracted --energy 0.9 --max-rank 8
 	$(BIN)/loratools resize $(FIX)/extracted -o $(FIX)/resized --rank 2
 	$(BIN)/loratools combine $(FIX)/resized $(FIX)/adapters/llama-rslora --weights 1,0.5 -o $(FIX)/combined
@@ -60,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resize_extract.py
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/gguf_bench.py
+	$(BIN)/python benchmarks/train_bench.py
 
 clean:
 	rm -rf build .pytest_cache

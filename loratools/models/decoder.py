@@ -47,6 +47,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         for l in self.loras:
+            if l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == y.dtype:
+                # y + (x Aᵀ)(s·B)ᵀ as one GEMM with accumulate; scaling the r-column B is cheaper
+                # than scaling the (tokens × out) product
+                h = F.linear(x, l.A)
+                y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (l.B * l.scale).T).view(y.shape)
+                continue
             xl = x if x.dtype == l.A.dtype else x.to(l.A.dtype)  # fp32 LoRA on a bf16 base (training)
             lora = (F.linear(F.linear(xl, l.A), l.B) * l.scale).to(y.dtype)
             if l.magnitude is not None:
@@ -121,13 +127,11 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
-        rep = self.heads // self.kv_heads
-        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
-        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-        scores = (q @ kr.transpose(-1, -2)) * self.head_dim**-0.5 + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = (probs @ vr).transpose(1, 2).reshape(b, s, -1)
-        return self.o_proj(out), present
+        # softmax(q kᵀ / √d + mask) v; mask None = plain causal (PyTorch's fused kernels); GQA
+        # shares each key/value head among heads / kv_heads query heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), present
 
 
 class MLP(nn.Module):
@@ -183,7 +187,8 @@ class DecoderLM(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def masks(self, b: int, s: int, past_len: int, attention_mask, dtype, device) -> dict:
-        """Additive masks (b, 1, s, past+s), one per distinct window (None = full causal)."""
+        """Additive masks (b, 1, s, past+s), one per distinct window (key None = no window);
+        a value of None means plain causal attention, which needs no mask tensor."""
         total = past_len + s
         qpos = torch.arange(past_len, total, device=device)[:, None]
         kpos = torch.arange(total, device=device)[None, :]
@@ -194,6 +199,9 @@ class DecoderLM(nn.Module):
             keep_pad = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         out = {}
         for w in set(self.cfg.layer_windows) | {None}:
+            if attention_mask is None and past_len == 0 and (w is None or w >= s):
+                out[w] = None  # plain causal: no mask tensor needed
+                continue
             keep = kpos <= qpos
             if w is not None:
                 keep = keep & (qpos - kpos < w)
@@ -205,6 +213,12 @@ class DecoderLM(nn.Module):
         return out
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        h, presents = self.hidden(input_ids, attention_mask, position_ids, past)
+        return self.lm_head(h).float(), presents
+
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None):
+        """The final normed hidden states (b, s, hidden) and the KV cache; ``forward`` is this plus
+        lm_head (training applies the head only at positions that carry loss)."""
         b, s = input_ids.shape
         past_len = 0 if not past else past[0][0].shape[2]
         if position_ids is None:
@@ -221,8 +235,7 @@ class DecoderLM(nn.Module):
             else:
                 x, pr = layer(x, cos, sin, masks, past[i] if past else None)
             presents.append(pr)
-        logits = self.lm_head(self.model.norm(x)).float()
-        return logits, presents
+        return self.model.norm(x), presents
 
     # -- weights -----------------------------------------------------------------------------
     def linear_modules(self) -> dict[str, nn.Module]:

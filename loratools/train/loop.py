@@ -106,9 +106,33 @@ def add_lora(model, cfg: TrainConfig) -> dict[str, LoraSlot]:
     return slots
 
 
+class Batches:
+    """Step i → its (inputs, labels): epoch e's examples in a permutation seeded by (seed, e),
+    packed to seq_len, rows taken in order (wrapping around)."""
+
+    def __init__(self, ds: data.Dataset, cfg: TrainConfig, steps_per_epoch: int):
+        self.ds, self.cfg, self.spe = ds, cfg, steps_per_epoch
+        self._epoch, self._packed = None, None
+
+    def at(self, i: int):
+        epoch, within = divmod(i, self.spe)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            order = torch.randperm(len(self.ds.examples), generator=g).tolist()
+            self._epoch, self._packed = epoch, data.pack(self.ds, self.cfg.seq_len, self.ds.report["eos_id"], order)
+        x, y = self._packed
+        rows = self.cfg.batch_size * self.cfg.grad_accum
+        idx = [(within * rows + j) % x.shape[0] for j in range(rows)]
+        return x[idx], y[idx]
+
+
 def _loss(model, x, y):
-    logits, _ = model(x)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+    """Summed cross-entropy over the positions that carry loss. The LM head (a vocab-sized GEMM,
+    forward and backward) runs only at those positions, not at every prompt token."""
+    h, _ = model.hidden(x)
+    keep = y.reshape(-1) != -100
+    logits = model.lm_head(h.reshape(-1, h.shape[-1])[keep]).float()
+    return F.cross_entropy(logits, y.reshape(-1)[keep], reduction="sum")
 
 
 @torch.no_grad()
@@ -218,18 +242,8 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         metrics.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
         log(f"resumed from {last.name}")
-    epoch_cache: dict[int, tuple] = {}
-
-    def batch(i: int):
-        epoch, within = divmod(i, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            order = torch.randperm(len(ds.examples), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-            epoch_cache[epoch] = data.pack(ds, cfg.seq_len, eos, order)
-        x, y = epoch_cache[epoch]
-        rows = cfg.batch_size * cfg.grad_accum
-        idx = [(within * rows + j) % x.shape[0] for j in range(rows)]
-        return x[idx], y[idx]
+    batches = Batches(ds, cfg, steps_per_epoch)
+    batch = batches.at
 
     model.train()
     if ev_xy is not None and step == 0:
