@@ -139,3 +139,13 @@ def test_default_lr_is_ten_times_full_finetuning():
     lr, ft = default_lr(135_000_000)
     assert lr == pytest.approx(10 * ft) and 5e-4 < lr < 2e-3
     assert default_lr(7_000_000_000)[0] < lr
+
+
+def test_plain_text_and_text_jsonl(fx, tmp_path):
+    m = fx / "models" / "llama"
+    (tmp_path / "a.txt").write_text("The quick brown fox.\n\nJumps over the lazy dog.\n\n\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "The quick brown fox."}) + "\n\n" + json.dumps({"text": "Jumps over the lazy dog."}) + "\n")
+    a, b = data.load(tmp_path / "a.txt", m), data.load(tmp_path / "b.jsonl", m)
+    assert [e.ids for e in a.examples] == [e.ids for e in b.examples] and len(a.examples) == 2
+    assert all(all(e.mask) for e in a.examples)
+    assert b.report["kinds"] == {"text": 2}
