@@ -103,9 +103,10 @@ class Adapter:
             return m.A.dtype
         return None
 
-    def check_against(self, shapes: Mapping[str, tuple[int, ...]], where: str = "base model") -> None:
+    def check_against(self, shapes: Mapping[str, tuple[int, ...]], where: str = "base model", merging: bool = False) -> None:
         """Raise IncompatibleError unless every module's weight exists in ``shapes``
-        (HF tensor name -> shape) with the shape the LoRA expects."""
+        (HF tensor name -> shape) with the shape the LoRA expects. A lora_bias on a layer without
+        a bias runs (as in PEFT) but cannot be merged: refused only when ``merging``."""
         for name, m in self.modules.items():
             key = f"{name}.weight"
             if key not in shapes:
@@ -114,9 +115,9 @@ class Adapter:
                 raise IncompatibleError(
                     f"module {name!r}: LoRA expects a weight of shape {m.weight_shape} but the {where} has {tuple(shapes[key])}",
                     self.source or None)
-            if m.bias is not None and f"{name}.bias" not in shapes:
-                raise IncompatibleError(f"module {name!r}: lora_B.bias (lora_bias) needs a base layer with a bias, and the {where} has none",
-                                        self.source or None)
+            if merging and m.bias is not None and f"{name}.bias" not in shapes:
+                raise IncompatibleError(f"module {name!r}: its lora_B.bias (lora_bias) cannot be merged: the {where} has no bias "
+                                        "on that layer (PEFT cannot merge it either)", self.source or None)
         for key, t in self.modules_to_save.items():
             if key not in shapes:
                 raise IncompatibleError(f"modules_to_save tensor {key!r} does not exist in the {where}", self.source or None)

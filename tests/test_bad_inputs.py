@@ -529,7 +529,7 @@ def test_forward_with_mismatching_adapter(run_cli, fx):
     assert str(m) in line
 
 
-@pytest.mark.parametrize("adapter,base", [("llama-patterns", "qwen3"), ("qwen3-dora", "llama"), ("qwen2-bias", "llama"),
+@pytest.mark.parametrize("adapter,base", [("llama-patterns", "qwen3"), ("qwen3-dora", "llama"), ("qwen2-bias", "qwen3"),
                                           ("mistral-kohya.safetensors", "qwen3")])
 def test_inspect_with_mismatching_base(run_cli, fx, adapter, base):
     a, m = fx / "adapters" / adapter, fx / "models" / base

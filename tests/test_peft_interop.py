@@ -82,3 +82,18 @@ def test_pattern_scales_follow_peft_rule(fx):
     assert m["model.layers.0.self_attn.v_proj"].scale == 4 / 8
     assert m["model.layers.1.mlp.up_proj"].scale == 3 / 8 and m["model.layers.0.mlp.up_proj"].scale == 2.0
     assert m["model.embed_tokens"].kind == "embedding"
+
+
+def test_lora_bias_on_a_layer_without_bias_runs_but_does_not_merge(fx, tmp_path):
+    """PEFT runs lora_bias on a bias-free layer (with a warning) and cannot merge it; so do we."""
+    from loratools.errors import IncompatibleError
+    from loratools.ops.merge import merge
+    model_dir = fx / "models" / "llama"
+    out = _peft_saved(model_dir, tmp_path / "lb", r=4, lora_alpha=8, target_modules=["o_proj"], lora_bias=True)
+    ref = peft_logits(model_dir, out)
+    a = api.load_adapter(out, base=model_dir)
+    assert all(m.bias is not None for m in a.modules.values())
+    ours, _ = load_model(model_dir, adapters=[a])(IDS)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    with pytest.raises(IncompatibleError, match="cannot be merged"):
+        merge(model_dir, [a], tmp_path / "m")

@@ -64,7 +64,7 @@ class MergedView:
                 self.saved[k] = t
         shapes = _shapes(ck, self.cfg.tie_word_embeddings)
         for a in adapters:
-            a.check_against(shapes, f"base model {ck.path}")
+            a.check_against(shapes, f"base model {ck.path}", merging=True)
         self.updates: dict[str, list] = {}
         for a, w in zip(adapters, weights):
             for n, m in a.modules.items():
