@@ -300,8 +300,14 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
     """Combine adapters: exact linear/cat, optimal svd, or ties / dare / magnitude_prune."""
     from .ops.combine import combine as run
 
+    import warnings
+
     loaded = [api.load_adapter(a, base=base) for a in adapters]
-    res = run(loaded, _weights(weights, len(loaded)), method, rank, density, seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run(loaded, _weights(weights, len(loaded)), method, rank, density, seed)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     _save(res, output, fmt, overwrite, list(adapters) + [base], base)
     click.echo(f"combined {len(loaded)} adapters ({method}): {len(res.modules)} modules, ranks "
                f"{sorted(set(res.ranks.values()))}; wrote {output}")

@@ -382,3 +382,11 @@ def test_partial_layer_adapter_round_trips_through_peft(fx, tmp_path):
     assert all(".layers.1." in t for t in cfg["target_modules"])
     assert (logits(base, [read_peft(out)]) - peft_logits(base, out)).abs().max() <= 1e-5
     assert (logits(base, [part]) - logits(base)).abs().max() > 0.1
+
+
+def test_combine_warns_about_different_base_names(fx, run_cli, tmp_path):
+    from loratools.adapter import Adapter
+    a, b = _pair(fx)
+    a.config["base_model_name_or_path"], b.config["base_model_name_or_path"] = "org/model-a", "org/model-b"
+    with pytest.warns(UserWarning, match="different base models"):
+        combine([a, b])

@@ -89,6 +89,12 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         raise LoratoolsError(f"--density must be in (0, 1], got {density}")
     if rank is not None and rank < 1:
         raise LoratoolsError(f"--rank must be >= 1, got {rank}")
+    bases = {a.config.get("base_model_name_or_path") for a in adapters} - {None, ""}
+    if len(bases) > 1:
+        import warnings
+
+        warnings.warn(f"the adapters name different base models ({', '.join(sorted(map(str, bases)))}); their shapes agree, "
+                      "but a combination only makes sense for the same base", stacklevel=2)
     names = sorted({n for a in adapters for n in a.modules})
     out: dict[str, LoraModule] = {}
     for name in names:
