@@ -373,7 +373,7 @@ cli.command("unmerge")(_merge_cmd(True))
 # -- export / import --------------------------------------------------------------------------
 @cli.group()
 def export():
-    """Write models and adapters for other runtimes (llama.cpp GGUF)."""
+    """Write models and adapters for other runtimes (llama.cpp GGUF, ONNX Runtime)."""
 
 
 @export.command("gguf")
@@ -416,6 +416,51 @@ def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
 
     rep = run(api.load_adapter(adapter, base=base), base, output, outtype, overwrite)
     _done(f"GGUF adapter (alpha {rep['alpha']:g}, {rep['scales_folded']} module scales folded into B)", output, rep, as_json)
+
+
+@export.command("onnx")
+@click.argument("model", type=click.Path())
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter merged first (repeatable).")
+@click.option("--weights", help="Comma-separated weight per adapter.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (model.onnx + config + tokenizer).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--no-cache", is_flag=True, help="No past_key_values inputs / present outputs.")
+@click.option("--lora-slots", "slots", help="all-linear or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
+@click.option("--opset", type=click.IntRange(17), default=17, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset, overwrite, as_json):
+    """An ONNX model with KV cache (Optimum / onnxruntime-genai IO names), adapters merged."""
+    from .formats.onnx_model import export_onnx as run
+
+    loaded = [api.load_adapter(a, base=model) for a in adapters]
+    rep = run(model, output, loaded, _weights(weights, len(loaded)), dtype, not no_cache, slots, opset, overwrite)
+    what = f"ONNX model ({dtype}, {'KV cache' if not no_cache else 'no cache'}" + (f", {len(rep['lora_slots'])} LoRA slots" if slots else "") + ")"
+    _done(what, output, rep, as_json)
+
+
+@export.command("onnx-adapter")
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .onnx_adapter file.")
+@click.option("--base", type=click.Path(), help="Base model folder (checks the adapter fits).")
+@click.option("--model", "slot_model", type=click.Path(), help="An ONNX slot model: check every parameter has its slot.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--overwrite", is_flag=True)
+def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite):
+    """ONNX Runtime's adapter format, per-module scales folded into B."""
+    from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
+
+    rep = run(api.load_adapter(adapter, base=base), output, dtype, overwrite)
+    if slot_model:
+        from pathlib import Path
+
+        path = Path(slot_model) / "model.onnx" if Path(slot_model).is_dir() else Path(slot_model)
+        try:
+            check_adapter_fits(path, output)
+        except Exception:
+            Path(output).unlink(missing_ok=True)
+            raise
+    click.echo(f"wrote ONNX Runtime adapter ({rep['modules']} modules, {dtype}) to {output}")
 
 
 @cli.group("import")

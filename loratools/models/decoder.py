@@ -47,7 +47,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         for l in self.loras:
-            if l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == y.dtype:
+            if l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == y.dtype and not torch.jit.is_tracing():
                 # y + (x Aᵀ)(s·B)ᵀ as one GEMM with accumulate; scaling the r-column B is cheaper
                 # than scaling the (tokens × out) product
                 h = F.linear(x, l.A)
@@ -112,6 +112,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.explicit = False  # plain-op attention (set for ONNX export)
 
     def forward(self, x, cos, sin, mask, past: tuple | None):
         b, s, _ = x.shape
@@ -127,10 +128,18 @@ class Attention(nn.Module):
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
-        # softmax(q kᵀ / √d + mask) v; mask None = plain causal (PyTorch's fused kernels); GQA
-        # shares each key/value head among heads / kv_heads query heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.heads != self.kv_heads)
+        if self.explicit:
+            # the same computation spelled out in plain ops (what ONNX export traces)
+            rep = self.heads // self.kv_heads
+            kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+            vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+            scores = (q @ kr.transpose(-1, -2)) * self.head_dim**-0.5 + mask
+            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
+        else:
+            # softmax(q kᵀ / √d + mask) v; mask None = plain causal (PyTorch's fused kernels); GQA
+            # shares each key/value head among heads / kv_heads query heads
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), present
 
 
@@ -179,6 +188,13 @@ class DecoderLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.gradient_checkpointing = False
+        self.explicit_attention = False
+
+    def set_explicit_attention(self, on: bool = True) -> None:
+        """Plain-op attention with an explicit mask in every layer (for tracing / ONNX export)."""
+        self.explicit_attention = on
+        for layer in self.model.layers:
+            layer.self_attn.explicit = on
 
     # -- forward -----------------------------------------------------------------------------
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -199,7 +215,7 @@ class DecoderLM(nn.Module):
             keep_pad = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         out = {}
         for w in set(self.cfg.layer_windows) | {None}:
-            if attention_mask is None and past_len == 0 and (w is None or w >= s):
+            if attention_mask is None and past_len == 0 and (w is None or w >= s) and not self.explicit_attention:
                 out[w] = None  # plain causal: no mask tensor needed
                 continue
             keep = kpos <= qpos
