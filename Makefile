@@ -40,6 +40,9 @@ demo: $(STAMP)
 	$(BIN)/loratools export gguf $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged.gguf --outtype q8_0
 	$(BIN)/loratools export gguf-adapter $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama -o $(FIX)/adapter.gguf
 	$(BIN)/loratools import gguf $(FIX)/merged.gguf -o $(FIX)/from-gguf
+	$(BIN)/loratools export onnx $(FIX)/models/llama --lora-slots all-linear -o $(FIX)/onnx-slots
+	$(BIN)/loratools export onnx-adapter $(FIX)/adapters/llama-rslora --model $(FIX)/onnx-slots -o $(FIX)/rslora.onnx_adapter
+	$(BIN)/loratools export onnx $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/onnx-merged --dtype fp16
 
 # llama.cpp's reference vocabularies (vocab-only GGUFs with test texts and expected ids), from the
 # llama-cpp-python source package of the installed version: the tokenizer tests check against them
@@ -62,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/gguf_bench.py
 	$(BIN)/python benchmarks/train_bench.py
+	$(BIN)/python benchmarks/onnx_bench.py
 
 clean:
 	rm -rf build .pytest_cache

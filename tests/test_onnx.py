@@ -101,3 +101,25 @@ def test_adapter_that_does_not_fit_the_slots_is_refused(fx, onnx_dir, tmp_path, 
     q = api.load_adapter(fx / "adapters" / "qwen3-dora")
     with pytest.raises(UnsupportedError, match="DoRA"):
         export_onnx_adapter(q, tmp_path / "d.onnx_adapter")
+
+
+def test_external_data_layout_checks_by_path_and_runs(fx, tmp_path):
+    """Models over 2 GB go to model.onnx + model.onnx_data; the same path, forced on a small model."""
+    m = fx / "models" / "qwen2"
+    rep = export_onnx(m, tmp_path / "ext", external_data_over=0)
+    assert rep["external_data"] and (tmp_path / "ext" / "model.onnx_data").stat().st_size > 100_000
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 200_000
+    want, _ = ref(m)
+    assert np.abs(Runner(tmp_path / "ext").run(IDS)[0] - want).max() <= 1e-4
+
+
+def test_cuda_provider_when_present(fx, onnx_dir):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("no CUDA execution provider on this machine")
+    out = onnx_dir / "cuda"
+    export_onnx(fx / "models" / "llama", out)
+    r = Runner(out, device="cuda")
+    assert r.provider == "CUDAExecutionProvider"
+    want, _ = ref(fx / "models" / "llama")
+    assert np.abs(r.run(IDS)[0] - want).max() <= 1e-3

@@ -67,9 +67,11 @@ def _merged_model_dir(model_dir: Path, adapters: Sequence[Adapter], weights, tmp
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, dtype: str = "fp32", cache: bool = True,
-                lora_slots: str | Sequence[str] | None = None, opset: int = 17, overwrite: bool = False) -> dict:
+                lora_slots: str | Sequence[str] | None = None, opset: int = 17, overwrite: bool = False,
+                external_data_over: int = TWO_GB - 64 * 1024**2) -> dict:
     """Write ``model_dir`` (adapters merged) as ``out_dir/model.onnx`` (+ ``model.onnx_data``
-    when over 2 GB) with config and tokenizer files. ``lora_slots``: "all-linear" or a list of
+    when the weights pass ``external_data_over`` bytes, just under protobuf's 2 GB) with config
+    and tokenizer files. ``lora_slots``: "all-linear" or a list of
     leaf names / module names that get LoRA inputs."""
     import onnx
 
@@ -121,7 +123,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         if slots:
             _add_slot_defaults(proto, slots, mods, tdt)
         proto.producer_name = "loratools"
-        big = sum(t.ByteSize() for t in proto.graph.initializer) > TWO_GB - 64 * 1024**2
+        big = sum(t.ByteSize() for t in proto.graph.initializer) > external_data_over
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
             if big:
