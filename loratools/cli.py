@@ -526,6 +526,45 @@ def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json
           + (f", eval loss {last:.4f}" if last is not None else "") + f", {rep.get('tokens_per_s', 0):.0f} tokens/s")
 
 
+# -- validate ---------------------------------------------------------------------------------
+@cli.command()
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--base", required=True, type=click.Path(), help="Base model folder (the reference runs it in fp32).")
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter applied unmerged (repeatable).")
+@click.option("--weights", help="Comma-separated weight per adapter.")
+@click.option("--prompts", type=click.Path(), help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")
+@click.option("--tokens", type=click.IntRange(0), default=16, show_default=True, help="Greedy continuation length.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-kl", type=float, help="Override the mean-KL tolerance for every candidate.")
+@click.option("--min-top1", type=float, help="Override the top-1 agreement tolerance.")
+@click.option("--json", "as_json", is_flag=True)
+def validate(candidates, base, adapters, weights, prompts, tokens, device, max_kl, min_top1, as_json):
+    """Check that written artifacts compute what base + adapters compute, each in its own runtime.
+
+    CANDIDATES: a checkpoint folder, a .gguf, BASE.gguf+ADAPTER.gguf, an ONNX folder, or
+    ONNX_DIR+NAME.onnx_adapter. Exit code 0 only when every candidate passes."""
+    from . import validate as v
+
+    tol = {k: x for k, x in (("mean_kl", max_kl), ("top1", min_top1)) if x is not None}
+    rep = v.validate(base, adapters, candidates, _weights(weights, len(adapters)),
+                     v.read_prompts(prompts) if prompts else None, tokens, device, tol)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        ref = rep["reference"]
+        click.echo(f"reference: {base} + {len(adapters)} adapter(s), torch fp32 on {ref['device']}; "
+                   f"{rep['prompts']} prompts, {tokens} greedy tokens")
+        click.echo(f"  {'candidate':<44} {'runtime':<30} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
+        for c in rep["candidates"]:
+            m = c["metrics"]
+            res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
+            click.echo(f"  {c['candidate'][-44:]:<44} {c['runtime'][:30]:<30} {c['precision']:<5} {m['max_abs']:>8.3g} "
+                       f"{m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+        click.echo("all candidates passed" if rep["passed"] else "validation FAILED")
+    if not rep["passed"]:
+        raise SystemExit(1)
+
+
 def _tune_allocator() -> None:
     """Streaming commands allocate and free one tensor after another. With glibc's dynamic mmap
     threshold, freed blocks of up to 32 MB stay in the heap and the process's memory creeps up
@@ -548,6 +587,8 @@ def main(argv=None) -> int:
         return 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
     except click.ClickException as e:
         e.show()
         return e.exit_code

@@ -77,3 +77,24 @@ def tokenize(model: str | os.PathLike, text: str, add_bos: bool = True, special:
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
     finally:
         llm.close()
+
+
+def run(model: str | os.PathLike, ids: Sequence[int], n_new: int = 0, lora: str | os.PathLike | None = None,
+        gpu: bool = False) -> tuple[np.ndarray, list[int]]:
+    """(logits for ``ids``, greedy continuation of ``n_new`` tokens), one model load."""
+    llm = load(model, lora, 1.0, n_ctx=max(64, len(ids) + n_new + 8), gpu=gpu)
+    try:
+        llm.reset()
+        llm.eval(list(ids))
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        out: list[int] = []
+        nxt = int(logits[-1].argmax())
+        for k in range(n_new):
+            out.append(nxt)
+            if k + 1 == n_new:
+                break
+            llm.eval([nxt])
+            nxt = int(np.asarray(llm.scores[len(ids) + k], dtype=np.float32).argmax())
+        return logits, out
+    finally:
+        llm.close()

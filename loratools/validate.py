@@ -1,0 +1,208 @@
+"""Numeric equivalence: does a written artifact compute what base + adapters compute?
+
+The reference is the base model with the adapters applied unmerged, in loratools' torch model
+in fp32. Each candidate runs in its own runtime — a checkpoint folder in torch, a ``.gguf`` (or
+``base.gguf+adapter.gguf``) in llama.cpp, an ONNX folder (or ``dir+x.onnx_adapter``) in ONNX
+Runtime — on the same token ids, and is compared on every prompt position:
+
+- max and mean |Δlogit|; max relative error (max |Δ| over max |ref logit|, per position);
+- KL(ref ‖ candidate) of the next-token distributions, mean and max over positions;
+- top-1 agreement; greedy continuation of N tokens from each prompt, counted up to the first
+  token that differs.
+
+Pass/fail uses per-precision tolerances (TOLERANCES; overridable).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError, LoratoolsError
+
+# precision -> (max mean KL, min top-1 agreement, min greedy agreement)
+TOLERANCES = {
+    "fp32": {"mean_kl": 1e-6, "top1": 1.0, "greedy": 1.0},
+    "fp16": {"mean_kl": 1e-3, "top1": 0.95, "greedy": 0.5},
+    "bf16": {"mean_kl": 1e-2, "top1": 0.90, "greedy": 0.25},
+    "q8_0": {"mean_kl": 5e-2, "top1": 0.85, "greedy": 0.0},
+    "q4": {"mean_kl": 0.5, "top1": 0.60, "greedy": 0.0},
+}
+DEFAULT_PROMPTS = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "The quick brown fox jumps over the lazy dog. Numbers: 3.14159 and 2024.",
+    "def forward(x):\n    return x @ W.T + scale * (x @ A.T) @ B.T\n",
+]
+
+
+@dataclass
+class Candidate:
+    spec: str
+    kind: str            # "checkpoint" | "gguf" | "onnx"
+    path: Path
+    adapter: Path | None = None
+    precision: str = "fp32"
+    runtime: str = ""
+    device: str = "cpu"
+
+
+def parse_candidate(spec: str) -> Candidate:
+    main, _, extra = spec.partition("+")
+    p = Path(main)
+    if not p.exists():
+        raise InputError("no such file or directory", p)
+    ad = Path(extra) if extra else None
+    if ad is not None and not ad.exists():
+        raise InputError("no such file or directory", ad)
+    if p.suffix == ".gguf":
+        from .formats.gguf_model import open_gguf
+
+        r = open_gguf(p)
+        kinds = {t.tensor_type.name for t in r.tensors if len(t.shape) > 1}
+        prec = ("fp32" if kinds <= {"F32"} else "fp16" if kinds <= {"F16", "F32"} else "bf16" if kinds <= {"BF16", "F32"}
+                else "q8_0" if kinds <= {"Q8_0", "F32", "F16"} else "q4")
+        return Candidate(spec, "gguf", p, ad, prec, "llama.cpp")
+    if p.is_dir() and (p / "model.onnx").is_file():
+        import onnx
+
+        m = onnx.load(str(p / "model.onnx"), load_external_data=False)
+        prec = "fp16" if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in m.graph.output) else "fp32"
+        return Candidate(spec, "onnx", p, ad, prec, "onnxruntime")
+    if p.is_dir() and (p / "config.json").is_file():
+        if ad is not None:
+            raise InputError("a checkpoint candidate takes no '+adapter' (validate base + adapter is the reference)", ad)
+        from .checkpoint import Checkpoint
+
+        with Checkpoint.open(p) as ck:
+            d = {i.dtype for n in ck.keys() for i in [ck.info(n)] if len(i.shape) > 1}
+        prec = "fp32" if d <= {torch.float32} else "bf16" if torch.bfloat16 in d else "fp16"
+        return Candidate(spec, "checkpoint", p, None, prec, "torch")
+    raise InputError("not a candidate: expected a checkpoint folder, an ONNX folder or a .gguf file", p)
+
+
+def kl_rows(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    r = torch.log_softmax(torch.from_numpy(ref).double(), -1)
+    c = torch.log_softmax(torch.from_numpy(cand).double(), -1)
+    return (r.exp() * (r - c)).sum(-1).clamp_min(0).numpy()
+
+
+def _greedy_match(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _torch_run(model, ids, n_new, dev):
+    with torch.no_grad():
+        logits, past = model(torch.tensor([ids], device=dev))
+        out, nxt = [], int(logits[0, -1].argmax())
+        for k in range(n_new):
+            out.append(nxt)
+            if k + 1 == n_new:
+                break
+            lg, past = model(torch.tensor([[nxt]], device=dev), past=past)
+            nxt = int(lg[0, -1].argmax())
+        return logits[0].float().cpu().numpy(), out
+
+
+def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], candidates: Sequence[str],
+             weights: Sequence[float] | None = None, prompts: Sequence[str] | None = None, tokens: int = 16,
+             device: str = "auto", tolerances: dict | None = None) -> dict:
+    from . import api
+    from .models.decoder import load_model
+    from .ops.common import pick_device
+
+    base = Path(base)
+    dev = pick_device(device)
+    cands = [parse_candidate(c) for c in candidates]
+    if not cands:
+        raise LoratoolsError("no candidate to validate")
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    ids_list = [api.tokenize(base, p) for p in prompts]
+    loaded = [api.load_adapter(a, base=base) for a in adapters]
+    t0 = time.perf_counter()
+    ref_model = load_model(base, adapters=loaded, weights=weights, device=str(dev))
+    refs = [_torch_run(ref_model, ids, tokens, dev) for ids in ids_list]
+    del ref_model
+    report = {"schema": "loratools.validate/1", "base": str(base), "adapters": [str(a) for a in adapters],
+              "weights": list(weights) if weights else None, "reference": {"runtime": "torch", "dtype": "fp32", "device": str(dev)},
+              "prompts": len(prompts), "prompt_tokens": [len(i) for i in ids_list], "greedy_tokens": tokens,
+              "candidates": []}
+    for c in cands:
+        tol = {**TOLERANCES[c.precision], **(tolerances or {})}
+        outs, provider = [], c.runtime
+        if c.kind == "checkpoint":
+            m = load_model(c.path, device=str(dev))
+            outs = [_torch_run(m, ids, tokens, dev) for ids in ids_list]
+            provider = f"torch ({dev})"
+            del m
+        elif c.kind == "gguf":
+            from .runtimes import llamacpp
+
+            gpu = dev.type == "cuda"
+            outs = [llamacpp.run(c.path, ids, tokens, c.adapter, gpu=gpu) for ids in ids_list]
+            provider = "llama.cpp (" + ("GPU offload" if gpu else "CPU") + ")"
+        else:
+            from .runtimes.onnxruntime import Runner
+
+            r = Runner(c.path, adapter=c.adapter, device="cuda" if dev.type == "cuda" else "cpu")
+            outs = [(r.run(ids)[0], r.greedy(ids, tokens)) for ids in ids_list]
+            provider = f"onnxruntime ({r.provider})"
+        per = []
+        for (rl, rg), (cl, cg), ids in zip(refs, outs, ids_list):
+            if cl.shape != rl.shape:
+                raise LoratoolsError(f"{c.spec}: logits are {cl.shape}, the reference's {rl.shape} (a different vocabulary?)")
+            d = np.abs(cl - rl)
+            kl = kl_rows(rl, cl)
+            per.append({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                        "max_rel": float((d.max(-1) / np.abs(rl).max(-1).clip(1e-12)).max()),
+                        "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+                        "top1": float((cl.argmax(-1) == rl.argmax(-1)).mean()),
+                        "greedy_match": _greedy_match(rg, cg) / max(tokens, 1),
+                        "worst_position": int(kl.argmax())})
+        agg = {"max_abs": max(p["max_abs"] for p in per), "mean_abs": float(np.mean([p["mean_abs"] for p in per])),
+               "max_rel": max(p["max_rel"] for p in per), "mean_kl": float(np.mean([p["mean_kl"] for p in per])),
+               "max_kl": max(p["max_kl"] for p in per), "top1": float(np.mean([p["top1"] for p in per])),
+               "greedy_match": float(np.mean([p["greedy_match"] for p in per]))}
+        checks = {"mean_kl": agg["mean_kl"] <= tol["mean_kl"], "top1": agg["top1"] >= tol["top1"],
+                  "greedy": agg["greedy_match"] >= tol["greedy"]}
+        failed = [k for k, ok in checks.items() if not ok]
+        report["candidates"].append({"candidate": c.spec, "kind": c.kind, "precision": c.precision, "runtime": provider,
+                                     "metrics": agg, "per_prompt": per, "tolerance": tol, "passed": not failed,
+                                     "failed_checks": failed,
+                                     "worst_prompt": int(np.argmax([p["mean_kl"] for p in per]))})
+    report["passed"] = all(c["passed"] for c in report["candidates"])
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """A .txt file (one prompt per line) or .jsonl ({"prompt": ...} or {"text": ...} per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("no such file", p)
+    lines = [l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if p.suffix == ".jsonl":
+        out = []
+        for n, l in enumerate(lines, 1):
+            try:
+                rec = json.loads(l)
+            except json.JSONDecodeError as e:
+                raise InputError(f"line {n}: malformed JSON ({e.msg})", p) from e
+            text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
+            if not isinstance(text, str):
+                raise InputError(f"line {n}: expected {{\"prompt\": ...}} or {{\"text\": ...}}", p)
+            out.append(text)
+        lines = out
+    if not lines:
+        raise InputError("no prompts in the file", p)
+    return [l.replace("\\n", "\n") for l in lines]

@@ -1,0 +1,107 @@
+"""loratools validate: every candidate kind passes; deliberately broken candidates fail."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from loratools import api, st
+from loratools.checkpoint import Checkpoint
+from loratools.formats import gguf_model
+from loratools.formats.gguf_adapter import export_gguf_adapter
+from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
+from loratools.ops.merge import merge
+from loratools.validate import validate
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def art(fx, tmp_path_factory):
+    """The artifacts of every path for llama + the rsLoRA adapter."""
+    d = tmp_path_factory.mktemp("validate")
+    m = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-rslora", base=m)
+    merge(m, [a], d / "merged")
+    merge(m, [a], d / "merged-bf16", dtype=torch.bfloat16)
+    gguf_model.export_gguf(m, d / "base.gguf", outtype="f32")
+    gguf_model.export_gguf(m, d / "merged-q8.gguf", [a], outtype="q8_0")
+    export_gguf_adapter(a, m, d / "adapter.gguf")
+    export_onnx(m, d / "onnx", [a])
+    export_onnx(m, d / "onnx16", [a], dtype="fp16")
+    export_onnx(m, d / "slots", lora_slots="all-linear")
+    export_onnx_adapter(a, d / "a.onnx_adapter")
+    return d, m, a
+
+
+def test_every_candidate_kind_passes(art, run_cli):
+    d, m, a = art
+    cands = [d / "merged", d / "merged-bf16", d / "merged-q8.gguf", f"{d / 'base.gguf'}+{d / 'adapter.gguf'}",
+             d / "onnx", d / "onnx16", f"{d / 'slots'}+{d / 'a.onnx_adapter'}"]
+    code, out, err = run_cli("validate", "--base", m, "-a", a.source, *cands, "--tokens", "8", "--json")
+    assert code == 0, err + out
+    rep = json.loads(out)
+    assert rep["schema"] == "loratools.validate/1" and rep["passed"]
+    kinds = {(c["kind"], c["precision"]) for c in rep["candidates"]}
+    assert {("checkpoint", "fp32"), ("checkpoint", "bf16"), ("gguf", "q8_0"), ("gguf", "fp32"), ("onnx", "fp32"),
+            ("onnx", "fp16")} <= kinds
+    for c in rep["candidates"]:
+        assert set(c["metrics"]) == {"max_abs", "mean_abs", "max_rel", "mean_kl", "max_kl", "top1", "greedy_match"}
+        assert c["runtime"].startswith(("torch", "llama.cpp", "onnxruntime"))
+
+
+def _broken_qk_gguf(m, out, monkeypatch):
+    monkeypatch.setattr(gguf_model, "permute_qk", lambda w, n: w)  # forget llama.cpp's rope layout
+    gguf_model.export_gguf(m, out, outtype="f32")
+
+
+def test_broken_candidates_fail_and_are_named(art, tmp_path, monkeypatch, run_cli):
+    from loratools.adapter import Adapter, LoraModule
+    d, m, a = art
+    # 1. wrong Q/K permutation in a GGUF model
+    _broken_qk_gguf(m, tmp_path / "noperm.gguf", monkeypatch)
+    monkeypatch.undo()
+    # 2. a dropped rsLoRA scale: alpha/r instead of alpha/sqrt(r) in the llama.cpp adapter
+    dropped = Adapter(modules={n: LoraModule(x.A, x.B, 8 / x.rank, 8.0) for n, x in a.modules.items()})
+    export_gguf_adapter(dropped, m, tmp_path / "dropped.gguf")
+    # 3. swapped KV head order in one layer of a merged checkpoint
+    shutil.copytree(d / "merged", tmp_path / "swapped")
+    f = tmp_path / "swapped" / "model.safetensors"
+    sd = st.load_file(f)
+    for proj in ("k_proj", "v_proj"):
+        w = sd[f"model.layers.0.self_attn.{proj}.weight"]
+        sd[f"model.layers.0.self_attn.{proj}.weight"] = torch.cat([w[16:], w[:16]])  # kv heads 0 <-> 1
+    st.save_file(sd, f)
+    # 4. one corrupted tensor in an ONNX export
+    import onnx
+    from onnx import numpy_helper
+    shutil.copytree(d / "onnx", tmp_path / "corrupt")
+    proto = onnx.load(str(tmp_path / "corrupt" / "model.onnx"))
+    big = max(proto.graph.initializer, key=lambda t: np.prod(t.dims) if len(t.dims) == 2 and t.dims[0] < 300 else 0)
+    arr = numpy_helper.to_array(big).copy()
+    arr[: arr.shape[0] // 2] *= -1.0
+    big.CopyFrom(numpy_helper.from_array(arr, big.name))
+    onnx.save(proto, str(tmp_path / "corrupt" / "model.onnx"))
+    broken = [tmp_path / "noperm.gguf", f"{d / 'base.gguf'}+{tmp_path / 'dropped.gguf'}", tmp_path / "swapped",
+              tmp_path / "corrupt"]
+    code, out, err = run_cli("validate", "--base", m, "-a", a.source, d / "merged", *broken, "--tokens", "8", "--json")
+    assert code == 1
+    rep = json.loads(out)
+    assert not rep["passed"]
+    by = {c["candidate"]: c for c in rep["candidates"]}
+    assert by[str(d / "merged")]["passed"]
+    for b in broken:
+        c = by[str(b)]
+        assert not c["passed"] and c["failed_checks"], c["candidate"]
+    code, out, err = run_cli("validate", "--base", m, "-a", a.source, tmp_path / "noperm.gguf", "--tokens", "4")
+    assert code == 1 and "FAIL" in out and "noperm.gguf" in out
+
+
+def test_validate_bad_inputs(art, tmp_path, run_cli):
+    d, m, a = art
+    code, _, err = run_cli("validate", "--base", m, tmp_path / "missing.gguf")
+    assert code == 2 and "missing.gguf" in err
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n{oops}\n')
+    code, _, err = run_cli("validate", "--base", m, d / "merged", "--prompts", tmp_path / "p.jsonl")
+    assert code == 2 and "line 2" in err
