@@ -43,6 +43,8 @@ demo: $(STAMP)
 	$(BIN)/loratools export onnx $(FIX)/models/llama --lora-slots all-linear -o $(FIX)/onnx-slots
 	$(BIN)/loratools export onnx-adapter $(FIX)/adapters/llama-rslora --model $(FIX)/onnx-slots -o $(FIX)/rslora.onnx_adapter
 	$(BIN)/loratools export onnx $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/onnx-merged --dtype fp16
+	$(BIN)/loratools validate --base $(FIX)/models/llama -a $(FIX)/combined $(FIX)/merged $(FIX)/merged.gguf $(FIX)/onnx-merged
+	$(BIN)/loratools validate --base $(FIX)/models/llama -a $(FIX)/adapters/llama-rslora $(FIX)/onnx-slots+$(FIX)/rslora.onnx_adapter
 
 # llama.cpp's reference vocabularies (vocab-only GGUFs with test texts and expected ids), from the
 # llama-cpp-python source package of the installed version: the tokenizer tests check against them

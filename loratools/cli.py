@@ -560,9 +560,38 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
             res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
             click.echo(f"  {c['candidate'][-44:]:<44} {c['runtime'][:30]:<30} {c['precision']:<5} {m['max_abs']:>8.3g} "
                        f"{m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+        ind = rep.get("independent_reference")
+        if ind:
+            click.echo(f"  independent reference (transformers + PEFT) vs loratools' reference: max |Δ| {ind['max_abs_vs_reference']:.3g}, "
+                       f"mean KL {ind['mean_kl_vs_reference']:.2e}: {'agrees' if ind['agrees'] else 'DISAGREES'}")
         click.echo("all candidates passed" if rep["passed"] else "validation FAILED")
     if not rep["passed"]:
         raise SystemExit(1)
+
+
+@cli.command("validate-extraction")
+@click.option("--base", required=True, type=click.Path())
+@click.option("--tuned", required=True, type=click.Path())
+@click.option("-a", "--adapter", required=True, type=click.Path())
+@click.option("--prompts", type=click.Path())
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def validate_extraction(base, tuned, adapter, prompts, device, as_json):
+    """How much of a full fine-tune an extracted adapter carries (weights, activations, logits)."""
+    from . import validate as v
+
+    rep = v.validate_extraction(base, tuned, adapter, v.read_prompts(prompts) if prompts else None, device)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    worst = max(rep["modules"].items(), key=lambda kv: kv[1]["rel_error"])
+    click.echo(f"{len(rep['modules'])} modules: mean retained energy {100 * rep['mean_module_retained_energy']:.2f}%, "
+               f"worst relative error {worst[1]['rel_error']:.4f} ({worst[0]})")
+    for l in rep["layers"]:
+        click.echo(f"  layer {l['layer']:>3}: hidden-state error {l['rel_error_with_adapter']:.4f} with the adapter, "
+                   f"{l['rel_error_base']:.4f} without")
+    click.echo(f"KL(tuned ‖ base + adapter) = {rep['kl_tuned_vs_base_plus_adapter']:.3e} vs KL(tuned ‖ base) = "
+               f"{rep['kl_tuned_vs_base']:.3e}: the adapter removes {100 * rep['fraction_of_kl_removed']:.1f}% of the divergence")
 
 
 def _tune_allocator() -> None:

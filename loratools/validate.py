@@ -116,7 +116,7 @@ def _torch_run(model, ids, n_new, dev):
 
 def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], candidates: Sequence[str],
              weights: Sequence[float] | None = None, prompts: Sequence[str] | None = None, tokens: int = 16,
-             device: str = "auto", tolerances: dict | None = None) -> dict:
+             device: str = "auto", tolerances: dict | None = None, peft_check: bool = True) -> dict:
     from . import api
     from .models.decoder import load_model
     from .ops.common import pick_device
@@ -180,7 +180,15 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
                                      "metrics": agg, "per_prompt": per, "tolerance": tol, "passed": not failed,
                                      "failed_checks": failed,
                                      "worst_prompt": int(np.argmax([p["mean_kl"] for p in per]))})
-    report["passed"] = all(c["passed"] for c in report["candidates"])
+    if peft_check and len(adapters) == 1 and not weights and (Path(adapters[0]) / "adapter_config.json").is_file():
+        ind = peft_reference(base, adapters[0], ids_list)
+        if ind is not None:
+            kl = float(np.mean([kl_rows(ind_l, r[0]).mean() for ind_l, r in zip(ind, refs)]))
+            d = max(float(np.abs(ind_l - r[0]).max()) for ind_l, r in zip(ind, refs))
+            report["independent_reference"] = {"runtime": "transformers + peft", "max_abs_vs_reference": d,
+                                               "mean_kl_vs_reference": kl, "agrees": kl <= 1e-6}
+    report["passed"] = all(c["passed"] for c in report["candidates"]) and \
+        report.get("independent_reference", {}).get("agrees", True)
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -206,3 +214,75 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     if not lines:
         raise InputError("no prompts in the file", p)
     return [l.replace("\\n", "\n") for l in lines]
+
+
+def peft_reference(base: str | os.PathLike, adapter: str | os.PathLike, ids_list) -> list[np.ndarray] | None:
+    """Logits of transformers + PEFT (an independent implementation), when both are installed."""
+    try:
+        import transformers  # noqa: F401
+        from peft import PeftModel
+    except ImportError:
+        return None
+    import warnings
+
+    import transformers as tf
+
+    tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = tf.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, attn_implementation="eager").eval()
+        pm = PeftModel.from_pretrained(m, str(adapter)).eval()
+    with torch.no_grad():
+        return [pm(torch.tensor([ids])).logits[0].numpy() for ids in ids_list]
+
+
+def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapter: str | os.PathLike,
+                        prompts: Sequence[str] | None = None, device: str = "auto") -> dict:
+    """How much of a full fine-tune an extracted adapter carries: per-module weight error and
+    retained energy, per-layer hidden-state error on the prompts, and the logits' KL to the tuned
+    model with the adapter against without it."""
+    from . import api
+    from .checkpoint import Checkpoint
+    from .models.decoder import load_model
+    from .ops.common import pick_device
+
+    dev = pick_device(device)
+    a = api.load_adapter(adapter, base=base)
+    modules = {}
+    with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
+        for name, m in sorted(a.modules.items()):
+            key = f"{name}.weight"
+            if key not in kt:
+                raise InputError(f"tuned checkpoint lacks {key!r}", tuned)
+            delta = kt.get(key).double() - kb.get(key).double()
+            err = float((delta - m.delta(torch.float64)).norm() / delta.norm().clamp_min(1e-300))
+            modules[name] = {"rel_error": err, "retained_energy": max(0.0, 1 - err * err), "rank": m.rank}
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    ids_list = [api.tokenize(base, p) for p in prompts]
+
+    def run(model):
+        hidden = []
+        hooks = [layer.register_forward_hook(lambda mod, i, o: hidden.append(o[0].detach())) for layer in model.model.layers]
+        with torch.no_grad():
+            out = [(model(torch.tensor([ids], device=dev))[0][0].cpu().numpy(), [h.cpu() for h in hidden[-len(model.model.layers):]])
+                   for ids in ids_list]
+        for h in hooks:
+            h.remove()
+        return out
+
+    t = run(load_model(tuned, device=str(dev)))
+    b = run(load_model(base, device=str(dev)))
+    w = run(load_model(base, adapters=[a], device=str(dev)))
+    layers = []
+    for li in range(len(t[0][1])):
+        num = sum(float((tp[1][li] - wp[1][li]).norm()) for tp, wp in zip(t, w))
+        num_b = sum(float((tp[1][li] - bp[1][li]).norm()) for tp, bp in zip(t, b))
+        den = sum(float(tp[1][li].norm()) for tp in t)
+        layers.append({"layer": li, "rel_error_with_adapter": num / den, "rel_error_base": num_b / den})
+    kl_ad = float(np.mean([kl_rows(tp[0], wp[0]).mean() for tp, wp in zip(t, w)]))
+    kl_base = float(np.mean([kl_rows(tp[0], bp[0]).mean() for tp, bp in zip(t, b)]))
+    return {"schema": "loratools.validate-extraction/1", "base": str(base), "tuned": str(tuned), "adapter": str(adapter),
+            "modules": modules, "layers": layers, "kl_tuned_vs_base_plus_adapter": kl_ad, "kl_tuned_vs_base": kl_base,
+            "fraction_of_kl_removed": 1 - kl_ad / kl_base if kl_base > 0 else 1.0,
+            "mean_module_retained_energy": float(np.mean([m["retained_energy"] for m in modules.values()])) if modules else 0.0}

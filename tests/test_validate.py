@@ -105,3 +105,21 @@ def test_validate_bad_inputs(art, tmp_path, run_cli):
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n{oops}\n')
     code, _, err = run_cli("validate", "--base", m, d / "merged", "--prompts", tmp_path / "p.jsonl")
     assert code == 2 and "line 2" in err
+
+
+def test_validate_extraction_reports_what_the_adapter_carries(fx, tmp_path, run_cli):
+    import json as _json
+    from loratools.ops.extract import extract
+    from loratools.ops.factor import RankRule
+    base, tuned = fx / "models" / "llama", fx / "models" / "llama-tuned"
+    extract(base, tuned, tmp_path / "a2", RankRule("rank", 2))
+    extract(base, tuned, tmp_path / "a6", RankRule("rank", 6))
+    reps = {}
+    for k in ("a2", "a6"):
+        code, out, err = run_cli("validate-extraction", "--base", base, "--tuned", tuned, "-a", tmp_path / k, "--json")
+        assert code == 0, err
+        reps[k] = _json.loads(out)
+    r2, r6 = reps["a2"], reps["a6"]
+    assert r6["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base"]
+    assert r6["mean_module_retained_energy"] > r2["mean_module_retained_energy"] > 0.5
+    assert all(l["rel_error_with_adapter"] < l["rel_error_base"] for l in r6["layers"])
