@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test fuzz bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,9 @@ $(VOCABS)/.done: $(STAMP)
 
 test: $(STAMP) $(VOCABS)/.done
 	LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) $(BIN)/python -m pytest -q
+
+fuzz: $(STAMP)
+	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py -k fuzz
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench

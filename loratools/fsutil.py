@@ -92,3 +92,16 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
 def write_text(dest: Path, text: str) -> None:
     with open(dest, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def check_space(dest: str | os.PathLike, needed: int, what: str = "the output") -> None:
+    """Refuse early when the destination's filesystem lacks room for ``needed`` bytes (+5%)."""
+    dest = Path(dest)
+    parent = dest.parent if not dest.is_dir() else dest
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    want = int(needed * 1.05) + 16 * 1024**2
+    if free < want:
+        raise OutputError(f"not enough disk space for {what}: about {want / 1e9:.2f} GB needed, "
+                          f"{free / 1e9:.2f} GB free on {parent}", dest)

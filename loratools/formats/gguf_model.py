@@ -24,7 +24,7 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter, copy_aux_files
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import atomic_dir, atomic_file, check_output
+from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM
 
@@ -200,6 +200,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         w.add_string(SOURCE_CONFIG_KEY, json.dumps(cfg.raw, sort_keys=True))
         for gname, _, shape, q in plan:
             w.add_tensor_info(gname, *_info_args(shape, q)[:3], raw_dtype=_info_args(shape, q)[3])
+        check_space(out, sum(_info_args(shape, q)[2] for _, _, shape, q in plan), "the GGUF file")
         with atomic_file(out) as tmp:
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()
@@ -227,15 +228,47 @@ def field(reader, key: str, default=None):
     return v
 
 
+def _precheck(path: Path) -> None:
+    """Header sanity before gguf-py parses anything: magic, version, and counts the file can hold."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise InputError(f"truncated GGUF file ({size} bytes; the header alone takes 24)", path)
+    if head[:4] != b"GGUF":
+        raise InputError(f"not a GGUF file (bad magic {head[:4]!r})", path)
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise InputError(f"unsupported GGUF version {version} (2 and 3 are read)", path)
+    # a tensor info takes at least 8 + 1 + 4 + 8 + 4 + 8 bytes, a key-value at least 8 + 1 + 4 + 1
+    room = size - 24
+    if n_tensors * 33 > room or n_kv * 14 > room or n_tensors * 33 + n_kv * 14 > room:
+        raise InputError(f"corrupt GGUF header: it claims {n_tensors} tensors and {n_kv} key-values, more than "
+                         f"a {size}-byte file can hold", path)
+
+
 def open_gguf(path: str | os.PathLike):
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
+    _precheck(path)
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/IndexError/struct errors on bad files
-        raise InputError(f"not a readable GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}", path) from e
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "GGMLQuantizationType" in msg:
+            msg = f"unknown tensor type ({msg})"
+        elif "out of bounds" in msg or "reshape" in msg or "divisor" in msg:
+            msg = f"truncated or corrupt (a string, tensor info or tensor data runs past the end of the file: {msg})"
+        raise InputError(f"not a readable GGUF file: {msg}", path) from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise InputError(f"tensor {t.name!r}: its data ({t.n_bytes} bytes at {t.data_offset}) lies past the end of the file", path)
+    return reader
 
 
 def config_from_gguf(reader, path) -> dict:
@@ -306,6 +339,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     cfgd["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
     specs = [st.TensorInfo(hf, dt, shape) for hf, _, shape in plan]
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)
+    check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
     with CheckpointWriter(out, specs, config=cfgd) as wr:
         for (hf, t, shape), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
             try:

@@ -24,7 +24,7 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import copy_aux_files
 from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
-from ..fsutil import atomic_dir, atomic_file, check_output
+from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
 from ..models.decoder import LoraSlot, load_model
 
@@ -81,6 +81,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     check_output(out_dir, [model_dir] + [a.source for a in adapters if a.source], overwrite)
     cfg = load_config(model_dir)
     tdt = torch.float32 if dtype == "fp32" else torch.float16
+    from ..checkpoint import Checkpoint
+
+    with Checkpoint.open(model_dir) as ck:
+        check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.work-") as work:
         work = Path(work)
         src = _merged_model_dir(model_dir, adapters, weights, work)

@@ -118,23 +118,44 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
         raise InputError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}", path)
     # rope: transformers 5 `rope_parameters` or 4.x `rope_theta` + `rope_scaling`
     rp = cfg.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise InputError(f"field {key!r} must be an object, got {cfg[key]!r}", path)
     if isinstance(rp, dict) and any(isinstance(v, dict) for v in rp.values()):
         raise UnsupportedError("per-layer-type rope_parameters are not supported", path)
     scaling = dict(rp) if isinstance(rp, dict) else dict(cfg.get("rope_scaling") or {})
     theta = scaling.pop("rope_theta", None)
     if theta is None:
         theta = _get(cfg, "rope_theta", float, path, 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+        raise InputError(f"rope_theta must be a finite number > 1, got {theta!r}", path)
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     scaling.setdefault("rope_type", "default")
-    if scaling["rope_type"] not in ROPE_TYPES:
+    if not isinstance(scaling["rope_type"], str) or scaling["rope_type"] not in ROPE_TYPES:
         raise UnsupportedError(f"rope_type {scaling['rope_type']!r} is not supported (supported: {', '.join(ROPE_TYPES)})", path)
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0 or cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    need = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    for f in need.get(scaling["rope_type"], ()):
+        v = scaling.get(f)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"rope scaling {scaling['rope_type']!r} needs a positive number {f!r}, got {v!r}", path)
+    if scaling["rope_type"] == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        raise InputError("rope scaling 'llama3' needs low_freq_factor != high_freq_factor", path)
+    prf = (scaling.get("partial_rotary_factor", 1.0), cfg.get("partial_rotary_factor", 1.0))
+    if any(x is not None and x != 1.0 for x in prf):
         raise UnsupportedError("partial_rotary_factor != 1 is not supported", path)
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise UnsupportedError(f"hidden_act {act!r} is not supported (silu only)", path)
     layers = pos("num_hidden_layers")
+    for k in ("num_hidden_layers", "intermediate_size", "vocab_size", "head_dim"):
+        v = {"num_hidden_layers": layers, "head_dim": head_dim}.get(k, None)
+        v = pos(k) if v is None else v
+        if v <= 0:
+            raise InputError(f"field {k!r} must be positive, got {v}", path)
+    eps = _get(cfg, "rms_norm_eps", float, path, 1e-6)
+    if not math.isfinite(eps) or eps < 0:
+        raise InputError(f"rms_norm_eps must be a finite number >= 0, got {eps!r}", path)
     windows = _layer_windows(cfg, arch, layers, path)
     return ModelConfig(
         model_type=mt, vocab_size=pos("vocab_size"), hidden_size=hidden, intermediate_size=pos("intermediate_size"),
@@ -150,6 +171,8 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
 
 def _layer_windows(cfg: dict, arch: Arch, layers: int, path) -> tuple:
     window = cfg.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise InputError(f"field 'sliding_window' must be a positive integer or null, got {window!r}", path)
     types = cfg.get("layer_types")
     if types is not None:
         if not isinstance(types, list) or len(types) != layers:
@@ -163,6 +186,8 @@ def _layer_windows(cfg: dict, arch: Arch, layers: int, path) -> tuple:
     if not cfg.get("use_sliding_window") or window is None:
         return tuple([None] * layers)
     mwl = cfg.get("max_window_layers", layers)
+    if isinstance(mwl, bool) or not isinstance(mwl, int):
+        raise InputError(f"field 'max_window_layers' must be an integer, got {mwl!r}", path)
     return tuple(window if i >= mwl else None for i in range(layers))
 
 

@@ -24,7 +24,7 @@ from .. import st
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter, DEFAULT_MAX_SHARD
 from ..errors import IncompatibleError, UnsupportedError
-from ..fsutil import check_output
+from ..fsutil import check_output, check_space
 from ..models.config import load_config
 from .common import CONFIG_DTYPE, check_finite, pick_device, progress
 
@@ -146,6 +146,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
         for n in view.names():
             i = view.info(n)
             specs.append(st.TensorInfo(n, dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape))
+        check_space(out, sum(s.nbytes for s in specs), "the merged checkpoint")
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=view.config(dtype)) as wr:
             for spec in progress(specs, "unmerge" if unmerge else "merge", quiet=quiet):
                 if not view.changed(spec.name) and wr.copy_from(spec.name, ck, view.source(spec.name)):
