@@ -241,3 +241,15 @@ def test_refuses_early_without_disk_space(fx, tmp_path, run_cli, monkeypatch):
                       (["export", "onnx", m], tmp_path / "o")):
         code, _, err = run_cli(*args, "-o", out)
         assert code == 5 and "not enough disk space" in err and not out.exists(), err
+
+
+def test_onnx_adapter_with_wrong_shapes_is_refused(fx, tmp_path, run_cli):
+    from loratools.adapter import Adapter, LoraModule
+    from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
+    from loratools.formats.peft import write_peft
+    m = fx / "models" / "llama"
+    export_onnx(m, tmp_path / "slots", lora_slots="q_proj")
+    bad = Adapter(modules={"model.layers.0.self_attn.q_proj": LoraModule(torch.ones(4, 32), torch.ones(64, 4), 1.0)})
+    write_peft(bad, tmp_path / "bad")
+    code, _, err = run_cli("export", "onnx-adapter", tmp_path / "bad", "--model", tmp_path / "slots", "-o", tmp_path / "b.onnx_adapter")
+    assert code == 3 and "but the slot is" in err and not (tmp_path / "b.onnx_adapter").exists()
