@@ -25,26 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(FIX) && $(BIN)/python -m fixtures.generate $(FIX)
-	$(BIN)/loratools inspect $(FIX)/models/llama
-	$(BIN)/loratools inspect $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama
-	$(BIN)/loratools forward $(FIX)/models/llama --adapter $(FIX)/adapters/llama-patterns --prompt "The quick brown fox"
-	$(BIN)/loratools convert $(FIX)/adapters/mistral-kohya.safetensors --to peft -o $(FIX)/mistral-from-kohya --base $(FIX)/models/mistral
-	$(BIN)/loratools forward $(FIX)/models/mistral --adapter $(FIX)/mistral-from-kohya --prompt "User: What is the capital of France?"
-	$(BIN)/loratools train --model $(FIX)/models/llama --data $(FIX)/data/chat-train.jsonl --eval $(FIX)/data/chat-eval.jsonl -o $(FIX)/trained --epochs 4 --seq-len 64 --lr 1e-2 --quiet
-	$(BIN)/loratools extract --base $(FIX)/models/llama --tuned $(FIX)/models/llama-tuned -o $(FIX)/extracted --energy 0.9 --max-rank 8
-	$(BIN)/loratools resize $(FIX)/extracted -o $(FIX)/resized --rank 2
-	$(BIN)/loratools combine $(FIX)/resized $(FIX)/adapters/llama-rslora --weights 1,0.5 -o $(FIX)/combined
-	$(BIN)/loratools merge --base $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged --dtype bf16
-	$(BIN)/loratools inspect $(FIX)/merged
-	$(BIN)/loratools export gguf $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/merged.gguf --outtype q8_0
-	$(BIN)/loratools export gguf-adapter $(FIX)/adapters/llama-patterns --base $(FIX)/models/llama -o $(FIX)/adapter.gguf
-	$(BIN)/loratools import gguf $(FIX)/merged.gguf -o $(FIX)/from-gguf
-	$(BIN)/loratools export onnx $(FIX)/models/llama --lora-slots all-linear -o $(FIX)/onnx-slots
-	$(BIN)/loratools export onnx-adapter $(FIX)/adapters/llama-rslora --model $(FIX)/onnx-slots -o $(FIX)/rslora.onnx_adapter
-	$(BIN)/loratools export onnx $(FIX)/models/llama -a $(FIX)/combined -o $(FIX)/onnx-merged --dtype fp16
-	$(BIN)/loratools validate --base $(FIX)/models/llama -a $(FIX)/combined $(FIX)/merged $(FIX)/merged.gguf $(FIX)/onnx-merged
-	$(BIN)/loratools validate --base $(FIX)/models/llama -a $(FIX)/adapters/llama-rslora $(FIX)/onnx-slots+$(FIX)/rslora.onnx_adapter
+	PY=$(BIN)/python bash scripts/demo.sh $(FIX)
 
 # llama.cpp's reference vocabularies (vocab-only GGUFs with test texts and expected ids), from the
 # llama-cpp-python source package of the installed version: the tokenizer tests check against them

@@ -554,12 +554,13 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
         ref = rep["reference"]
         click.echo(f"reference: {base} + {len(adapters)} adapter(s), torch fp32 on {ref['device']}; "
                    f"{rep['prompts']} prompts, {tokens} greedy tokens")
-        click.echo(f"  {'candidate':<44} {'runtime':<30} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
+        click.echo(f"  {'candidate':<40} {'size':>8} {'runtime':<24} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
         for c in rep["candidates"]:
             m = c["metrics"]
             res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
-            click.echo(f"  {c['candidate'][-44:]:<44} {c['runtime'][:30]:<30} {c['precision']:<5} {m['max_abs']:>8.3g} "
-                       f"{m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+            name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
+            click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime'][:24]:<24} {c['precision']:<5} "
+                       f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
         ind = rep.get("independent_reference")
         if ind:
             click.echo(f"  independent reference (transformers + PEFT) vs loratools' reference: max |Δ| {ind['max_abs_vs_reference']:.3g}, "

@@ -176,7 +176,10 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
         checks = {"mean_kl": agg["mean_kl"] <= tol["mean_kl"], "top1": agg["top1"] >= tol["top1"],
                   "greedy": agg["greedy_match"] >= tol["greedy"]}
         failed = [k for k, ok in checks.items() if not ok]
+        size = sum(f.stat().st_size for q in (c.path, c.adapter) if q is not None
+                   for f in ([q] if q.is_file() else [x for x in q.rglob("*") if x.is_file()]))
         report["candidates"].append({"candidate": c.spec, "kind": c.kind, "precision": c.precision, "runtime": provider,
+                                     "size_bytes": size,
                                      "metrics": agg, "per_prompt": per, "tolerance": tol, "passed": not failed,
                                      "failed_checks": failed,
                                      "worst_prompt": int(np.argmax([p["mean_kl"] for p in per]))})
