@@ -75,10 +75,22 @@ def _print_checkpoint(d: dict) -> None:
 @click.option("--base", type=click.Path(), help="Base model: check the adapter fits it (and name kohya modules exactly).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (.bin/.pt) files with torch.load(weights_only=True).")
-def inspect(path, base, as_json, allow_pickle):
+@click.option("--plot", type=click.Path(), help="Adapters: write singular-value spectra and retained energy vs rank (PNG).")
+def inspect(path, base, as_json, allow_pickle, plot):
     """Describe an adapter (modules, ranks, scales, runtime compatibility) or a checkpoint."""
     d = api.inspect(path, allow_pickle=allow_pickle, base=base)
+    if plot:
+        from .errors import UnsupportedError
+        from .plot import adapter_spectra, plot_spectra
+
+        if d["type"] != "adapter":
+            raise UnsupportedError("--plot draws an adapter's spectra; this is a checkpoint", path)
+        plot_spectra(adapter_spectra(api.load_adapter(path, base=base, allow_pickle=allow_pickle)), plot,
+                     f"{path}: spectrum of each module's s·B·A")
+        d["plot"] = str(plot)
     _emit(d, as_json, _print_adapter if d["type"] == "adapter" else _print_checkpoint)
+    if plot and not as_json:
+        click.echo(f"wrote plot to {plot}")
 
 
 # -- convert -----------------------------------------------------------------------------------
@@ -88,10 +100,11 @@ def inspect(path, base, as_json, allow_pickle):
 @click.option("--to", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
 @click.option("--base", type=click.Path(), help="Base model (checks shapes; resolves kohya names exactly).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def convert(adapter, output, fmt, base, overwrite):
+@click.option("--json", "as_json", is_flag=True)
+def convert(adapter, output, fmt, base, overwrite, as_json):
     """Convert an adapter between PEFT and kohya formats (scales folded exactly)."""
     out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite)
-    click.echo(f"wrote {fmt} adapter to {out}")
+    _done(f"{fmt} adapter", out, {"input": adapter, "out": str(out), "format": fmt}, as_json)
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -202,8 +215,9 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
 @click.option("--quiet", is_flag=True)
+@click.option("--plot", type=click.Path(), help="Write each module's delta spectrum and retained energy vs rank (PNG).")
 def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, max_rank, exact, include, exclude,
-            embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet):
+            embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet, plot):
     """Extract a LoRA from a full fine-tune (ΔW = tuned − base, factored per module)."""
     from .ops.common import parse_dtype
     from .ops.extract import REPORT, extract as run
@@ -212,6 +226,12 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
     _, rep = run(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                  embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
                  dtype=parse_dtype(dtype, False), overwrite=overwrite, quiet=quiet or as_json)
+    spectra = rep.pop("_spectra", {})
+    if plot:
+        from .plot import plot_spectra
+
+        plot_spectra(spectra, plot, f"extract {tuned} − {base}: rule {rule.describe()}")
+        rep["plot"] = str(plot)
     if not as_json:
         for w in rep["warnings"]:
             click.echo(f"warning: {w}", err=True)
@@ -296,7 +316,8 @@ def _finite(v: float, what: str) -> float:
 @click.option("--base", type=click.Path(), help="Base model (checks every adapter fits it).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
 @click.option("--overwrite", is_flag=True)
-def combine(adapters, output, weights, method, rank, density, seed, base, fmt, overwrite):
+@click.option("--json", "as_json", is_flag=True)
+def combine(adapters, output, weights, method, rank, density, seed, base, fmt, overwrite, as_json):
     """Combine adapters: exact linear/cat, optimal svd, or ties / dare / magnitude_prune."""
     from .ops.combine import combine as run
 
@@ -309,8 +330,10 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
     _save(res, output, fmt, overwrite, list(adapters) + [base], base)
-    click.echo(f"combined {len(loaded)} adapters ({method}): {len(res.modules)} modules, ranks "
-               f"{sorted(set(res.ranks.values()))}; wrote {output}")
+    rep = {"inputs": list(adapters), "out": output, "method": method, "modules": len(res.modules),
+           "ranks": res.ranks, "parameters": res.num_parameters()}
+    _done(f"{fmt} adapter", output, rep, as_json, f"combined {len(loaded)} adapters ({method}): {len(res.modules)} modules, "
+          f"ranks {sorted(set(res.ranks.values()))}")
 
 
 @cli.command()
@@ -319,13 +342,14 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
               help="Multiply the adapter's ΔW by this.")
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True)
-def scale(adapter, factor_, output, overwrite):
+@click.option("--json", "as_json", is_flag=True)
+def scale(adapter, factor_, output, overwrite, as_json):
     """Scale an adapter's effect: ΔW' = factor · ΔW."""
     from .ops.combine import scale_adapter
 
     a = api.load_adapter(adapter)
     _save(scale_adapter(a, factor_), output, a.format, overwrite, [adapter])
-    click.echo(f"wrote {a.format} adapter to {output}")
+    _done(f"{a.format} adapter", output, {"input": adapter, "out": output, "factor": factor_}, as_json)
 
 
 @cli.command()
@@ -333,13 +357,14 @@ def scale(adapter, factor_, output, overwrite):
 @click.argument("other", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True)
-def subtract(adapter, other, output, overwrite):
+@click.option("--json", "as_json", is_flag=True)
+def subtract(adapter, other, output, overwrite, as_json):
     """ADAPTER − OTHER, exactly (stacked factors)."""
     from .ops.combine import combine as run
 
     res = run([api.load_adapter(adapter), api.load_adapter(other)], [1.0, -1.0], "cat")
     _save(res, output, "peft", overwrite, [adapter, other])
-    click.echo(f"wrote peft adapter to {output}")
+    _done("peft adapter", output, {"inputs": [adapter, other], "out": output, "ranks": res.ranks}, as_json)
 
 
 def _merge_cmd(unmerge: bool):
@@ -352,15 +377,16 @@ def _merge_cmd(unmerge: bool):
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
     @click.option("--overwrite", is_flag=True)
     @click.option("--quiet", is_flag=True)
-    def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet):
+    @click.option("--json", "as_json", is_flag=True)
+    def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet, as_json):
         from .ops.common import parse_dtype
         from .ops.merge import merge as run
 
         loaded = [api.load_adapter(a, base=base) for a in adapters]
         rep = run(base, loaded, output, _weights(weights, len(loaded)), parse_dtype(dtype), max_shard_size, device,
-                  overwrite, unmerge=unmerge, quiet=quiet)
-        click.echo(f"{'unmerged' if unmerge else 'merged'} {len(loaded)} adapter(s) into {len(rep['modified'])} tensors; "
-                   f"wrote checkpoint to {output}")
+                  overwrite, unmerge=unmerge, quiet=quiet or as_json)
+        _done("checkpoint", output, rep, as_json,
+              f"{'unmerged' if unmerge else 'merged'} {len(loaded)} adapter(s) into {len(rep['modified'])} tensors")
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")
     return cmd
@@ -446,7 +472,8 @@ def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset,
 @click.option("--model", "slot_model", type=click.Path(), help="An ONNX slot model: check every parameter has its slot.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--overwrite", is_flag=True)
-def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite):
+@click.option("--json", "as_json", is_flag=True)
+def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite, as_json):
     """ONNX Runtime's adapter format, per-module scales folded into B."""
     from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
 
@@ -460,7 +487,7 @@ def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite):
         except Exception:
             Path(output).unlink(missing_ok=True)
             raise
-    click.echo(f"wrote ONNX Runtime adapter ({rep['modules']} modules, {dtype}) to {output}")
+    _done(f"ONNX Runtime adapter ({rep['modules']} modules, {dtype})", output, rep, as_json)
 
 
 @cli.group("import")
@@ -593,6 +620,16 @@ def validate_extraction(base, tuned, adapter, prompts, device, as_json):
                    f"{l['rel_error_base']:.4f} without")
     click.echo(f"KL(tuned ‖ base + adapter) = {rep['kl_tuned_vs_base_plus_adapter']:.3e} vs KL(tuned ‖ base) = "
                f"{rep['kl_tuned_vs_base']:.3e}: the adapter removes {100 * rep['fraction_of_kl_removed']:.1f}% of the divergence")
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script: eval "$(loratools completion bash)" in ~/.bashrc."""
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)(cli, {}, "loratools", "_LORATOOLS_COMPLETE")
+    click.echo(comp.source())
 
 
 def _tune_allocator() -> None:

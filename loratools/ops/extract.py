@@ -68,6 +68,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     modules: dict[str, LoraModule] = {}
     full: dict[str, torch.Tensor] = {}
     spectra: dict[str, tuple] = {}
+    plot_spectra: dict[str, tuple] = {}
     bias_deltas: dict[str, torch.Tensor] = {}
     energy_total = 0.0
     embed_energy: dict[str, float] = {}
@@ -127,6 +128,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 spectra[mod] = (S.cpu(), sum(M.shape))
             else:
                 B, A, S, info_f = factor.factorize(M, rule, exact, oversample, power_iters, seed)
+            plot_spectra[mod] = (info_f.pop("spectrum", S), e, info_f["rank"])
             info_f["seconds"] = time.perf_counter() - ts
             info_f["shape"] = list(M.shape)
             info_f["total_energy"] = e
@@ -146,6 +148,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 del modules[mod]
                 continue
             modules[mod] = LoraModule(A=m.A[:k].clone(), B=m.B[:, :k].clone(), scale=1.0, alpha=float(k), kind=m.kind)
+            plot_spectra[mod] = (plot_spectra[mod][0], plot_spectra[mod][1], k)
             energy, err = factor.tail_error(S, k, entry["total_energy"])
             entry.update(rank=k, energy=energy, rel_error=err)
     # A tied model's embedding is also its output head, so the tuned head moved with it; PEFT's
@@ -194,7 +197,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         if dropped_by_rule:
             raise LoratoolsError(f"the rank rule ({rule.describe()}) keeps no component of any module; nothing to write")
         raise LoratoolsError("no delta to extract: base and tuned checkpoints are identical in the selected tensors", tuned)
+    report["_spectra"] = plot_spectra  # for --plot; not written to the JSON report
     if out is not None:
         write_peft(adapter, out, str(base), num_layers=cb.num_hidden_layers,
-                   extra_files={REPORT: json.dumps(report, indent=2, default=str) + "\n"})
+                   extra_files={REPORT: json.dumps({k: v for k, v in report.items() if k != "_spectra"}, indent=2,
+                                                   default=str) + "\n"})
     return adapter, report
