@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["getting-started.md", "commands.md", "rank-selection.md"]
+PAGES = ["getting-started.md", "rank-selection.md"] + sorted(f"commands/{p.name}" for p in (ROOT / "docs" / "commands").glob("*.md"))
 
 
 def commands(page: str) -> list[str]:
@@ -27,7 +27,8 @@ def commands(page: str) -> list[str]:
 @pytest.mark.parametrize("page", PAGES)
 def test_doc_examples_run(fx, tmp_path, page, run_cli):
     cmds = commands(page)
-    assert cmds, page
+    if page.startswith("commands/") and not cmds:
+        pytest.fail(f"{page} has no runnable example")
     os.symlink(fx, tmp_path / "fx")
     cwd = os.getcwd()
     os.chdir(tmp_path)
