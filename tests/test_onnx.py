@@ -1,13 +1,12 @@
 """ONNX export validated in ONNX Runtime: logits and KV cache against the torch reference,
 greedy generation with and without cache, LoRA slots with .onnx_adapter files."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from loratools import api
-from loratools.errors import IncompatibleError, UnsupportedError
+from loratools.errors import UnsupportedError
 from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
 from loratools.models import load_model
 from loratools.runtimes.onnxruntime import Runner

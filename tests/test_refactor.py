@@ -11,7 +11,6 @@ from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 from loratools.formats.peft import read_peft, write_peft
 from loratools.models import load_model
-from loratools.ops import factor
 from loratools.ops.combine import combine, dense_merge, scale_adapter
 from loratools.ops.extract import extract
 from loratools.ops.factor import RankRule
@@ -290,7 +289,7 @@ def test_combine_refuses_different_bases(fx):
 def test_merged_checkpoint_equals_unmerged_and_loads_in_transformers(fx, tmp_path, arch, adapter):
     base = fx / "models" / arch
     a = api.load_adapter(fx / "adapters" / adapter, base=base)
-    rep = merge(base, [a], tmp_path / "m")
+    merge(base, [a], tmp_path / "m")
     ref = logits(base, [a])
     assert (logits(tmp_path / "m") - ref).abs().max() <= 1e-5
     assert (hf_logits(tmp_path / "m") - ref).abs().max() <= 1e-5
@@ -385,7 +384,6 @@ def test_partial_layer_adapter_round_trips_through_peft(fx, tmp_path):
 
 
 def test_combine_warns_about_different_base_names(fx, run_cli, tmp_path):
-    from loratools.adapter import Adapter
     a, b = _pair(fx)
     a.config["base_model_name_or_path"], b.config["base_model_name_or_path"] = "org/model-a", "org/model-b"
     with pytest.warns(UserWarning, match="different base models"):

@@ -1,6 +1,5 @@
 """Reliability: hostile GGUF files, fuzzed inputs, interrupted exports, determinism, disk space."""
 import hashlib
-import json
 import os
 import random
 import signal
@@ -245,7 +244,7 @@ def test_refuses_early_without_disk_space(fx, tmp_path, run_cli, monkeypatch):
 
 def test_onnx_adapter_with_wrong_shapes_is_refused(fx, tmp_path, run_cli):
     from loratools.adapter import Adapter, LoraModule
-    from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
+    from loratools.formats.onnx_model import export_onnx
     from loratools.formats.peft import write_peft
     m = fx / "models" / "llama"
     export_onnx(m, tmp_path / "slots", lora_slots="q_proj")

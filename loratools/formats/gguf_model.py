@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..adapter import Adapter
-from ..checkpoint import Checkpoint, CheckpointWriter, copy_aux_files
+from ..checkpoint import Checkpoint, CheckpointWriter
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import atomic_dir, atomic_file, check_output, check_space
+from ..fsutil import atomic_file, check_output, check_space
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM
 

@@ -13,7 +13,6 @@ fed an adapter (``.onnx_adapter``, scales folded into B) through RunOptions, it 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence

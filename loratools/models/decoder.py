@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LoraModule
+from ..adapter import Adapter
 from ..errors import IncompatibleError, InputError
 from .config import ModelConfig, load_config, rope_inv_freq
 

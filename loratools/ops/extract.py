@@ -10,7 +10,6 @@ import math
 import os
 import re
 import time
-from pathlib import Path
 
 import torch
 

@@ -15,7 +15,6 @@ computes the same thing.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
