@@ -198,9 +198,12 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report["tokenizer"] = gguf_vocab.add_tokenizer(w, Path(model_dir), cfg.vocab_size, pre)
         w.add_string(SOURCE_CONFIG_KEY, json.dumps(cfg.raw, sort_keys=True))
+        nbytes = 0
         for gname, _, shape, q in plan:
-            w.add_tensor_info(gname, *_info_args(shape, q)[:3], raw_dtype=_info_args(shape, q)[3])
-        check_space(out, sum(_info_args(shape, q)[2] for _, _, shape, q in plan), "the GGUF file")
+            ishape, idtype, n, raw = _info_args(shape, q)
+            w.add_tensor_info(gname, ishape, idtype, n, raw_dtype=raw)
+            nbytes += n
+        check_space(out, nbytes, "the GGUF file")
         with atomic_file(out) as tmp:
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()

@@ -62,9 +62,9 @@ class Runner:
 
     def greedy(self, ids: Sequence[int], n: int, cache: bool = True) -> list[int]:
         out = list(ids)
-        if not cache or not self.layers:
+        if not cache or not self.layers:  # the whole sequence again at every step
             for _ in range(n):
-                logits, _ = self.run(out) if not self.layers else self.run(out, None, 0)
+                logits, _ = self.run(out)
                 out.append(int(logits[-1].argmax()))
             return out[len(ids):]
         logits, past = self.run(out)
