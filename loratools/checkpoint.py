@@ -231,6 +231,11 @@ class Checkpoint:
         s = self._shard(self.index[name])
         return s if isinstance(s, st.SafetensorsFile) else None
 
+    def get_mapped(self, name: str) -> torch.Tensor:
+        """Like get(), but without a copy when the shard is safetensors (a copy-on-write map)."""
+        f = self.safetensors_file(name)
+        return f.mapped(name) if f is not None else self.get(name)
+
     def by_shard(self) -> Iterator[tuple[Path, list[str]]]:
         for f in self.shards:
             yield f, [n for n, s in self.index.items() if s == f]

@@ -632,22 +632,24 @@ def completion(shell):
     click.echo(comp.source())
 
 
-def _tune_allocator() -> None:
-    """Streaming commands allocate and free one tensor after another. With glibc's dynamic mmap
-    threshold, freed blocks of up to 32 MB stay in the heap and the process's memory creeps up
-    across tensors; a fixed 1 MiB threshold hands every tensor-sized block back when it is freed."""
+def _tune_allocator(training: bool = False) -> None:
+    """Fix glibc's mmap threshold. Streaming commands allocate and free one tensor after another;
+    with the default dynamic threshold, freed blocks of up to 32 MB stay in the heap and the
+    process's memory creeps up across tensors, so they hand every block over 1 MiB back to the OS.
+    Training reuses the same activation sizes every step, where mapping and zeroing fresh pages
+    each time costs a third of the speed: it keeps blocks under 8 MiB in the heap."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(-3, (8 if training else 1) << 20)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _tune_allocator()
+    _tune_allocator(training="train" in argv[:3])
     debug = "--debug" in argv
     try:
         cli.main(args=argv, prog_name="loratools", standalone_mode=False)

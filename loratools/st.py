@@ -144,7 +144,25 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self._data_start + info.begin, info.nbytes
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """A tensor backed by a private copy-on-write map of the file: no copy, its pages are
+        file-backed (the kernel can drop and re-read them), writes never reach the file. For
+        frozen weights that are used as stored (training, inference)."""
+        import mmap
+
+        info = self.tensors[name]
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        if getattr(self, "_mm", None) is None:
+            self._mm = mmap.mmap(self._fh().fileno(), 0, access=mmap.ACCESS_COPY)
+        start = self._data_start + info.begin
+        flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=start)
+        return flat.view(info.dtype).reshape(info.shape)
+
     def close(self) -> None:
+        # never close the map: tensors from mapped() hold a reference to it and it is unmapped
+        # when the last of them is gone
+        self._mm = None
         if self._file is not None:
             self._file.close()
             self._file = None

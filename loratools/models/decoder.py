@@ -296,8 +296,10 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
                adapters: Iterable[Adapter] = (), weights: Iterable[float] | None = None,
-               allow_pickle: bool = False) -> DecoderLM:
-    """Build the reference model from a checkpoint folder, tensor by tensor, and attach adapters."""
+               allow_pickle: bool = False, mmap: bool = False) -> DecoderLM:
+    """Build the reference model from a checkpoint folder, tensor by tensor, and attach adapters.
+    ``mmap``: on the CPU, weights stored in the compute dtype stay in a copy-on-write map of the
+    file instead of being copied (file-backed pages; for frozen weights)."""
     from ..checkpoint import Checkpoint
 
     cfg = load_config(path)
@@ -314,7 +316,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
             info = ck.info(name)
             if info.shape != expected[name]:
                 raise IncompatibleError(f"tensor {name!r} has shape {info.shape} but config.json implies {expected[name]}", ck.path)
-            model._set(name, ck.get(name).to(device=dev, dtype=dtype))
+            if mmap and dev.type == "cpu" and info.dtype == dtype:
+                model._set(name, ck.get_mapped(name))  # frozen weights used as stored: no copy
+            else:
+                model._set(name, ck.get(name).to(device=dev, dtype=dtype))
         if "lm_head.weight" not in ck:  # tied (config says so, or the checkpoint simply has no head)
             model.lm_head.weight = model.model.embed_tokens.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]

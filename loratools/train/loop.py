@@ -209,7 +209,7 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     torch.manual_seed(cfg.seed)
     ds = data.load(data_path, model_dir)
     ev = data.load(eval_path, model_dir) if eval_path else None
-    model = load_model(model_dir, dtype=dtype, device=str(dev))
+    model = load_model(model_dir, dtype=dtype, device=str(dev), mmap=True)  # the base is frozen
     model.gradient_checkpointing = cfg.gradient_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     lr, ft_lr = (cfg.lr, None) if cfg.lr is not None else default_lr(n_params)
