@@ -89,10 +89,6 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_text(dest: Path, text: str) -> None:
-    with open(dest, "w", encoding="utf-8") as f:
-        f.write(text)
-
 
 def check_space(dest: str | os.PathLike, needed: int, what: str = "the output") -> None:
     """Refuse early when the destination's filesystem lacks room for ``needed`` bytes (+5%)."""

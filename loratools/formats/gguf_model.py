@@ -224,11 +224,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
 
 # -- import --------------------------------------------------------------------------------
 def field(reader, key: str, default=None):
+    """A GGUF key's Python value (gguf_vocab's reader of fields), or ``default``."""
+    from .gguf_vocab import gguf_field_value
+
     f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
+    return default if f is None else gguf_field_value(f)
 
 
 def _precheck(path: Path) -> None:

@@ -163,8 +163,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     # bias deltas ride along as lora_bias when PEFT can load that: every LoRA layer needs a base bias
     # (and PEFT refuses lora_bias on embedding layers)
     if bias_deltas:
-        with Checkpoint.open(base) as kb:
-            all_have_bias = all(lm.kind == "linear" and f"{m}.bias" in kb for m, lm in modules.items())
+        all_have_bias = all(lm.kind == "linear" and f"{m}.bias" in keys_b for m, lm in modules.items())
         if all_have_bias and set(bias_deltas) <= set(modules):
             for mod, d in bias_deltas.items():
                 modules[mod].bias = d / modules[mod].scale
