@@ -11,7 +11,9 @@ with labels=None and the same summed cross-entropy, backward, clip, step. Each s
 own child process, three times each, interleaved (the median tokens/s is reported); tokens/s counts
 every input token of the steps after the first two (warm-up); peak RssAnon is sampled every 5 ms.
 loratools keeps the frozen fp32 base in a copy-on-write map of the safetensors file, as
-transformers does, so neither side's weights count as anonymous memory.
+transformers does, so neither side's weights count as anonymous memory. Where loratools routes
+fp32 GEMMs through oneDNN (loratools.ops.gemm), a third side runs loratools' step with
+LORATOOLS_GEMM=aten (PyTorch's default GEMMs, as the peer), to show what each part gives.
 """
 from __future__ import annotations
 
@@ -124,22 +126,33 @@ def main():
         print(f"machine: {machine()}")
         print(f"model: SmolLM2-135M-Instruct fp32; LoRA r=16 all-linear; batch {args.batch_size} x {args.seq_len} tokens, "
               f"{args.steps} steps (first 2 not timed)\n")
-        runs: dict[str, list] = {"loratools": [], "PEFT + transformers": []}
-        for _ in range(args.repeat):  # interleaved, so slow phases of the machine hit both sides
-            for name, code in (("loratools", OURS), ("PEFT + transformers", PEER)):
+        import os
+
+        from loratools.ops import gemm
+
+        sides = [("loratools", OURS, {}), ("PEFT + transformers", PEER, {})]
+        if gemm.onednn():  # the same loratools step on PyTorch's default GEMMs, to show what each part gives
+            sides.insert(1, ("loratools, aten GEMMs", OURS, {"LORATOOLS_GEMM": "aten"}))
+        runs: dict[str, list] = {name: [] for name, _, _ in sides}
+        for _ in range(args.repeat):  # interleaved, so slow phases of the machine hit every side
+            for name, code, env in sides:
                 res, peak = run_child(code.format(root=str(root), model=str(hf), data=str(tr), seq=args.seq_len,
-                                                  bs=args.batch_size, steps=args.steps))
+                                                  bs=args.batch_size, steps=args.steps), env={**os.environ, **env})
                 runs[name].append((res["tokens_per_s"], peak, res["last_loss"]))
         rows = []
         for name, rs in runs.items():
             tps = sorted(r[0] for r in rs)
             rows.append((name, tps[len(tps) // 2], max(r[1] for r in rs), rs[0][2]))
             print(f"{name}: tokens/s per run {[round(t) for t in (r[0] for r in rs)]}")
+        print(f"GEMM library for loratools: {'oneDNN' if gemm.onednn() else 'aten (MKL)'}")
         print(f"{'method':<22} {'median tokens/s':>15} {'peak RssAnon MiB':>17} {'last loss':>10}")
         for name, tps, peak, loss in rows:
             print(f"{name:<22} {tps:>15.0f} {peak:>17.0f} {loss:>10.4f}")
-        (_, t0, p0, _), (_, t1, p1, _) = rows
-        print(f"loratools / peer: tokens/s {t0 / t1:.2f}x, peak memory {p0 / p1:.2f}x (target ≥ 1.3x at ≤ 1x memory)\n")
+        (_, t0, p0, _), (_, t1, p1, _) = rows[0], rows[-1]
+        print(f"loratools / peer: tokens/s {t0 / t1:.2f}x, peak memory {p0 / p1:.2f}x (target ≥ 1.3x at ≤ 1x memory)")
+        if len(rows) == 3:
+            print(f"loratools with aten GEMMs / peer: tokens/s {rows[1][1] / t1:.2f}x, peak memory {rows[1][2] / p1:.2f}x")
+        print()
         cfg = TrainConfig(rank=16, alpha=32, seq_len=64, batch_size=8, epochs=args.epochs, warmup=5, eval_every=10,
                           device="cpu")
         rep = train(hf, tr, work / "adapter", cfg, eval_path=ev, log=print)

@@ -149,3 +149,35 @@ def test_plain_text_and_text_jsonl(fx, tmp_path):
     assert [e.ids for e in a.examples] == [e.ids for e in b.examples] and len(a.examples) == 2
     assert all(all(e.mask) for e in a.examples)
     assert b.report["kinds"] == {"text": 2}
+
+
+@pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("mistral", True), ("qwen3", False)])
+def test_loss_computes_only_what_the_labels_need(fx, arch, checkpointing):
+    """_loss drops columns after the last label, runs the last block's MLP and the head only at
+    labelled rows (padded to a bucket size): same loss and LoRA gradients as the full forward."""
+    from loratools.train.loop import _loss, add_lora
+    import torch.nn.functional as F
+
+    model = load_model(fx / "models" / arch)
+    model.gradient_checkpointing = checkpointing
+    slots = add_lora(model, cfg(rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in slots.values():
+            s.B.normal_(0, 0.05, generator=g)
+    params = [p for s in slots.values() for p in (s.A, s.B)]
+    x = torch.randint(0, 300, (3, 40), generator=g)
+    for labelled in ([(0, 5), (1, 17), (2, 3), (2, 4)], [(1, 39)], [(0, 0)], []):
+        y = torch.full_like(x, -100)
+        for r, c in labelled:
+            y[r, c] = int(x[r, c]) + 1
+        ours = _loss(model, x, y)
+        g_ours = torch.autograd.grad(ours, params, allow_unused=True)
+        logits = model(x)[0]
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100, reduction="sum")
+        g_ref = torch.autograd.grad(ref, params, allow_unused=True)
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6), labelled
+        for a, b in zip(g_ours, g_ref):
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), labelled

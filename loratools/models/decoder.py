@@ -21,6 +21,7 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..errors import IncompatibleError, InputError
+from ..ops import gemm
 from .config import ModelConfig, load_config, rope_inv_freq
 
 
@@ -35,8 +36,60 @@ class LoraSlot:
     magnitude: torch.Tensor | None = None
 
 
+def _plain(l: LoraSlot, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """A LoRA without DoRA or bias, everything in one dtype, not traced."""
+    return l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == w.dtype and not torch.jit.is_tracing()
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W and b frozen (only dx flows back); the products go through
+    ``gemm.linear`` (oneDNN where it is faster)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return gemm.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return gemm.linear(dy, weight.T), None, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ with W and b frozen: the training path.
+
+    Backward by hand, so each product is the one needed and results accumulate in place:
+    dh = s·dy B,  dB = s·dyᵀ h,  dA = dhᵀ x,  dx = dy W + dh A (one buffer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = gemm.linear(x2, A)
+        y = gemm.linear(x2, weight, bias)
+        y.addmm_(h, B.T, alpha=scale)
+        ctx.save_for_backward(x2, weight, A, B, h)
+        ctx.scale, ctx.in_shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, A, B, h = ctx.saved_tensors
+        s = ctx.scale
+        dy = dy.reshape(-1, dy.shape[-1])
+        dh = gemm.linear(dy, B.T).mul_(s)
+        dA = gemm.linear(dh.T, x2.T) if ctx.needs_input_grad[3] else None
+        dB = gemm.linear(h.T, dy.T).mul_(s).T if ctx.needs_input_grad[4] else None  # (hᵀ dy)ᵀ: the faster order
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = gemm.linear(dy, weight.T).addmm_(dh, A).view(ctx.in_shape)
+        return dx, None, None, dA, dB, None
+
+
 class Linear(nn.Module):
-    """nn.Linear with unmerged LoRA slots."""
+    """nn.Linear with unmerged LoRA slots. With a frozen base weight (always, here) the base
+    product runs through ``gemm.linear`` and the backward is hand-written: only dx of the
+    base and the LoRA factors' gradients are computed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -44,8 +97,22 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.loras: list[LoraSlot] = []
 
+    def _frozen(self) -> bool:
+        return not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+                    or torch.jit.is_tracing())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        frozen = self._frozen()
+        graph = torch.is_grad_enabled()
+        if frozen and graph and len(self.loras) == 1 and _plain(self.loras[0], x, self.weight):
+            l = self.loras[0]
+            return _LoraLinear.apply(x, self.weight, self.bias, l.A, l.B, l.scale)
+        if not frozen:
+            y = F.linear(x, self.weight, self.bias)
+        elif graph and x.requires_grad:
+            y = _FrozenLinear.apply(x, self.weight, self.bias)
+        else:
+            y = gemm.linear(x, self.weight, self.bias)
         for l in self.loras:
             if l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == y.dtype and not torch.jit.is_tracing():
                 # y + (x Aᵀ)(s·B)ᵀ as one GEMM with accumulate; scaling the r-column B is cheaper
@@ -114,7 +181,7 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.explicit = False  # plain-op attention (set for ONNX export)
 
-    def forward(self, x, cos, sin, mask, past: tuple | None):
+    def forward(self, x, cos, sin, mask, past: tuple | None, rows: torch.Tensor | None = None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
@@ -140,7 +207,10 @@ class Attention(nn.Module):
             # shares each key/value head among heads / kv_heads query heads
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), present
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        if rows is not None:
+            out = out.reshape(b * s, -1)[rows]  # only these positions go on (see DecoderLM.hidden)
+        return self.o_proj(out), present
 
 
 class MLP(nn.Module):
@@ -163,8 +233,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, masks, past):
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.self_attn.window], past)
+    def forward(self, x, cos, sin, masks, past, rows=None):
+        a, present = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.self_attn.window], past, rows)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1])[rows]
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), present
 
@@ -232,9 +304,13 @@ class DecoderLM(nn.Module):
         h, presents = self.hidden(input_ids, attention_mask, position_ids, past)
         return self.lm_head(h).float(), presents
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None):
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None, rows=None):
         """The final normed hidden states (b, s, hidden) and the KV cache; ``forward`` is this plus
-        lm_head (training applies the head only at positions that carry loss)."""
+        lm_head (training applies the head only at positions that carry loss).
+
+        ``rows``: flat indices into the b·s positions whose final state is wanted; the result is
+        then (len(rows), hidden). Every position's keys and values still feed the last block's
+        attention, but its output projection, MLP and the final norm run only at those rows."""
         b, s = input_ids.shape
         past_len = 0 if not past else past[0][0].shape[2]
         if position_ids is None:
@@ -243,13 +319,15 @@ class DecoderLM(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         masks = self.masks(b, s, past_len, attention_mask, x.dtype, x.device)
         presents = []
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
+            args = (x, cos, sin, masks, past[i] if past else None, rows if i == last else None)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
-                x, pr = checkpoint(layer, x, cos, sin, masks, past[i] if past else None, use_reentrant=False)
+                x, pr = checkpoint(layer, *args, use_reentrant=False)
             else:
-                x, pr = layer(x, cos, sin, masks, past[i] if past else None)
+                x, pr = layer(*args)
             presents.append(pr)
         return self.model.norm(x), presents
 

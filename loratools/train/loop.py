@@ -29,6 +29,7 @@ from ..errors import InputError, LoratoolsError, OutputError
 from ..formats.peft import write_peft
 from ..fsutil import atomic_dir, check_output
 from ..models.decoder import LoraSlot, load_model
+from ..ops import gemm
 from ..ops.common import pick_device
 from . import data
 
@@ -127,12 +128,23 @@ class Batches:
 
 
 def _loss(model, x, y):
-    """Summed cross-entropy over the positions that carry loss. The LM head (a vocab-sized GEMM,
-    forward and backward) runs only at those positions, not at every prompt token."""
-    h, _ = model.hidden(x)
-    keep = y.reshape(-1) != -100
-    logits = model.lm_head(h.reshape(-1, h.shape[-1])[keep]).float()
-    return F.cross_entropy(logits, y.reshape(-1)[keep], reduction="sum")
+    """Summed cross-entropy over the positions that carry loss, computing only what that needs
+    (exact, as attention is causal): columns after the batch's last labelled position are
+    dropped, and the last block's output projection and MLP, the final norm and the LM head (a
+    vocab-sized GEMM) run only at labelled positions, not at every prompt token."""
+    keep = y != -100
+    cols = keep.any(0).nonzero()
+    end = int(cols[-1]) + 1 if len(cols) else 1  # no label at all: a zero loss, still a graph
+    # both counts are rounded up to a few sizes, so the GEMM kernels compiled per shape are reused
+    grain = max(16, x.shape[1] // 8)
+    end = min(x.shape[1], -(-end // grain) * grain)
+    x, y, keep = x[:, :end], y[:, :end], keep[:, :end]
+    rows = keep.reshape(-1).nonzero().squeeze(1)
+    n = len(rows)
+    padded = torch.cat([rows, rows[-1:].expand(gemm.bucket(n) - n)]) if n else rows  # extra rows carry no loss
+    h, _ = model.hidden(x, rows=padded)
+    logits = model.lm_head(h).float()[:n]
+    return F.cross_entropy(logits, y.reshape(-1)[rows], reduction="sum")
 
 
 @torch.no_grad()
