@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoratoolsError
+from . import gemm
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,13 @@ def svd_randomized(M: torch.Tensor, l: int, power_iters: int = 4, seed: int = 0)
     l = min(l, m, n)
     g = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(n, l, generator=g).to(M.device)
-    Q, _ = torch.linalg.qr(M @ omega)
+    # the products with M are written as gemm.linear(a, b) = a bᵀ (oneDNN on AVX-512 CPUs), M
+    # always the second operand: Mᵀ Q is computed as (Qᵀ M)ᵀ, the faster order
+    Q, _ = torch.linalg.qr(gemm.linear(M, omega.T))
     for _ in range(power_iters):
-        Z, _ = torch.linalg.qr(M.T @ Q)
-        Q, _ = torch.linalg.qr(M @ Z)
-    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+        Z, _ = torch.linalg.qr(gemm.linear(Q.T, M.T).T)
+        Q, _ = torch.linalg.qr(gemm.linear(M, Z.T))
+    Ub, S, Vh = torch.linalg.svd(gemm.linear(Q.T, M.T), full_matrices=False)
     return Q @ Ub, S, Vh
 
 
