@@ -122,3 +122,31 @@ def test_cuda_provider_when_present(fx, onnx_dir):
     assert r.provider == "CUDAExecutionProvider"
     want, _ = ref(fx / "models" / "llama")
     assert np.abs(r.run(IDS)[0] - want).max() <= 1e-3
+
+
+def test_streamed_export_keeps_ties_and_unties_when_an_adapter_changes_one_side(fx, tmp_path):
+    """The export traces a weightless model and writes each weight once: a tied embedding is one
+    initializer (gather table and head); an adapter on the embedding alone unties them."""
+    import onnx
+
+    from loratools.adapter import Adapter, LoraModule
+
+    m = fx / "models" / "qwen2"  # tied, q/k/v biases
+    vocab, hidden = load_model(m).model.embed_tokens.weight.shape
+
+    def vocab_sized(d):
+        g = onnx.load(str(d / "model.onnx")).graph
+        assert not [i.name for i in g.input if i.name.startswith("model.")]  # weights are initializers
+        return [t.name for t in g.initializer if sorted(t.dims) == sorted([vocab, hidden])]
+
+    export_onnx(m, tmp_path / "tied")
+    assert np.abs(Runner(tmp_path / "tied").run(IDS)[0] - ref(m)[0]).max() <= 1e-4
+    assert len(vocab_sized(tmp_path / "tied")) == 1
+    g = torch.Generator().manual_seed(3)
+    emb = LoraModule(A=torch.randn(4, vocab, generator=g), B=torch.randn(hidden, 4, generator=g) * 0.1, scale=2.0,
+                     kind="embedding")
+    a = Adapter(modules={"model.embed_tokens": emb}, format="peft")
+    export_onnx(m, tmp_path / "untied", [a])
+    want = ref(m, [a])[0]
+    assert np.abs(Runner(tmp_path / "untied").run(IDS)[0] - want).max() <= 1e-4
+    assert np.abs(want - ref(m)[0]).max() > 0.1 and len(vocab_sized(tmp_path / "untied")) == 2

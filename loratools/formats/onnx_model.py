@@ -12,6 +12,7 @@ fed an adapter (``.onnx_adapter``, scales folded into B) through RunOptions, it 
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..checkpoint import copy_aux_files
 from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
-from ..models.decoder import LoraSlot, load_model
+from ..models.decoder import LoraSlot
 
 TWO_GB = 2 * 1024**3
 LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -55,13 +56,161 @@ class _Exportable(torch.nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def _merged_model_dir(model_dir: Path, adapters: Sequence[Adapter], weights, tmp: Path) -> Path:
-    if not adapters:
-        return model_dir
-    from ..ops.merge import merge
+def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` that holds one number (the k-th smallest normal of ``dtype``, so no two
+    placeholders are equal and the exporter cannot merge them) broadcast: no weight memory."""
+    if dtype == torch.float16:
+        one = torch.tensor(0x0400 + k, dtype=torch.int16).view(torch.float16)
+    else:
+        one = torch.tensor(0x00800000 + k, dtype=torch.int32).view(torch.float32).to(dtype)
+    return one.expand(shape)
 
-    merge(model_dir, adapters, tmp / "merged", weights=weights, dtype=torch.float32, device="cpu")
-    return tmp / "merged"
+
+def _placeholder_model(cfg, view, tdt: torch.dtype):
+    """The reference decoder with the shapes and ties of ``view``'s tensors and no weights: what
+    the exporter traces. The weights are written afterwards, tensor by tensor."""
+    from ..models.config import rope_inv_freq
+    from ..models.decoder import DecoderLM
+
+    with torch.device("meta"):
+        model = DecoderLM(cfg)
+    expected = model.expected_shapes()
+    names = view.names()
+    for k, name in enumerate(names):
+        shape = view.info(name).shape
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if expected.get(name) != shape:
+            what = "is not part of" if name not in expected else f"has shape {shape}, not what the config implies for"
+            raise IncompatibleError(f"tensor {name!r} {what} a {cfg.model_type} model", view.ck.path)
+        model._set(name, _placeholder(k, shape, tdt))
+    if "lm_head.weight" not in names or (cfg.tie_word_embeddings and not view.untie):
+        model.lm_head.weight = model.model.embed_tokens.weight
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", view.ck.path)
+    model.inv_freq = rope_inv_freq(cfg).float()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _weight_plan(proto, declared: set[str]) -> list[tuple[str, str, bool]]:
+    """Turn the traced graph's weight inputs into initializers: (initializer name, model tensor
+    name, stored transposed). A weight whose only use is a 2-D Transpose is stored transposed
+    under the Transpose's output name and the node is dropped (what constant folding would do,
+    without holding the weights); a weight used twice (a tied embedding: Gather and the head's
+    Transpose) is stored once."""
+    from onnx import helper
+
+    users: dict[str, list] = {}
+    for node in proto.graph.node:
+        for x in node.input:
+            users.setdefault(x, []).append(node)
+    plan, drop = [], []
+    for inp in [i for i in proto.graph.input if i.name not in declared]:
+        key = inp.name.removeprefix("model.")
+        use = users.get(inp.name, [])
+        perm = None
+        if len(use) == 1 and use[0].op_type == "Transpose":
+            perm = [helper.get_attribute_value(a) for a in use[0].attribute if a.name == "perm"]
+        if perm and list(perm[0]) == [1, 0]:
+            plan.append((use[0].output[0], key, True))
+            drop.append(use[0])
+        else:
+            plan.append((inp.name, key, False))
+    keep_in = [i for i in proto.graph.input if i.name in declared]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep_in)
+    keep_nodes = [n for n in proto.graph.node if not any(n is d for d in drop)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep_nodes)
+    return plan
+
+
+_ONNX_DTYPE = {torch.float32: 1, torch.float16: 10}  # TensorProto.FLOAT, FLOAT16
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _external_initializers(proto, specs, location: str) -> list[tuple[int, int]]:
+    """Append initializers that point into ``location`` (page-aligned offsets); returns (offset,
+    length) per spec."""
+    from onnx import TensorProto
+
+    spans, offset = [], 0
+    for name, _, _, shape, dt in specs:
+        n = math.prod(shape) * dt.itemsize
+        offset += -offset % 4096
+        tp = TensorProto(name=name, dims=list(shape), data_type=_ONNX_DTYPE[dt], data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(n))):
+            e = tp.external_data.add()
+            e.key, e.value = k, v
+        proto.graph.initializer.append(tp)
+        spans.append((offset, n))
+        offset += n
+    return spans
+
+
+def _write_external(proto, specs, get, path: Path) -> None:
+    """model.onnx (the graph) + model.onnx_data (the weights, one tensor in memory at a time)."""
+    data = path.with_name("model.onnx_data")
+    spans = _external_initializers(proto, specs, data.name)
+    with open(data, "wb") as f:
+        for (name, key, tr, shape, dt), (offset, n) in zip(specs, spans):
+            t = get(key, tr)
+            assert tuple(t.shape) == tuple(shape) and t.dtype == dt, name
+            f.seek(offset)
+            f.write(t.view(torch.uint8).numpy())
+            del t
+        f.truncate(spans[-1][0] + spans[-1][1] if spans else 0)
+        f.flush()
+        os.fsync(f.fileno())
+    path.write_bytes(proto.SerializeToString())
+
+
+def _check_graph(proto, specs) -> None:
+    """onnx.checker on the graph with its weights declared as external data in a sparse file (the
+    checker never reads them), so the check holds no weights either."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="loratools-onnx-check-") as d:
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        spans = _external_initializers(m, specs, "weights.bin")
+        with open(Path(d) / "weights.bin", "wb") as f:
+            f.truncate(spans[-1][0] + spans[-1][1] if spans else 0)
+        (Path(d) / "model.onnx").write_bytes(m.SerializeToString())
+        onnx.checker.check_model(str(Path(d) / "model.onnx"))
+
+
+def _write_inline(proto, specs, get, path: Path) -> None:
+    """One model.onnx: the graph, then each weight as a further top-level ModelProto holding one
+    initializer (protobuf merges repeated messages on parsing, so the file reads as one model).
+    The wire format is written by hand so a tensor's bytes go from its buffer to the file."""
+    from onnx import TensorProto
+
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        for name, key, tr, shape, dt in specs:
+            t = get(key, tr)
+            assert tuple(t.shape) == tuple(shape) and t.dtype == dt, name
+            raw = t.view(torch.uint8).numpy()
+            head = TensorProto(name=name, dims=list(shape), data_type=_ONNX_DTYPE[dt]).SerializeToString()
+            tensor_len = len(head) + 1 + len(_varint(raw.nbytes)) + raw.nbytes  # field 9: raw_data
+            graph_len = 1 + len(_varint(tensor_len)) + tensor_len               # GraphProto field 5: initializer
+            f.write(b"\x3a" + _varint(graph_len))                               # ModelProto field 7: graph
+            f.write(b"\x2a" + _varint(tensor_len) + head + b"\x4a" + _varint(raw.nbytes))
+            f.write(raw)
+            del t, raw
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapters: Sequence[Adapter] = (),
@@ -71,8 +220,16 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     """Write ``model_dir`` (adapters merged) as ``out_dir/model.onnx`` (+ ``model.onnx_data``
     when the weights pass ``external_data_over`` bytes, just under protobuf's 2 GB) with config
     and tokenizer files. ``lora_slots``: "all-linear" or a list of
-    leaf names / module names that get LoRA inputs."""
+    leaf names / module names that get LoRA inputs.
+
+    Streaming: the exporter traces a model whose weights are broadcast placeholders (shapes and
+    dtypes only), then each weight is read (and merged with the adapters) one at a time and
+    written in its place."""
     import onnx
+
+    from ..checkpoint import Checkpoint
+    from ..models.config import rope_inv_freq
+    from ..ops.merge import MergedView
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if dtype not in ("fp32", "fp16"):
@@ -80,14 +237,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     check_output(out_dir, [model_dir] + [a.source for a in adapters if a.source], overwrite)
     cfg = load_config(model_dir)
     tdt = torch.float32 if dtype == "fp32" else torch.float16
-    from ..checkpoint import Checkpoint
-
     with Checkpoint.open(model_dir) as ck:
         check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.work-") as work:
-        work = Path(work)
-        src = _merged_model_dir(model_dir, adapters, weights, work)
-        model = load_model(src, dtype=tdt, device="cpu")
+        view = MergedView(ck, adapters, weights)
+        model = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
         wrapper = _Exportable(model, cache, slots).eval()
@@ -114,27 +267,38 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
             args += [torch.zeros(1, in_f, dtype=tdt), torch.zeros(out_f, 1, dtype=tdt)]
             names_in += [a_name, b_name]
             axes[a_name], axes[b_name] = {0: f"lora_rank_{j}"}, {1: f"lora_rank_{j}"}
-        raw = work / "raw" / "model.onnx"
-        raw.parent.mkdir()
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(args), str(raw), dynamo=False, opset_version=opset,
-                              input_names=names_in, output_names=names_out, dynamic_axes=axes,
-                              do_constant_folding=True)
-        proto = onnx.load(str(raw), load_external_data=True)
+        with tempfile.TemporaryDirectory(prefix="loratools-onnx-") as work:
+            raw = Path(work) / "model.onnx"
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, tuple(args), str(raw), dynamo=False, opset_version=opset,
+                                  input_names=names_in, output_names=names_out, dynamic_axes=axes,
+                                  export_params=False, do_constant_folding=False)
+            proto = onnx.load(str(raw))
+        plan = _weight_plan(proto, set(names_in))
         if slots:
             _add_slot_defaults(proto, slots, mods, tdt)
         proto.producer_name = "loratools"
-        big = sum(t.ByteSize() for t in proto.graph.initializer) > external_data_over
+        inv_freq = rope_inv_freq(cfg).float()
+
+        def get(key: str, transposed: bool) -> torch.Tensor:
+            t = inv_freq if key == "inv_freq" else view.tensor(key).to(tdt)  # fp32 math, rounded once
+            return (t.T if transposed else t).contiguous()
+
+        specs = []  # (initializer name, tensor, transposed, stored shape, dtype)
+        for name, key, tr in plan:
+            shape = tuple(inv_freq.shape) if key == "inv_freq" else tuple(view.info(key).shape)
+            specs.append((name, key, tr, shape[::-1] if tr else shape, torch.float32 if key == "inv_freq" else tdt))
+        big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
             if big:
-                onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location="model.onnx_data", size_threshold=1024)
+                _write_external(proto, specs, get, path)
+                onnx.checker.check_model(str(path))  # by path: the weights are not loaded
             else:
-                onnx.save_model(proto, str(path))
-            onnx.checker.check_model(str(path))
+                _check_graph(proto, specs)
+                _write_inline(proto, specs, get, path)
             copy_aux_files(model_dir, tmp)
     return {"model": str(model_dir), "out": str(out_dir), "dtype": dtype, "cache": cache, "opset": opset,
             "layers": L, "lora_slots": slots, "external_data": big}
