@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench
 	$(BIN)/python benchmarks/stream_read.py
 	$(BIN)/python benchmarks/resize_extract.py
+	$(BIN)/python benchmarks/extract_budget.py
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/gguf_bench.py
 	$(BIN)/python benchmarks/train_bench.py

@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,27 @@ def test_extract_budget_spends_at_most_the_budget_and_beats_uniform(fx):
     kept = lambda r: sum(m["energy"] * m["total_energy"] for m in r["modules"].values())  # noqa: E731
     assert kept(rep) >= kept(urep)
     assert len(set(a.ranks.values())) > 1
+
+
+def test_extract_budget_scratch_is_beside_the_output_and_removed(fx, tmp_path, monkeypatch):
+    """With a budget, each module's cap-rank factors wait in a scratch folder beside the output;
+    the folder is gone afterwards and the adapter holds the allocated slices of them."""
+    import loratools.ops.extract as ex
+
+    seen = []
+    real_save = st.save_file
+    monkeypatch.setattr(ex.st, "save_file", lambda t, p: (seen.append((Path(p).parent, {k: v.clone() for k, v in t.items()})),
+                                                          real_save(t, p))[1])
+    base, tuned = fx / "models" / "llama", fx / "models" / "llama-tuned"
+    a, rep = extract(base, tuned, tmp_path / "b", RankRule("rank", 16), budget=20_000, exact=True, embeddings="skip")
+    scratch = [(d, t) for d, t in seen if d.name.startswith(".loratools-extract-")]  # (write_peft saves too)
+    assert len(scratch) >= len(a.modules) and all(d.parent == tmp_path for d, _ in scratch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    caps = [t for _, t in scratch]
+    for name, m in a.modules.items():  # each module is the leading block of one scratch entry
+        assert any(torch.equal(m.A, c["A"][:m.rank]) and torch.equal(m.B, c["B"][:, :m.rank]) for c in caps), name
+    written = read_peft(tmp_path / "b")
+    assert all(torch.equal(written.modules[n].A, m.A) for n, m in a.modules.items())
 
 
 def test_extract_is_deterministic(fx, tmp_path):

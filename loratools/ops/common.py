@@ -34,13 +34,23 @@ def progress(iterable, desc: str, total: int | None = None, quiet: bool = False)
                 disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def check_finite(t: torch.Tensor, name: str, path) -> None:
+def check_finite(t: torch.Tensor, name: str, path, chunk: int = 1 << 22) -> None:
+    """Refuse NaN/Inf, a block at a time (isfinite on a bf16 tensor works through a float32 copy)."""
     from ..errors import InputError
 
     if not t.is_floating_point():
         return
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        t = t.float()  # float8 types have no isfinite kernel
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    bad = 0
+    for c in t.reshape(-1).split(chunk):
+        if c.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            c = c.float()  # float8 types have no isfinite kernel
+        bad += int(c.numel() - torch.isfinite(c).sum())
+    if bad:
         raise InputError(f"tensor {name!r} has {bad} NaN/Inf values", path)
+
+
+def sum_sq(t: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """‖t‖²_F accumulated in float64, a block of ``chunk`` elements at a time (a whole-tensor
+    float64 copy of a 32000 × 4096 embedding would be 1 GB, and its square another)."""
+    flat = t.reshape(-1)
+    return sum(float(c.double().pow(2).sum()) for c in flat.split(chunk))

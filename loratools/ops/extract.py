@@ -1,7 +1,9 @@
 """Extract a LoRA from a full fine-tune: ΔW = W_tuned − W_base, tensor by tensor, factored.
 
-Streaming: one module's two weights, their delta and its factors are in memory at a time
-(with ``budget``, every module's truncated factors are kept until the allocation is known).
+Streaming: one module's two weights, their delta and its factors are in memory at a time.
+With ``budget``, each module's factors at the cap rank (256 or --max-rank) go to a scratch file
+beside the output until the global allocation is known, then each is read back and cut to its
+rank: memory stays at one module's factors (a 7B model's cap-rank factors are ~3.5 GB).
 """
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,10 +21,11 @@ from ..adapter import Adapter, LoraModule
 from ..checkpoint import Checkpoint
 from ..errors import IncompatibleError, LoratoolsError
 from ..formats.peft import write_peft
-from ..fsutil import check_output
+from .. import st
+from ..fsutil import check_output, check_space
 from ..models.config import load_config
 from . import factor
-from .common import check_finite, pick_device, progress
+from .common import check_finite, pick_device, progress, sum_sq
 
 EMBED_NAMES = ("model.embed_tokens", "lm_head")
 REPORT = "extract_report.json"
@@ -32,6 +37,14 @@ def _selected(name: str, include: str | None, exclude: str | None) -> bool:
     if exclude and re.search(exclude, name):
         return False
     return True
+
+
+def _scratch_dir(out) -> str | None:
+    """Scratch files go beside the output (the system temp folder may be memory-backed)."""
+    if out is None:
+        return None
+    parent = Path(out).resolve().parent
+    return str(parent) if parent.is_dir() else None
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.PathLike | None,
@@ -72,7 +85,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     energy_total = 0.0
     embed_energy: dict[str, float] = {}
     dropped_by_rule = 0  # changed modules whose rank rule kept nothing
-    with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
+    scratch = None  # with a budget: module -> file holding its cap-rank factors
+    with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt, \
+            tempfile.TemporaryDirectory(prefix=".loratools-extract-", dir=_scratch_dir(out)) as spill:
         keys_b, keys_t = set(kb.keys()), set(kt.keys())
         if keys_b != keys_t:
             only_b, only_t = sorted(keys_b - keys_t), sorted(keys_t - keys_b)
@@ -83,7 +98,13 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             if kb.info(name).shape != kt.info(name).shape:
                 raise IncompatibleError(f"tensor {name!r} is {kb.info(name).shape} in base but {kt.info(name).shape} in tuned", tuned)
         names = sorted(keys_b)
+        if budget_params is not None:
+            scratch = {}
+            cap_of = lambda shape: min(rule.max_rank or 256, *shape)  # noqa: E731
+            check_space(Path(spill) / "x", sum(cap_of(kb.info(n).shape) * sum(kb.info(n).shape) * 4 for n in names
+                                               if len(kb.info(n).shape) == 2), "the budget's scratch factors")
         for name in progress(names, "extract", quiet=quiet):
+            wb = wt = delta = M = None  # the previous tensor's buffers go before the next are read
             info = kb.info(name)
             mod, _, leaf = name.rpartition(".")
             if not info.dtype.is_floating_point:
@@ -91,8 +112,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             wb, wt = kb.get(name), kt.get(name)
             check_finite(wb, name, kb.path)
             check_finite(wt, name, kt.path)
-            delta = wt.to(dev, torch.float32) - wb.to(dev, torch.float32)
-            e = float(delta.double().pow(2).sum())
+            if torch.equal(wb, wt):
+                report["unchanged"].append(name)
+                continue
+            delta = wt.to(dev, torch.float32, copy=True)  # never an alias of wt, which may be kept (embeddings=full)
+            delta -= wb.to(dev)  # in fp32 (bf16/fp16 operands are promoted element by element)
+            e = sum_sq(delta)
             energy_total += e
             if e == 0.0:
                 report["unchanged"].append(name)
@@ -134,22 +159,29 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             if info_f["rank"] == 0:
                 dropped_by_rule += 1
                 continue
+            if scratch is not None:  # to disk until the allocation is known
+                scratch[mod] = Path(spill) / f"{len(scratch)}.safetensors"
+                st.save_file({"A": A.cpu().contiguous(), "B": B.cpu().contiguous()}, scratch[mod])
+                A, B = A.new_empty(0, A.shape[1]).cpu(), B.new_empty(B.shape[0], 0).cpu()  # no view: frees the factors
             modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
             (report["embeddings"] if kind == "embedding" or mod == "lm_head" else report["modules"])[mod] = info_f
             del delta, M, wb, wt
-    if budget_params is not None:
-        ranks = factor.allocate_budget(spectra, budget_params)
-        for mod, k in ranks.items():
-            m = modules[mod]
-            S = spectra[mod][0]
-            entry = report["modules"].get(mod) or report["embeddings"][mod]
-            if k == 0:
-                del modules[mod]
-                continue
-            modules[mod] = LoraModule(A=m.A[:k].clone(), B=m.B[:, :k].clone(), scale=1.0, alpha=float(k), kind=m.kind)
-            plot_spectra[mod] = (plot_spectra[mod][0], plot_spectra[mod][1], k)
-            energy, err = factor.tail_error(S, k, entry["total_energy"])
-            entry.update(rank=k, energy=energy, rel_error=err)
+        if budget_params is not None:
+            ranks = factor.allocate_budget(spectra, budget_params)
+            for mod, k in ranks.items():
+                m = modules[mod]
+                S = spectra[mod][0]
+                entry = report["modules"].get(mod) or report["embeddings"][mod]
+                if k == 0:
+                    del modules[mod]
+                    continue
+                f = st.load_file(scratch[mod])
+                modules[mod] = LoraModule(A=f["A"][:k].clone(), B=f["B"][:, :k].clone(), scale=1.0, alpha=float(k),
+                                          kind=m.kind)
+                del f
+                plot_spectra[mod] = (plot_spectra[mod][0], plot_spectra[mod][1], k)
+                energy, err = factor.tail_error(S, k, entry["total_energy"])
+                entry.update(rank=k, energy=energy, rel_error=err)
     # A tied model's embedding is also its output head, so the tuned head moved with it; PEFT's
     # embedding LoRA / modules_to_save on embed_tokens changes the input side only. Carry it on lm_head.
     if cb.tie_word_embeddings and "lm_head.weight" not in keys_b:
@@ -169,7 +201,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 modules[mod].bias = d / modules[mod].scale
                 report["bias"][mod]["carried"] = True
         else:
-            lost = sum(float(d.double().pow(2).sum()) for d in bias_deltas.values())
+            lost = sum(sum_sq(d) for d in bias_deltas.values())
             report["warnings"].append(
                 f"bias deltas of {len(bias_deltas)} modules dropped ({100 * lost / max(energy_total, 1e-300):.3g}% of the delta energy): "
                 "PEFT's lora_bias needs every LoRA-targeted layer to have a base bias")

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import LoratoolsError
 from . import gemm
+from .common import sum_sq
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def factorize(M: torch.Tensor, rule: RankRule, exact: bool = False, oversample: 
     M = M.float()
     m, n = M.shape
     full = min(m, n)
-    total = float(M.double().pow(2).sum())
+    total = sum_sq(M)
     if total == 0.0:
         return M.new_zeros(m, 0), M.new_zeros(0, n), M.new_zeros(0), {"rank": 0, "energy": 1.0, "rel_error": 0.0, "method": "zero"}
     if rule.kind == "rank" and int(rule.value) > full:
