@@ -121,3 +121,20 @@ def test_validate_extraction_reports_what_the_adapter_carries(fx, tmp_path, run_
     assert r6["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base"]
     assert r6["mean_module_retained_energy"] > r2["mean_module_retained_energy"] > 0.5
     assert all(l["rel_error_with_adapter"] < l["rel_error_base"] for l in r6["layers"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_module_error_in_row_blocks_equals_the_whole_tensor_formula(kind):
+    from loratools.adapter import LoraModule
+    from loratools.validate import _relative_error
+
+    g = torch.Generator().manual_seed(0)
+    wb = torch.randn(37, 11, generator=g).to(torch.bfloat16)
+    wt = (wb.float() + 0.1 * torch.randn(37, 11, generator=g)).to(torch.bfloat16)
+    A, B = (torch.randn(3, 11, generator=g), torch.randn(37, 3, generator=g)) if kind == "linear" else \
+        (torch.randn(3, 37, generator=g), torch.randn(11, 3, generator=g))
+    m = LoraModule(A=A, B=B * 0.05, scale=1.5, kind=kind)
+    d = wt.double() - wb.double()
+    want = float((d - m.delta(torch.float64)).norm() / d.norm())
+    for rows in (11, 50, 1 << 22):  # 1-row blocks, several rows, one block
+        assert _relative_error(wt, wb, m, rows=rows) == pytest.approx(want, rel=1e-12)
