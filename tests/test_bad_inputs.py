@@ -699,3 +699,25 @@ def test_exit_codes_match_error_classes(run_cli, fx, tmp_path):
         api.inspect(a)
     with pytest.raises(IncompatibleError):
         api.load_adapter(fx / "adapters" / "llama-patterns", base=fx / "models" / "qwen3")
+
+
+# -- exports of a checkpoint that does not fit its own config ------------------------------------
+FIT_CASES = {
+    "extra": (lambda sd: sd.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2, 2)), "not part of"),
+    "shape": (lambda sd: sd.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3)), "shape"),
+    "missing": (lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"), "lacks"),
+}
+
+
+@pytest.mark.parametrize("cmd", ["onnx", "gguf"])
+@pytest.mark.parametrize("case", list(FIT_CASES))
+def test_export_of_a_checkpoint_that_does_not_fit_its_config(run_cli, fx, tmp_path, case, cmd):
+    d = copy_model(fx, tmp_path, "llama")
+    f = d / "model.safetensors"
+    sd = st.load_file(f)
+    edit, word = FIT_CASES[case]
+    edit(sd)
+    st.save_file(sd, f)
+    out = tmp_path / ("o" if cmd == "onnx" else "o.gguf")
+    assert_refused(run_cli("export", cmd, d, "-o", out), d, word, code=3)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["llama"]

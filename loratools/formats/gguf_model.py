@@ -26,7 +26,7 @@ from ..checkpoint import Checkpoint, CheckpointWriter
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_file, check_output, check_space
 from ..models.config import ModelConfig, load_config, parse_config
-from ..models.decoder import DecoderLM
+from ..models.decoder import DecoderLM, check_fits
 
 SOURCE_CONFIG_KEY = "loratools.source_config"
 
@@ -176,6 +176,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     names = name_map(cfg)
     with Checkpoint.open(model_dir) as ck:
         view = MergedView(ck, adapters, weights)
+        check_fits(cfg, {n: tuple(view.info(n).shape) for n in view.names()}, ck.path)  # llama.cpp would refuse the file
         if view.untie:
             raise UnsupportedError("the adapter changes only one side of tied embeddings; export the merged checkpoint "
                                    "(loratools merge) and convert that", model_dir)

@@ -70,25 +70,17 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     """The reference decoder with the shapes and ties of ``view``'s tensors and no weights: what
     the exporter traces. The weights are written afterwards, tensor by tensor."""
     from ..models.config import rope_inv_freq
-    from ..models.decoder import DecoderLM
+    from ..models.decoder import DecoderLM, check_fits
 
+    names = view.names()
+    check_fits(cfg, {n: tuple(view.info(n).shape) for n in names}, view.ck.path)
     with torch.device("meta"):
         model = DecoderLM(cfg)
-    expected = model.expected_shapes()
-    names = view.names()
     for k, name in enumerate(names):
-        shape = view.info(name).shape
-        if name.endswith("rotary_emb.inv_freq"):
-            continue
-        if expected.get(name) != shape:
-            what = "is not part of" if name not in expected else f"has shape {shape}, not what the config implies for"
-            raise IncompatibleError(f"tensor {name!r} {what} a {cfg.model_type} model", view.ck.path)
-        model._set(name, _placeholder(k, shape, tdt))
+        if not name.endswith("rotary_emb.inv_freq"):
+            model._set(name, _placeholder(k, tuple(view.info(name).shape), tdt))
     if "lm_head.weight" not in names or (cfg.tie_word_embeddings and not view.untie):
         model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", view.ck.path)
     model.inv_freq = rope_inv_freq(cfg).float()
     model.requires_grad_(False)
     return model.eval()

@@ -366,6 +366,24 @@ class DecoderLM(nn.Module):
         return {k: tuple(v.shape) for k, v in self.named_parameters(remove_duplicate=False)}
 
 
+def check_fits(cfg: ModelConfig, shapes: dict[str, tuple], path) -> None:
+    """Refuse tensors that are not exactly the model ``cfg`` describes: a name the model does not
+    have, another shape, or a missing tensor (``lm_head.weight`` may be absent: the head is then
+    the embedding)."""
+    with torch.device("meta"):
+        expected = DecoderLM(cfg).expected_shapes()
+    for name, shape in shapes.items():
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise IncompatibleError(f"tensor {name!r} is not part of a {cfg.model_type} model with this config", path)
+        if tuple(shape) != expected[name]:
+            raise IncompatibleError(f"tensor {name!r} has shape {tuple(shape)} but config.json implies {expected[name]}", path)
+    missing = [n for n in expected if n not in shapes and n != "lm_head.weight"]
+    if missing:
+        raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", path)
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
