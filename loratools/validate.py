@@ -271,6 +271,8 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
         for name, m in sorted(a.modules.items()):
             key = f"{name}.weight"
+            if name == "lm_head" and key not in kt and key not in kb:
+                key = "model.embed_tokens.weight"  # a tied head is the embedding (extract carries its change on lm_head)
             if key not in kt:
                 raise InputError(f"tuned checkpoint lacks {key!r}", tuned)
             wt, wb = kt.get(key), kb.get(key)

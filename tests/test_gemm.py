@@ -108,3 +108,58 @@ def test_linear_module_paths_agree(backend):
     gA, gB = torch.autograd.grad(y_train.square().sum(), (A, B))
     rA, rB = torch.autograd.grad(ref.square().sum(), (A, B))
     assert torch.allclose(gA, rA, rtol=1e-4, atol=1e-4) and torch.allclose(gB, rB, rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_bias_is_read_correctly(backend):
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(9, 16, generator=g), torch.randn(7, 16, generator=g)
+    for b in (torch.randn(14, generator=g)[::2], torch.tensor(1.5).expand(7), torch.randn(20, generator=g)[5:12]):
+        assert torch.allclose(gemm.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_training_takes_pytorchs_ops(fx):
+    """Under autocast the hand-written backward and oneDNN's product (which autocast does not
+    cast) step aside: a bf16-autocast forward and backward through LoRA layers work."""
+    from loratools.models import load_model
+    from loratools.train.loop import TrainConfig, add_lora
+
+    model = load_model(fx / "models" / "llama")
+    slots = add_lora(model, TrainConfig(rank=4, device="cpu"))
+    with torch.no_grad():
+        for s in slots.values():
+            s.B.normal_(0, 0.02)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)[0]
+    logits.float().square().mean().backward()
+    grads = [p.grad for s in slots.values() for p in (s.A, s.B)]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_second_order_gradients_are_refused_not_wrong():
+    x = torch.randn(3, 8)
+    w = torch.randn(5, 8)
+    A, B = torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    (gB,) = torch.autograd.grad(_LoraLinear.apply(x, w, None, A, B, 1.0).square().sum(), (B,), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gB.square().sum().backward()
+
+
+def test_rank_zero_lora_is_a_no_op():
+    lin = Linear(8, 5, False)
+    with torch.no_grad():
+        lin.weight.normal_()
+    lin.weight.requires_grad_(False)
+    lin.loras.append(LoraSlot(torch.zeros(0, 8), torch.zeros(5, 0), 2.0))
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-6)
+
+
+def test_sum_sq_in_row_blocks():
+    from loratools.ops.common import sum_sq
+
+    g = torch.Generator().manual_seed(4)
+    m = torch.randn(300, 70, generator=g)
+    for t in (m, m.T, m[:, ::3], m.reshape(3, 100, 70), m[0], m[0, 0]):
+        assert sum_sq(t, chunk=512) == pytest.approx(float(t.double().pow(2).sum()), rel=1e-12)

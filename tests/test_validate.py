@@ -138,3 +138,17 @@ def test_module_error_in_row_blocks_equals_the_whole_tensor_formula(kind):
     want = float((d - m.delta(torch.float64)).norm() / d.norm())
     for rows in (11, 50, 1 << 22):  # 1-row blocks, several rows, one block
         assert _relative_error(wt, wb, m, rows=rows) == pytest.approx(want, rel=1e-12)
+
+
+def test_validate_extraction_on_a_tied_model(fx, tmp_path):
+    """extract carries a tied model's embedding change on lm_head too; validate-extraction
+    compares that module with the embedding's delta (the checkpoint has no lm_head.weight)."""
+    from loratools.ops.extract import extract
+    from loratools.ops.factor import RankRule
+    from loratools.validate import validate_extraction
+
+    base, tuned = fx / "models" / "qwen2", fx / "models" / "qwen2-tuned"
+    a, _ = extract(base, tuned, tmp_path / "a", RankRule("rank", 4))
+    rep = validate_extraction(base, tuned, tmp_path / "a", prompts=["hello there"])
+    assert "lm_head" in a.modules and "lm_head" in rep["modules"]
+    assert rep["modules"]["lm_head"]["rel_error"] == pytest.approx(rep["modules"]["model.embed_tokens"]["rel_error"], rel=1e-6)

@@ -36,6 +36,13 @@ class LoraSlot:
     magnitude: torch.Tensor | None = None
 
 
+def _autocast(x: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # PyTorch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 def _plain(l: LoraSlot, x: torch.Tensor, w: torch.Tensor) -> bool:
     """A LoRA without DoRA or bias, everything in one dtype, not traced."""
     return l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == w.dtype and not torch.jit.is_tracing()
@@ -51,6 +58,7 @@ class _FrozenLinear(torch.autograd.Function):
         return gemm.linear(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (weight,) = ctx.saved_tensors
         return gemm.linear(dy, weight.T), None, None
@@ -73,6 +81,7 @@ class _LoraLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, weight, A, B, h = ctx.saved_tensors
         s = ctx.scale
@@ -97,12 +106,14 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.loras: list[LoraSlot] = []
 
-    def _frozen(self) -> bool:
+    def _frozen(self, x: torch.Tensor) -> bool:
+        """The fast paths apply: a frozen base, not traced, no autocast (autocast's casts apply
+        to PyTorch's own ops, not to the hand-written backward or oneDNN's product)."""
         return not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
-                    or torch.jit.is_tracing())
+                    or torch.jit.is_tracing() or _autocast(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        frozen = self._frozen()
+        frozen = self._frozen(x)
         graph = torch.is_grad_enabled()
         if frozen and graph and len(self.loras) == 1 and _plain(self.loras[0], x, self.weight):
             l = self.loras[0]
@@ -114,6 +125,8 @@ class Linear(nn.Module):
         else:
             y = gemm.linear(x, self.weight, self.bias)
         for l in self.loras:
+            if l.A.shape[0] == 0 and l.magnitude is None and l.bias is None:
+                continue  # rank 0: no contribution
             if l.magnitude is None and l.bias is None and x.dtype == l.A.dtype == y.dtype and not torch.jit.is_tracing():
                 # y + (x Aᵀ)(s·B)ᵀ as one GEMM with accumulate; scaling the r-column B is cheaper
                 # than scaling the (tokens × out) product

@@ -50,7 +50,11 @@ def check_finite(t: torch.Tensor, name: str, path, chunk: int = 1 << 22) -> None
 
 
 def sum_sq(t: torch.Tensor, chunk: int = 1 << 22) -> float:
-    """‖t‖²_F accumulated in float64, a block of ``chunk`` elements at a time (a whole-tensor
-    float64 copy of a 32000 × 4096 embedding would be 1 GB, and its square another)."""
-    flat = t.reshape(-1)
-    return sum(float(c.double().pow(2).sum()) for c in flat.split(chunk))
+    """‖t‖²_F accumulated in float64, about ``chunk`` elements at a time, in blocks of rows (a
+    whole-tensor float64 copy of a 32000 × 4096 embedding would be 1 GB, and its square another;
+    row blocks of a transposed view need no copy of the whole either)."""
+    if t.dim() == 0:
+        return float(t.double() ** 2)
+    rows = t if t.dim() == 2 else t.reshape(t.shape[0], -1) if t.dim() > 2 else t.reshape(-1, 1)
+    step = max(1, chunk // max(1, rows.shape[1]))
+    return sum(float(c.double().pow(2).sum()) for c in rows.split(step))

@@ -29,7 +29,8 @@ def _self_check(op) -> bool:
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in ((37, 53), (29, 53), (29,)))
     want = (x.double() @ w.double().T + b.double()).float()
-    for got in (op(x, w, b, "none", [], ""), op(x, w.T.contiguous().T, None, "none", [], "") + b):
+    for got in (op(x, w, b, "none", [], ""), op(x, w.T.contiguous().T, None, "none", [], "") + b,
+                op(x.T.contiguous().T, w, b, "none", [], "")):
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
             return False
     return True
@@ -56,9 +57,10 @@ def onednn() -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x wᵀ + bias`` for x (..., in) and w (out, in) of any strides (``linear(dy, w.T)`` is
-    ``dy w``). No autograd: call it under no_grad or inside an autograd.Function."""
+    ``dy w``; oneDNN reads a bias only when it is contiguous). No autograd: call it under no_grad
+    or inside an autograd.Function."""
     if (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-            and (bias is None or bias.dtype == torch.float32) and x.numel() and onednn()):
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())) and x.numel() and onednn()):
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
 
