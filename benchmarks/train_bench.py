@@ -56,10 +56,10 @@ OURS = COMMON + """
 from loratools.cli import _tune_allocator
 _tune_allocator(training=True)  # what `loratools train` does at start-up (glibc mmap threshold)
 from loratools.models.decoder import load_model
-from loratools.train.loop import add_lora, _loss
+from loratools.train.loop import add_lora, _loss, make_optimizer
 model = load_model({model!r}, mmap=True); slots = add_lora(model, cfg); model.train()  # as `loratools train` loads it
 params = [p for s in slots.values() for p in (s.A, s.B)]
-opt = torch.optim.AdamW(params, lr=cfg.lr)
+opt = make_optimizer(params, cfg.lr)  # AdamW, fused where available, as `loratools train` makes it
 def step(x, y):
     n = int((y != -100).sum()); loss = _loss(model, x, y) / n; loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); opt.zero_grad(set_to_none=True); return loss.item()
@@ -75,7 +75,7 @@ m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 m.train()
 params = [p for p in m.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=cfg.lr)
+opt = torch.optim.AdamW(params, lr=cfg.lr, fused=True)  # the fused AdamW, as loratools uses: same optimizer cost
 def step(x, y):
     n = int((y != -100).sum())
     logits = m(input_ids=x).logits.float()

@@ -107,6 +107,15 @@ def add_lora(model, cfg: TrainConfig) -> dict[str, LoraSlot]:
     return slots
 
 
+def make_optimizer(params: list, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the LoRA factors: PyTorch's fused kernel where this build has it for the
+    device (one pass over all factors instead of a dozen ops per tensor), else the default."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 class Batches:
     """Step i → its (inputs, labels): epoch e's examples in a permutation seeded by (seed, e),
     packed to seq_len, rows taken in order (wrapping around)."""
@@ -229,7 +238,7 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     if not slots:
         raise LoratoolsError(f"--targets {cfg.targets!r} matched no layer of the model")
     params = [p for s in slots.values() for p in (s.A, s.B)]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, lr, cfg.weight_decay)
     eos = ds.report["eos_id"]
     rows_per_epoch = data.pack(ds, cfg.seq_len, eos, list(range(len(ds.examples))))[0].shape[0]
     steps_per_epoch = max(1, math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum)))
