@@ -494,8 +494,24 @@ def ad_no_weights(a):
     return a, ["no adapter_model.safetensors"], 2
 
 
+def ad_alpha_nan(a):
+    edit_json(a / "adapter_config.json", lambda c: c.update(lora_alpha=float("nan")))  # json writes NaN, which json reads
+    return a / "adapter_config.json", ["lora_alpha", "finite number"], 2
+
+
+def ad_alpha_pattern_inf(a):
+    edit_json(a / "adapter_config.json", lambda c: c.update(alpha_pattern={"q_proj": float("inf")}))
+    return a / "adapter_config.json", ["alpha_pattern", "finite numbers"], 2
+
+
+def ad_rank_pattern_zero(a):
+    edit_json(a / "adapter_config.json", lambda c: c["rank_pattern"].update({"model.layers.0.mlp.down_proj": 0}))
+    return a / "adapter_config.json", ["rank_pattern", "positive integers"], 2
+
+
 ADAPTER_CASES = [ad_malformed, ad_no_peft_type, ad_ia3, ad_r_string, ad_r_float, ad_r_disagrees,
-                 ad_rank_pattern_disagrees, ad_lora_a_without_b, ad_ranks_disagree, ad_pickle_list, ad_no_weights]
+                 ad_rank_pattern_disagrees, ad_lora_a_without_b, ad_ranks_disagree, ad_pickle_list, ad_no_weights,
+                 ad_alpha_nan, ad_alpha_pattern_inf, ad_rank_pattern_zero]
 
 
 @pytest.mark.parametrize("cmd", ["inspect", "forward"])

@@ -198,3 +198,64 @@ def test_import_refuses_unknown_architecture(tmp_path, run_cli):
     w.close()
     code, _, err = run_cli("import", "gguf", p, "-o", tmp_path / "out")
     assert code == 4 and "gpt2" in err and "cannot be imported" in err and not (tmp_path / "out").exists()
+
+
+def test_import_refuses_what_would_not_be_a_working_checkpoint(fx, tmp_path, run_cli):
+    """An adapter GGUF, a broken source config, and a tensor set that does not match the config
+    are one-line refusals, not exit-70 crashes or a checkpoint transformers fills with random weights."""
+    from loratools.errors import InputError
+
+    g = tmp_path / "m.gguf"
+    export_gguf(fx / "models" / "llama", g, outtype="f32")
+    data = g.read_bytes()
+    n_layers = json.loads((fx / "models" / "llama" / "config.json").read_text())["num_hidden_layers"]
+    assert n_layers < 9
+    cases = {  # same-length edits of the stored source config keep every offset valid
+        "json": (data.replace(b'{"architectures"', b'["architectures"', 1), "not valid JSON"),
+        "layers": (data.replace(f'"num_hidden_layers": {n_layers}'.encode(), f'"num_hidden_layers": {n_layers + 1}'.encode(), 1),
+                   "lacks"),
+    }
+    for name, (blob, words) in cases.items():
+        assert blob != data, name
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(blob)
+        code, _, err = run_cli("import", "gguf", p, "-o", tmp_path / f"{name}-out")
+        assert code in (2, 3) and words in err and str(p) in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"{name}-out").exists()
+    ad = tmp_path / "a.gguf"
+    export_gguf_adapter(api.load_adapter(fx / "adapters" / "llama-rslora"), fx / "models" / "llama", ad)
+    with pytest.raises(InputError, match="LoRA adapter GGUF"):
+        import_gguf(ad, tmp_path / "ad-out")
+
+
+def test_embedding_lora_on_a_tied_model_is_refused_for_llama_cpp(fx, tmp_path):
+    """llama.cpp applies adapter tensors by name, and a tied model's output layer is token_embd too."""
+    from loratools.adapter import Adapter, LoraModule
+
+    m = fx / "models" / "qwen2"
+    vocab, hidden = load_model(m).model.embed_tokens.weight.shape
+    a = Adapter(modules={"model.embed_tokens": LoraModule(A=torch.randn(2, vocab), B=torch.randn(hidden, 2), scale=1.0,
+                                                          kind="embedding")}, format="peft")
+    with pytest.raises(UnsupportedError, match="ties the embeddings"):
+        export_gguf_adapter(a, m, tmp_path / "e.gguf")
+    assert not (tmp_path / "e.gguf").exists()
+
+
+def test_an_unchanged_saved_embedding_does_not_block_the_gguf_adapter(fx, tmp_path):
+    """PEFT saves an embedding targeted by LoRA whole even when unchanged; such a copy of the
+    base tensor replaces nothing, so it neither blocks the llama.cpp adapter nor unties a head."""
+    from loratools.ops.merge import MergedView
+
+    m = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-patterns", base=m)
+    with Checkpoint.open(m) as ck:
+        emb = ck.get("model.embed_tokens.weight")
+    a.modules_to_save = {"model.embed_tokens.weight": emb.clone()}
+    export_gguf_adapter(a, m, tmp_path / "ok.gguf")
+    with Checkpoint.open(m) as ck:
+        assert MergedView(ck, [a]).saved == {}
+    a.modules_to_save = {"model.embed_tokens.weight": emb + 1e-3}
+    with pytest.raises(UnsupportedError, match="modules_to_save"):
+        export_gguf_adapter(a, m, tmp_path / "changed.gguf")
+    with Checkpoint.open(m) as ck:
+        assert list(MergedView(ck, [a]).saved) == ["model.embed_tokens.weight"]

@@ -72,3 +72,31 @@ def test_cli_convert_round_trip(fx, tmp_path, run_cli):
     assert_same_deltas(read_kohya(fx / "adapters" / "mistral-kohya.safetensors"), read_kohya(tmp_path / "k.safetensors"))
     code, _, err = run_cli("convert", tmp_path / "p", "--to", "kohya", "-o", tmp_path / "k.safetensors")
     assert code != 0 and "already exists" in err
+
+
+def test_kohya_files_that_cannot_be_right_are_refused(fx, tmp_path):
+    from loratools import st
+    from loratools.errors import InputError, UnsupportedError
+    from loratools.adapter import Adapter, LoraModule
+
+    src = st.load_file(fx / "adapters" / "mistral-kohya.safetensors")
+    key = next(k for k in sorted(src) if k.endswith(".lora_down.weight"))
+    base = key[: -len(".lora_down.weight")]
+    cases = {
+        # the same layer under a second prefix: one set would silently win
+        "dup": ({**src, **{k.replace("lora_unet_", "lora_te_", 1): v for k, v in src.items() if k.startswith(base)}},
+                "second set of factors"),
+        "int": ({**src, key: src[key].to(torch.int8)}, "floating point"),
+        "rank0": ({**src, key: src[key][:0].contiguous(), base + ".lora_up.weight": src[base + ".lora_up.weight"][:, :0].contiguous()},
+                  "rank 0"),
+    }
+    assert base.startswith("lora_unet_")
+    for name, (sd, words) in cases.items():
+        p = tmp_path / f"{name}.safetensors"
+        st.save_file(sd, p)
+        with pytest.raises(InputError, match=words):
+            read_kohya(p)
+    huge = Adapter(modules={"model.layers.0.mlp.up_proj": LoraModule(A=torch.ones(2, 4), B=torch.ones(4, 2), scale=1e39)})
+    with pytest.raises(UnsupportedError, match="finite float32 alpha"):
+        write_kohya(huge, tmp_path / "huge.safetensors")
+    assert not (tmp_path / "huge.safetensors").exists()

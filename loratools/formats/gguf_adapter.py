@@ -39,8 +39,15 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         raise UnsupportedError("llama.cpp cannot apply DoRA (its magnitude vector rescales whole rows of W + ΔW); "
                                "merge the adapter and export the merged model instead", src)
     if adapter.modules_to_save:
-        raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(sorted(adapter.modules_to_save))}): "
-                               "they replace whole tensors; merge the adapter and export the merged model instead", src)
+        from ..checkpoint import Checkpoint
+        from ..ops.merge import _equals_base
+
+        with Checkpoint.open(base_dir) as ck:  # PEFT saves an unchanged embedding whole: that replaces nothing
+            tied = load_config(base_dir).tie_word_embeddings
+            changed = sorted(k for k, t in adapter.modules_to_save.items() if not _equals_base(ck, k, t, tied))
+        if changed:
+            raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
+                                   "they replace whole tensors; merge the adapter and export the merged model instead", src)
     biased = [n for n, m in adapter.modules.items() if m.bias is not None]
     if biased:
         raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
@@ -58,6 +65,12 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     if cfg.tie_word_embeddings:
         shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
     adapter.check_against(shapes, f"base model {base_dir}")
+    emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
+    if emb and cfg.tie_word_embeddings:
+        # llama.cpp finds adapter tensors by name and the tied output layer is token_embd too, so the
+        # embedding's LoRA would also be applied (as a matmul of the wrong shape) at the output
+        raise UnsupportedError(f"the adapter has an embedding LoRA ({emb[0]!r}), but the base model ties the embeddings "
+                               "to the output layer, which llama.cpp would then also apply it to; merge the adapter instead", src)
     # llama.cpp's scale is alpha / r: choose the alpha most modules already imply
     implied = Counter(round(m.scale * m.rank, 12) for m in adapter.modules.values())
     alpha = float(implied.most_common(1)[0][0]) if implied else 1.0

@@ -224,6 +224,10 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
 
 
 # -- import --------------------------------------------------------------------------------
+_REQUIRED_INTS = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
+_OPTIONAL_INTS = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size")
+_OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+
 def field(reader, key: str, default=None):
     """A GGUF key's Python value (gguf_vocab's reader of fields), or ``default``."""
     from .gguf_vocab import gguf_field_value
@@ -276,13 +280,30 @@ def open_gguf(path: str | os.PathLike):
 
 
 def config_from_gguf(reader, path) -> dict:
+    if field(reader, "general.type") == "adapter" or field(reader, "adapter.type") is not None:
+        raise InputError("this is a LoRA adapter GGUF, not a model (import reads models; adapters load with --base)", path)
     arch = field(reader, "general.architecture")
     src = field(reader, SOURCE_CONFIG_KEY)
     if src:
-        return json.loads(src)
+        try:
+            cfg = json.loads(src)
+        except (TypeError, ValueError):
+            raise InputError(f"{SOURCE_CONFIG_KEY} is not valid JSON", path) from None
+        if not isinstance(cfg, dict):
+            raise InputError(f"{SOURCE_CONFIG_KEY} is not a JSON object", path)
+        return cfg
     if arch not in ("llama", "qwen2", "qwen3"):
         raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported (llama, qwen2, qwen3)", path)
-    g = lambda k, d=None: field(reader, f"{arch}.{k}", d)  # noqa: E731
+
+    def g(k, d=None):
+        v = field(reader, f"{arch}.{k}", d)
+        if k in _REQUIRED_INTS or (v is not d and k in _OPTIONAL_INTS):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"GGUF key {arch}.{k} must be a positive integer, got {v!r}", path)
+        elif v is not d and k in _OPTIONAL_FLOATS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise InputError(f"GGUF key {arch}.{k} must be a number, got {v!r}", path)
+        return v
+
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise UnsupportedError("this GGUF carries rope_freqs (Llama-3 rope scaling) without its original parameters", path)
@@ -305,7 +326,10 @@ def config_from_gguf(reader, path) -> dict:
     if arch == "qwen2":
         cfg.update(use_sliding_window=False, sliding_window=None)
     if g("rope.scaling.type") == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+        factor = g("rope.scaling.factor")
+        if factor is None:
+            raise InputError(f"GGUF key {arch}.rope.scaling.type is linear but {arch}.rope.scaling.factor is missing", path)
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     return cfg
 
 
@@ -340,6 +364,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
             raise UnsupportedError(f"unexpected tensor {gname!r} for a {arch.name} model", path)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         plan.append((hf, t, shape))
+    check_fits(cfg, {hf: shape for hf, _, shape in plan}, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
     cfgd["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
     specs = [st.TensorInfo(hf, dt, shape) for hf, _, shape in plan]
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)

@@ -81,7 +81,11 @@ def read_kohya(path: str | os.PathLike, module_names: Iterable[str] | None = Non
             raise UnsupportedError(f"{kname}: only linear LoRA is supported (got {A.dim()}-D factors)", path)
         if A.shape[0] != B.shape[1]:
             raise InputError(f"{kname}: lora_down {tuple(A.shape)} and lora_up {tuple(B.shape)} disagree on rank", path)
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise InputError(f"{kname}: LoRA factors must be floating point, got {A.dtype} and {B.dtype}", path)
         r = int(A.shape[0])
+        if r == 0:
+            raise InputError(f"{kname}: rank 0 (lora_down has no rows)", path)
         for part, t in g.items():
             check_finite(t, f"{kname}.{part}", path)
         if "alpha" in g and g["alpha"].numel() != 1:
@@ -98,6 +102,8 @@ def read_kohya(path: str | os.PathLike, module_names: Iterable[str] | None = Non
             name = lookup[flat]
         else:
             name = _guess_dotted(flat)
+        if name in modules:
+            raise InputError(f"{kname}: a second set of factors for module {name!r} (another prefix names the same layer)", path)
         modules[name] = LoraModule(A=A, B=B, scale=alpha / r, alpha=alpha)
     if not modules:
         raise InputError("no LoRA tensors (lora_down/lora_up) in this file", path)
@@ -117,7 +123,10 @@ def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str
         sd[f"{k}.lora_down.weight"] = m.A.contiguous()
         sd[f"{k}.lora_up.weight"] = m.B.contiguous()
         # kohya's scale is alpha / r: fold any rsLoRA / pattern scale into alpha, kept in fp32.
-        sd[f"{k}.alpha"] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        alpha = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        if not torch.isfinite(alpha):
+            raise UnsupportedError(f"module {name!r}: its scale × rank ({m.scale * m.rank}) is not a finite float32 alpha", adapter.source or None)
+        sd[f"{k}.alpha"] = alpha
     return sd
 
 

@@ -9,6 +9,7 @@ with save_embedding_layers).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -53,12 +54,18 @@ def _check_config(cfg: dict, path: Path) -> None:
         raise InputError("missing field 'r'", path)
     if not isinstance(cfg["r"], int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
         bad("r", "a positive integer")
-    if "lora_alpha" in cfg and (not isinstance(cfg["lora_alpha"], (int, float)) or isinstance(cfg["lora_alpha"], bool)):
-        bad("lora_alpha", "a number")
-    for f in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(f)
-        if v is not None and (not isinstance(v, dict) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())):
-            bad(f, "an object mapping module patterns to numbers")
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        bad("lora_alpha", "a finite number")
+    v = cfg.get("rank_pattern")
+    if v is not None and (not isinstance(v, dict) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                             for x in v.values())):
+        bad("rank_pattern", "an object mapping module patterns to positive integers")
+    v = cfg.get("alpha_pattern")
+    if v is not None and (not isinstance(v, dict) or not all(number(x) for x in v.values())):
+        bad("alpha_pattern", "an object mapping module patterns to finite numbers")
     for f in ("use_rslora", "use_dora"):
         if cfg.get(f) is not None and not isinstance(cfg[f], bool):
             bad(f, "true or false")

@@ -35,6 +35,14 @@ def _shapes(ck: Checkpoint, tied: bool) -> dict[str, tuple]:
     return shapes
 
 
+def _equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied: bool) -> bool:
+    src = "model.embed_tokens.weight" if key == "lm_head.weight" and tied and key not in ck else key
+    if src not in ck or tuple(ck.info(src).shape) != tuple(t.shape):
+        return False
+    b = ck.get(src)
+    return torch.equal(b, t.to(b.dtype)) and torch.equal(b.to(t.dtype), t)  # the same values, whatever the dtypes
+
+
 class MergedView:
     """An open base checkpoint with adapters applied, tensor by tensor.
 
@@ -61,6 +69,10 @@ class MergedView:
                 if k in self.saved:
                     raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
                 self.saved[k] = t
+        # PEFT saves an embedding layer targeted by LoRA whole (save_embedding_layers) even when it
+        # is unchanged: such a copy of the base tensor replaces nothing (and must not untie a tied head)
+        for k in [k for k, t in self.saved.items() if _equals_base(ck, k, t, self.cfg.tie_word_embeddings)]:
+            del self.saved[k]
         shapes = _shapes(ck, self.cfg.tie_word_embeddings)
         for a in adapters:
             a.check_against(shapes, f"base model {ck.path}", merging=True)
