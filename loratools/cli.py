@@ -70,14 +70,33 @@ def _print_checkpoint(d: dict) -> None:
         click.echo(f"  {s['file']}: {s['tensors']} tensors, {_human(s['bytes'])}")
 
 
+def _check_plot(plot, inputs, overwrite: bool, output=None) -> None:
+    """Before any work: a --plot path matplotlib can write, not an input, not an existing file
+    without --overwrite (a plot inside the command's new output folder is checked there)."""
+    from pathlib import Path
+
+    from .errors import InputError
+    from .fsutil import check_output
+
+    p = Path(plot)
+    if p.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError("--plot must name a .png, .svg or .pdf file", plot)
+    if output is not None and p.resolve().parent == Path(output).resolve():
+        return
+    check_output(p, inputs, overwrite)
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--base", type=click.Path(), help="Base model: check the adapter fits it (and name kohya modules exactly).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (.bin/.pt) files with torch.load(weights_only=True).")
-@click.option("--plot", type=click.Path(), help="Adapters: write singular-value spectra and retained energy vs rank (PNG).")
-def inspect(path, base, as_json, allow_pickle, plot):
+@click.option("--plot", type=click.Path(), help="Adapters: write singular-value spectra and retained energy vs rank (.png, .svg, .pdf).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
+def inspect(path, base, as_json, allow_pickle, plot, overwrite):
     """Describe an adapter (modules, ranks, scales, runtime compatibility) or a checkpoint."""
+    if plot:
+        _check_plot(plot, [path, base], overwrite)
     d = api.inspect(path, allow_pickle=allow_pickle, base=base)
     if plot:
         from .errors import UnsupportedError
@@ -215,7 +234,7 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
 @click.option("--quiet", is_flag=True)
-@click.option("--plot", type=click.Path(), help="Write each module's delta spectrum and retained energy vs rank (PNG).")
+@click.option("--plot", type=click.Path(), help="Write each module's delta spectrum and retained energy vs rank (.png, .svg, .pdf).")
 def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, max_rank, exact, include, exclude,
             embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet, plot):
     """Extract a LoRA from a full fine-tune (ΔW = tuned − base, factored per module)."""
@@ -223,6 +242,8 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
     from .ops.extract import REPORT, extract as run
 
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
+    if plot:
+        _check_plot(plot, [base, tuned], overwrite, output)
     _, rep = run(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                  embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
                  dtype=parse_dtype(dtype, False), overwrite=overwrite, quiet=quiet or as_json)

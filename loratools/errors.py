@@ -6,9 +6,10 @@ import os
 
 
 class LoratoolsError(Exception):
-    """A problem with the user's input or environment, reported as one line."""
+    """A problem with the user's input or environment, reported as one line. Raised as such
+    for bad option values (a usage error: exit 2, as click's own usage errors)."""
 
-    exit_code = 1
+    exit_code = 2
 
     def __init__(self, message: str, path: str | os.PathLike | None = None):
         self.path = None if path is None else os.fspath(path)

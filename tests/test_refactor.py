@@ -410,3 +410,21 @@ def test_combine_warns_about_different_base_names(fx, run_cli, tmp_path):
     a.config["base_model_name_or_path"], b.config["base_model_name_or_path"] = "org/model-a", "org/model-b"
     with pytest.warns(UserWarning, match="different base models"):
         combine([a, b])
+
+
+def test_merge_refuses_a_weight_on_whole_tensor_replacements(fx, tmp_path):
+    """modules_to_save replace base tensors whole: a weight other than 1 has no meaning there
+    (it used to be ignored), and replaced tensors count as modified."""
+
+    m = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-rslora", base=m)
+    with Checkpoint.open(m) as ck:
+        head = ck.get("lm_head.weight")
+    a.modules_to_save = {"lm_head.weight": head + 0.01}
+    with pytest.raises(IncompatibleError, match="cannot be weighted"):
+        merge(m, [a], tmp_path / "w", weights=[0.5])
+    assert not (tmp_path / "w").exists()
+    rep = merge(m, [a], tmp_path / "ok")
+    assert "lm_head.weight" in rep["modified"]
+    with Checkpoint.open(tmp_path / "ok") as ck:
+        assert torch.equal(ck.get("lm_head.weight"), (head + 0.01).to(ck.info("lm_head.weight").dtype))

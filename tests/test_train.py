@@ -1,6 +1,7 @@
 """Training: a learnable task, exact resume, completion-only masking, PEFT round trip, bad data."""
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -216,3 +217,46 @@ def test_optimizer_steps_equal_plain_autograd_and_adamw(fx):
         params.append([p.detach().clone() for p in ps])
     for a, b in zip(*params):
         assert (a - b).abs().max() <= 2e-4  # round-off through Adam's g/√v: ~2e-5 here; a wrong gradient moves ~lr = 1e-2
+
+
+def test_prompt_ending_in_a_space_keeps_the_completion_whole(fx, tmp_path):
+    """Tokenized together, 'Answer: ' + 'Paris' would merge the space into the completion's first
+    token, which would then carry no loss; prompt and completion are tokenized apart."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(fx / "models" / "llama" / "tokenizer.json"))
+    p = tmp_path / "pc.jsonl"
+    recs = [{"prompt": "The code for apple is ", "completion": "river stone"}, {"prompt": "Say hel", "completion": "lo there"}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ds = data.load(p, fx / "models" / "llama")
+    for r, ex in zip(recs, ds.examples):
+        want = tok.encode(r["completion"], add_special_tokens=False).ids
+        got = [i for i, m in zip(ex.ids, ex.mask) if m][: len(want)]
+        assert got == want and sum(ex.mask) == len(want) + 1  # the completion and the end token
+
+
+def test_packing_keeps_the_last_partial_row(fx, tmp_path):
+    tr, _ = mapping_data(tmp_path, "pc", repeat=1)
+    ds = data.load(tr, fx / "models" / "llama")
+    want = sum(sum(e.mask) for e in ds.examples)
+    longest = max(len(e.ids) for e in ds.examples)
+    for seq in (longest, longest + 3, 33, 256):  # no example truncated; the stream rarely fills the last row
+        x, y = data.pack(ds, seq, ds.report["eos_id"], list(range(len(ds.examples))))
+        assert int((y != -100).sum()) == want, seq  # every loss token is somewhere in the rows
+
+
+def test_data_files_as_real_tools_write_them(fx, tmp_path):
+    """A byte-order mark, U+2028 inside a JSON string (legal unescaped), CRLF line ends, and a
+    chat template that tests `tools` as Qwen/Llama-3.1 templates do."""
+    m = tmp_path / "model"
+    shutil.copytree(fx / "models" / "llama", m)
+    cfgp = m / "tokenizer_config.json"
+    c = json.loads(cfgp.read_text())
+    c["chat_template"] = ("{% if tools %}TOOLS{% endif %}{% for m in messages %}{% if m.tool_calls %}x{% endif %}"
+                          "<{{ m.role }}>{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfgp.write_text(json.dumps(c))
+    p = tmp_path / "d.jsonl"
+    recs = [{"text": "a\u2028b"}, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo\u2029"}]}]
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs).encode())
+    ds = data.load(p, m)
+    assert ds.report["kinds"] == {"text": 1, "chat": 1} and ds.report["examples"] == 2

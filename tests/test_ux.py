@@ -58,3 +58,26 @@ def test_shell_completion():
     r = subprocess.run([sys.executable, "-c", "from loratools.cli import cli; cli(prog_name='loratools')"],
                        capture_output=True, text=True, env=env)
     assert "export" in r.stdout
+
+
+def test_plot_path_is_checked_before_any_work(fx, tmp_path, run_cli):
+    base, tuned = fx / "models" / "llama", fx / "models" / "llama-tuned"
+    code, _, err = run_cli("extract", "--base", base, "--tuned", tuned, "-o", tmp_path / "ex", "--rank", "2",
+                           "--plot", tmp_path / "spec.safetensors")
+    assert code == 2 and "--plot must name" in err and not (tmp_path / "ex").exists()
+    (tmp_path / "old.png").write_bytes(b"x")
+    code, _, err = run_cli("inspect", fx / "adapters" / "llama-rslora", "--plot", tmp_path / "old.png")
+    assert code == 5 and "already exists" in err and (tmp_path / "old.png").read_bytes() == b"x"
+    code, _, err = run_cli("inspect", fx / "adapters" / "llama-rslora", "--plot", tmp_path / "old.png", "--overwrite")
+    assert code == 0, err
+    code, _, err = run_cli("extract", "--base", base, "--tuned", tuned, "-o", tmp_path / "ex2", "--rank", "2",
+                           "--plot", tmp_path / "ex2" / "spec.png", "--quiet")
+    assert code == 0 and (tmp_path / "ex2" / "spec.png").stat().st_size > 1000, err
+
+
+def test_bad_option_values_exit_2(fx, tmp_path, run_cli):
+    base, tuned = fx / "models" / "llama", fx / "models" / "llama-tuned"
+    for args in (["extract", "--base", base, "--tuned", tuned, "-o", tmp_path / "e", "--energy", "1.5"],
+                 ["resize", fx / "adapters" / "llama-rslora", "-o", tmp_path / "r", "--rank", "0"]):
+        code, _, err = run_cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, code, err)

@@ -64,15 +64,18 @@ class MergedView:
         if clash:
             raise UnsupportedError(f"module {clash[0]!r} has a DoRA adapter and another adapter; merge them one at a time")
         self.saved: dict[str, torch.Tensor] = {}
-        for a in adapters:
+        for a, w in zip(adapters, weights):
             for k, t in a.modules_to_save.items():
                 if k in self.saved:
                     raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
+                # PEFT saves an embedding layer targeted by LoRA whole (save_embedding_layers) even when
+                # it is unchanged: such a copy of the base tensor replaces nothing (and must not untie a head)
+                if _equals_base(ck, k, t, self.cfg.tie_word_embeddings):
+                    continue
+                if w != 1.0:
+                    raise IncompatibleError(f"an adapter with modules_to_save ({k!r}) cannot be weighted ({w:g}): its "
+                                            "tensors replace the base's whole", a.source or None)
                 self.saved[k] = t
-        # PEFT saves an embedding layer targeted by LoRA whole (save_embedding_layers) even when it
-        # is unchanged: such a copy of the base tensor replaces nothing (and must not untie a tied head)
-        for k in [k for k, t in self.saved.items() if _equals_base(ck, k, t, self.cfg.tie_word_embeddings)]:
-            del self.saved[k]
         shapes = _shapes(ck, self.cfg.tie_word_embeddings)
         for a in adapters:
             a.check_against(shapes, f"base model {ck.path}", merging=True)
@@ -110,6 +113,8 @@ class MergedView:
         t = self.saved[name] if name in self.saved else self.ck.get(src)
         ups = self.updates.get(name, [])
         if not ups:
+            if name in self.saved:
+                self.modified.append(name)
             return t
         check_finite(t, src, self.ck.path)
         W = t.to(self.dev, torch.float32)

@@ -1,12 +1,13 @@
 """Training data: plain text, JSONL with ``text``, prompt/completion pairs, and chat ``messages``.
 
 Every example becomes token ids plus a loss mask. Text examples train on every token; for
-prompt/completion only the completion carries loss, and for chats only the assistant turns
+prompt/completion only the completion carries loss (prompt and completion are tokenized apart
+and joined), and for chats only the assistant turns
 (found by rendering the conversation with the model's chat template turn by turn, and mapping
 the assistant spans' characters to tokens through the tokenizer's offsets). Examples are
 packed back to back into sequences of ``seq_len`` tokens (an end-of-sequence token between
-them); an example longer than ``seq_len`` is truncated to its first ``seq_len`` tokens and
-counted in the data report.
+them; the last row is padded with end tokens that carry no loss); an example longer than
+``seq_len`` is truncated to its first ``seq_len`` tokens and counted in the data report.
 """
 from __future__ import annotations
 
@@ -48,14 +49,26 @@ class ChatTemplate:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        # as transformers renders chat templates: lenient undefined names (templates test `tools`,
+        # `message.tool_calls`, ...), loop controls, raise_exception and strftime_now
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
-        self.template = env.from_string(src)
+        env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+        self.where = model_dir
+        try:
+            self.template = env.from_string(src)
+        except jinja2.TemplateError as e:
+            raise InputError(f"the chat template does not parse: {e}", model_dir) from None
         cfg = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
         self.specials = {k: _content(cfg.get(k)) for k in ("bos_token", "eos_token")}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
+        except jinja2.TemplateError as e:
+            raise InputError(f"the chat template fails on this chat: {e}", self.where) from None
 
 
 def _raise(msg):
@@ -121,8 +134,11 @@ def _example_from_record(rec, where, tok: Tokenizer, chat: "ChatTemplate | None"
         p, c = rec.get("prompt"), rec.get("completion")
         if not isinstance(p, str) or not isinstance(c, str):
             raise InputError(f"{where}: 'prompt' and 'completion' must both be strings")
-        ids, offsets = tok.encode(p + c)
-        ex = Example(ids, _mask_from_spans(offsets, [(len(p), len(p) + len(c))]))
+        # tokenized apart and joined (as TRL does): encoded together, a prompt's trailing space would
+        # merge into the completion's first token, which would then carry no loss
+        pids, _ = tok.encode(p)
+        cids, _ = tok.encode(c)
+        ex = Example(pids + cids, [False] * len(pids) + [True] * len(cids))
         if tok.eos_id is not None:
             ex.ids.append(tok.eos_id)
             ex.mask.append(True)
@@ -142,7 +158,7 @@ def load(path: str | os.PathLike, model_dir: str | os.PathLike) -> Dataset:
         raise InputError("no such file", path)
     tok = Tokenizer(model_dir)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not data
     except UnicodeDecodeError as e:
         raise InputError(f"not UTF-8 text ({e})", path) from e
     if not text.strip():
@@ -151,7 +167,9 @@ def load(path: str | os.PathLike, model_dir: str | os.PathLike) -> Dataset:
     kinds: dict[str, int] = {}
     if path.suffix in (".jsonl", ".json"):
         chat = None
-        for n, line in enumerate(text.splitlines(), 1):
+        # lines end at \n only: str.splitlines would also split at U+2028/U+2029/U+0085, which JSON
+        # strings may hold unescaped
+        for n, line in enumerate((l.removesuffix("\r") for l in text.split("\n")), 1):
             if not line.strip():
                 continue
             try:
@@ -198,7 +216,7 @@ def pack(ds: Dataset, seq_len: int, eos_id: int | None, order: list[int]) -> tup
             stream.append(eos_id)
             smask.append(False)
     ds.report["truncated"] = truncated
-    n = max(1, (len(stream) - 1) // seq_len)
+    n = max(1, -(-(len(stream) - 1) // seq_len))  # the last, partial row is padded (no loss), not dropped
     need = n * seq_len + 1
     if len(stream) < need:
         pad = need - len(stream)
