@@ -344,6 +344,9 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
 
     import warnings
 
+    if rank is not None and method in ("linear", "cat"):
+        raise LoratoolsError(f"--rank does not apply to --method {method} (its rank follows from the inputs'); "
+                             "use --method svd for a chosen rank, or resize the result")
     loaded = [api.load_adapter(a, base=base) for a in adapters]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

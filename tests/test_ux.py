@@ -81,3 +81,9 @@ def test_bad_option_values_exit_2(fx, tmp_path, run_cli):
                  ["resize", fx / "adapters" / "llama-rslora", "-o", tmp_path / "r", "--rank", "0"]):
         code, _, err = run_cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, code, err)
+
+
+def test_combine_rank_with_an_exact_method_is_refused(fx, tmp_path, run_cli):
+    a = fx / "adapters" / "llama-rslora"
+    code, _, err = run_cli("combine", a, a, "-o", tmp_path / "c", "--method", "cat", "--rank", "4")
+    assert code == 2 and "--rank does not apply" in err and not (tmp_path / "c").exists()
