@@ -212,8 +212,12 @@ def test_resize_loads_in_peft_and_kohya_input(fx, tmp_path, run_cli):
                            "--energy", "0.9")
     assert code == 0, err
     assert api.detect(tmp_path / "k.safetensors") == "kohya"
+    # --rank is a cap: above every module's rank (even above a module's width) nothing changes
     code, _, err = run_cli("resize", fx / "adapters" / "llama-rslora", "-o", tmp_path / "x", "--rank", "65")
-    assert code == 3 and "exceeds" in err
+    assert code == 0, err
+    src, out = read_peft(fx / "adapters" / "llama-rslora"), read_peft(tmp_path / "x")
+    assert out.ranks == src.ranks
+    assert all(torch.allclose(out.modules[n].delta(), m.delta(), atol=1e-6) for n, m in src.modules.items())
 
 
 def test_resize_keeps_lower_ranks():

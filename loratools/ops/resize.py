@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..errors import IncompatibleError, UnsupportedError
+from ..errors import UnsupportedError
 from . import factor
 
 
@@ -26,10 +26,7 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
     svds = {}
     t0 = time.perf_counter()
     for name, m in adapter.modules.items():
-        full = min(m.out_features, m.in_features)
-        if rule.kind == "rank" and int(rule.value) > full:
-            raise IncompatibleError(f"rank {int(rule.value)} exceeds what module {name!r} ({m.out_features}×{m.in_features}) allows ({full})",
-                                    adapter.source or None)
+        # --rank N is a cap: a module already at rank ≤ N (or smaller than N) keeps its rank
         U, S, Vh = factor.svd_factored(m.B.to(device), m.A.to(device), m.scale)
         svds[name] = (U, S, Vh)
     if budget_params is not None:
