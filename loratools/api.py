@@ -168,7 +168,7 @@ def tokenize(model_dir: str | os.PathLike, text: str) -> list[int]:
 
     p = Path(model_dir) / "tokenizer.json"
     if not p.is_file():
-        raise InputError("no tokenizer.json to encode the prompt (pass --ids instead)", model_dir)
+        raise InputError("no tokenizer.json to encode the prompt (forward takes --ids instead of a prompt)", model_dir)
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # noqa: BLE001

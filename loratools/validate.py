@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, LoratoolsError
+from .errors import IncompatibleError, InputError, LoratoolsError
 
 # precision -> (max mean KL, min top-1 agreement, min greedy agreement)
 TOLERANCES = {
@@ -53,19 +53,43 @@ class Candidate:
     device: str = "cpu"
 
 
+def _split_spec(spec: str) -> tuple[Path, Path | None]:
+    """``MODEL`` or ``MODEL+ADAPTER``; a path that exists as written (it may contain '+') wins,
+    else the split is at the last '+'."""
+    if Path(spec).exists() or "+" not in spec:
+        return Path(spec), None
+    main, _, extra = spec.rpartition("+")
+    return Path(main), Path(extra)
+
+
 def parse_candidate(spec: str) -> Candidate:
-    main, _, extra = spec.partition("+")
-    p = Path(main)
+    p, ad = _split_spec(spec)
     if not p.exists():
         raise InputError("no such file or directory", p)
-    ad = Path(extra) if extra else None
     if ad is not None and not ad.exists():
         raise InputError("no such file or directory", ad)
     if p.suffix == ".gguf":
         from .formats.gguf_model import open_gguf
 
-        r = open_gguf(p)
-        kinds = {t.tensor_type.name for t in r.tensors if len(t.shape) > 1}
+        mr = open_gguf(p)
+        kinds = {t.tensor_type.name for t in mr.tensors if len(t.shape) > 1}
+        if ad is not None:
+            if ad.suffix != ".gguf":
+                raise IncompatibleError("a GGUF model takes a GGUF adapter (.gguf) after '+'", ad)
+            ar = open_gguf(ad)
+            from .formats.gguf_model import field
+
+            if field(ar, "general.type") != "adapter":
+                raise IncompatibleError("not a GGUF LoRA adapter (general.type is not 'adapter')", ad)
+            # llama.cpp does not survive an adapter for another model: check names and shapes first
+            base = {t.name: [int(x) for x in t.shape] for t in mr.tensors}
+            for t in ar.tensors:
+                w, _, part = t.name.rpartition(".")
+                shape = [int(x) for x in t.shape]
+                if w not in base or part not in ("lora_a", "lora_b") or len(shape) != 2 or \
+                        shape[0 if part == "lora_a" else 1] != base[w][0 if part == "lora_a" else 1]:
+                    raise IncompatibleError(f"adapter tensor {t.name!r} {shape} does not fit the model {p}", ad)
+            kinds |= {t.tensor_type.name for t in ar.tensors}  # an f16 adapter makes the pair f16
         prec = ("fp32" if kinds <= {"F32"} else "fp16" if kinds <= {"F16", "F32"} else "bf16" if kinds <= {"BF16", "F32"}
                 else "q8_0" if kinds <= {"Q8_0", "F32", "F16"} else "q4")
         return Candidate(spec, "gguf", p, ad, prec, "llama.cpp")
@@ -73,7 +97,15 @@ def parse_candidate(spec: str) -> Candidate:
         import onnx
 
         m = onnx.load(str(p / "model.onnx"), load_external_data=False)
-        prec = "fp16" if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in m.graph.output) else "fp32"
+        # the weights' type (logits are float32 even in fp16 exports, and --no-cache has no present.*)
+        weights = [t.data_type for t in m.graph.initializer if len(t.dims) == 2 and min(t.dims) > 0]
+        prec = "fp16" if weights and onnx.TensorProto.FLOAT16 in weights else "fp32"
+        if ad is not None:
+            if ad.suffix != ".onnx_adapter":
+                raise IncompatibleError("an ONNX model takes an ONNX Runtime adapter (.onnx_adapter) after '+'", ad)
+            from .formats.onnx_model import check_adapter_fits
+
+            check_adapter_fits(p / "model.onnx", ad)
         return Candidate(spec, "onnx", p, ad, prec, "onnxruntime")
     if p.is_dir() and (p / "config.json").is_file():
         if ad is not None:
@@ -161,14 +193,14 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
         per = []
         for (rl, rg), (cl, cg), ids in zip(refs, outs, ids_list):
             if cl.shape != rl.shape:
-                raise LoratoolsError(f"{c.spec}: logits are {cl.shape}, the reference's {rl.shape} (a different vocabulary?)")
+                raise IncompatibleError(f"logits are {cl.shape}, the reference's {rl.shape} (a different vocabulary?)", c.spec)
             d = np.abs(cl - rl)
             kl = kl_rows(rl, cl)
             per.append({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
                         "max_rel": float((d.max(-1) / np.abs(rl).max(-1).clip(1e-12)).max()),
                         "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
                         "top1": float((cl.argmax(-1) == rl.argmax(-1)).mean()),
-                        "greedy_match": _greedy_match(rg, cg) / max(tokens, 1),
+                        "greedy_match": _greedy_match(rg, cg) / tokens if tokens else 1.0,  # --tokens 0: nothing to compare
                         "worst_position": int(kl.argmax())})
         agg = {"max_abs": max(p["max_abs"] for p in per), "mean_abs": float(np.mean([p["mean_abs"] for p in per])),
                "max_rel": max(p["max_rel"] for p in per), "mean_kl": float(np.mean([p["mean_kl"] for p in per])),
@@ -217,7 +249,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         lines = out
     if not lines:
         raise InputError("no prompts in the file", p)
-    return [l.replace("\\n", "\n") for l in lines]
+    return lines if p.suffix == ".jsonl" else [l.replace("\\n", "\n") for l in lines]  # JSON has its own escapes
 
 
 def peft_reference(base: str | os.PathLike, adapter: str | os.PathLike, ids_list) -> list[np.ndarray] | None:

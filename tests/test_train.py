@@ -260,3 +260,28 @@ def test_data_files_as_real_tools_write_them(fx, tmp_path):
     p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs).encode())
     ds = data.load(p, m)
     assert ds.report["kinds"] == {"text": 1, "chat": 1} and ds.report["examples"] == 2
+
+
+def test_resume_refuses_other_options_and_a_fresh_start_drops_old_metrics(fx, tmp_path):
+    tr, _ = mapping_data(tmp_path)
+    m = fx / "models" / "llama"
+    train(m, tr, tmp_path / "a", cfg(epochs=2, checkpoint_every=3, stop_after=4), log=lambda s: None)
+    for change in (dict(rank=4), dict(lr=1e-3), dict(seq_len=40), dict(max_steps=3)):
+        with pytest.raises(Exception) as e:
+            train(m, tr, tmp_path / "a", cfg(epochs=2, checkpoint_every=3, **change), resume=True, log=lambda s: None)
+        assert type(e.value).__name__ == "IncompatibleError" and "other options" in str(e.value), change
+    # interrupted before any checkpoint, then started again: the metrics are the new run's only
+    train(m, tr, tmp_path / "b", cfg(epochs=2, checkpoint_every=1000, stop_after=3), log=lambda s: None)
+    import shutil as _sh
+    _sh.rmtree(tmp_path / "b.train" / "checkpoints", ignore_errors=True)
+    rep = train(m, tr, tmp_path / "b", cfg(max_steps=5, checkpoint_every=1000), log=lambda s: None)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, rep["steps"] + 1))
+
+
+def test_seq_len_that_truncates_every_label_is_refused(fx, tmp_path):
+    p = tmp_path / "pc.jsonl"
+    p.write_text("".join(json.dumps({"prompt": "a long prompt with many words before the answer " * 3,
+                                     "completion": " yes"}) + "\n" for _ in range(4)))
+    with pytest.raises(InputError, match="no token carries loss once examples are truncated"):
+        train(fx / "models" / "llama", p, tmp_path / "o", cfg(seq_len=8, max_steps=2), log=lambda s: None)

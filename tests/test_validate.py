@@ -152,3 +152,43 @@ def test_validate_extraction_on_a_tied_model(fx, tmp_path):
     rep = validate_extraction(base, tuned, tmp_path / "a", prompts=["hello there"])
     assert "lm_head" in a.modules and "lm_head" in rep["modules"]
     assert rep["modules"]["lm_head"]["rel_error"] == pytest.approx(rep["modules"]["model.embed_tokens"]["rel_error"], rel=1e-6)
+
+
+def test_candidate_specs_that_do_not_fit_are_refused_before_running(art, tmp_path, run_cli):
+    """A model+adapter pair of the wrong kinds used to crash llama.cpp (segfault) or ONNX Runtime
+    (exit 70); now each is a one-line refusal (exit 3) before anything runs."""
+    d, m, a = art
+    pairs = [(f"{d / 'base.gguf'}+{d / 'a.onnx_adapter'}", "GGUF adapter"),
+             (f"{d / 'onnx'}+{d / 'adapter.gguf'}", ".onnx_adapter"),
+             (f"{d / 'onnx'}+{d / 'a.onnx_adapter'}", "no LoRA slots")]
+    other = tmp_path / "other.gguf"  # an adapter exported for another model
+    export_gguf_adapter(_qwen3_adapter(m), m.parent / "qwen3", other)
+    pairs.append((f"{d / 'base.gguf'}+{other}", "does not fit the model"))
+    for spec, words in pairs:
+        code, out, err = run_cli("validate", "--base", m, "-a", a.source, spec, "--tokens", "2")
+        assert code == 3 and words in err and len(err.strip().splitlines()) == 1, (spec, code, err)
+
+
+def _qwen3_adapter(m):
+    """A plain LoRA with the qwen3 fixture's module shapes."""
+    from loratools.adapter import Adapter, LoraModule
+
+    g = torch.Generator().manual_seed(0)
+    q3 = api.load_adapter(m.parent.parent / "adapters" / "qwen3-dora")
+    mods = {n: LoraModule(A=torch.randn_like(x.A), B=torch.randn(x.B.shape, generator=g) * 0.01, scale=1.0)
+            for n, x in q3.modules.items()}
+    return Adapter(modules=mods, format="peft")
+
+
+def test_tokens_zero_plus_in_paths_and_fp16_without_cache(art, tmp_path, run_cli):
+    d, m, a = art
+    plus = tmp_path / "c++"
+    plus.mkdir()
+    shutil.copyfile(d / "merged-q8.gguf", plus / "m.gguf")
+    export_onnx(m, tmp_path / "nc16", [a], dtype="fp16", cache=False)
+    code, out, err = run_cli("validate", "--base", m, "-a", a.source, d / "merged", plus / "m.gguf", tmp_path / "nc16",
+                             "--tokens", "0", "--json")
+    assert code == 0, err + out
+    rep = json.loads(out)
+    assert [c["precision"] for c in rep["candidates"]] == ["fp32", "q8_0", "fp16"]
+    assert all(c["metrics"]["greedy_match"] == 1.0 for c in rep["candidates"])

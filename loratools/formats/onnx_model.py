@@ -23,7 +23,7 @@ import torch
 
 from ..adapter import Adapter
 from ..checkpoint import copy_aux_files
-from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
+from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
 from ..models.decoder import LoraSlot
@@ -356,10 +356,21 @@ def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.Pat
     m = onnx.load(str(model_path), load_external_data=False)
     inputs = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
               for i in m.graph.input}
-    params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
+    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    try:
+        params = ort.AdapterFormat.read_adapter(str(adapter_path)).get_parameters()
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for files it cannot parse
+        raise InputError(f"not an ONNX Runtime adapter file ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                         adapter_path) from None
+    if not any(n.endswith(".lora_A") for n in types):
+        raise IncompatibleError(f"{model_path} has no LoRA slots (export it with --lora-slots to feed adapters)", adapter_path)
     for name, val in params.items():
         if name not in inputs:
             raise IncompatibleError(f"adapter parameter {name!r} matches no LoRA slot of {model_path}", adapter_path)
+        if val.element_type() != types[name]:
+            got, want_t = (onnx.helper.tensor_dtype_to_np_dtype(t) for t in (val.element_type(), types[name]))
+            raise IncompatibleError(f"adapter parameter {name!r} is {got} but the slot takes {want_t} "
+                                    "(export the adapter with the model's --dtype)", adapter_path)
         shape = val.shape()
         want = inputs[name]
         if any(w is not None and w != g for w, g in zip(want, shape)):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import st
 from ..adapter import Adapter, LoraModule, lora_scale
-from ..errors import InputError, LoratoolsError, OutputError
+from ..errors import IncompatibleError, InputError, LoratoolsError, OutputError
 from ..formats.peft import write_peft
 from ..fsutil import atomic_dir, check_output
 from ..models.decoder import LoraSlot, load_model
@@ -224,7 +224,8 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
         if not overwrite:
             raise OutputError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                               "to start again", work)
-        shutil.rmtree(work)
+    if not resume and work.exists():
+        shutil.rmtree(work)  # a fresh start: no metrics or checkpoints of an interrupted earlier run carry over
     dev = pick_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     torch.manual_seed(cfg.seed)
@@ -240,7 +241,12 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     params = [p for s in slots.values() for p in (s.A, s.B)]
     opt = make_optimizer(params, lr, cfg.weight_decay)
     eos = ds.report["eos_id"]
-    rows_per_epoch = data.pack(ds, cfg.seq_len, eos, list(range(len(ds.examples))))[0].shape[0]
+    packed_x, packed_y = data.pack(ds, cfg.seq_len, eos, list(range(len(ds.examples))))
+    rows_per_epoch = packed_x.shape[0]
+    ds.report["loss_tokens_after_truncation"] = kept = int((packed_y != -100).sum())
+    if kept == 0:
+        raise InputError(f"no token carries loss once examples are truncated to --seq-len {cfg.seq_len} (the "
+                         "completions / assistant turns all lie beyond it); raise --seq-len", data_path)
     steps_per_epoch = max(1, math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum)))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     ev_xy = data.pack(ev, cfg.seq_len, ev.report["eos_id"], list(range(len(ev.examples)))) if ev else None
@@ -249,6 +255,14 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
               "model_parameters": n_params, "steps": total, "device": str(dev), "losses": [], "eval_losses": []}
     log(f"lr {lr:.3g}" + (f" (10x {ft_lr:.3g}, a full fine-tuning LR for {n_params / 1e6:.0f}M parameters)" if ft_lr else "")
         + f"; {len(slots)} LoRA layers, {report['trainable_parameters']:,} trainable parameters; {total} steps")
+    if cfg.warmup >= total:
+        log(f"warning: --warmup {cfg.warmup} is not shorter than the run ({total} steps): the LR never reaches {lr:.3g} "
+            "and never decays; lower --warmup")
+    # what a resumed run must share with the interrupted one to continue it exactly
+    same = {k: v for k, v in asdict(cfg).items() if k not in ("eval_every", "checkpoint_every", "device", "stop_after",
+                                                             "gradient_checkpointing")}
+    same.update(lr=lr, data=str(Path(data_path).resolve()), model=str(model_dir.resolve()),
+                examples=len(ds.examples), tokens=ds.report["tokens"])
     step = 0
     work.mkdir(parents=True, exist_ok=True)
     metrics = work / "metrics.jsonl"
@@ -256,6 +270,12 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
         last = ckpts.latest()
         if last is None:
             raise InputError("--resume: no checkpoint to resume from", work)
+        saved = json.loads((last / "state.json").read_text()).get("run")
+        if saved is not None and saved != same:
+            diff = sorted(k for k in set(saved) | set(same) if saved.get(k) != same.get(k))
+            raise IncompatibleError(f"--resume with other options than the interrupted run ({', '.join(diff)}: "
+                                    f"{', '.join(f'{saved.get(k)!r} then, {same.get(k)!r} now' for k in diff[:2])}); "
+                                    "resume with the same options or start again with --overwrite", last)
         meta = ckpts.load(last, slots, opt)
         step = meta["step"]
         report["losses"], report["eval_losses"] = meta["losses"], meta["eval_losses"]
@@ -304,10 +324,10 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
             bar.update(1)
             if step % cfg.checkpoint_every == 0 and step < total:
                 ckpts.save(step, slots, opt, {"losses": report["losses"], "eval_losses": report["eval_losses"],
-                                                "eval_loss_initial": report.get("eval_loss_initial")})
+                                                "eval_loss_initial": report.get("eval_loss_initial"), "run": same})
             if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
                 ckpts.save(step, slots, opt, {"losses": report["losses"], "eval_losses": report["eval_losses"],
-                                                "eval_loss_initial": report.get("eval_loss_initial")})
+                                                "eval_loss_initial": report.get("eval_loss_initial"), "run": same})
                 bar.close()
                 report["stopped_at"] = step
                 return report
