@@ -54,12 +54,23 @@ class Candidate:
 
 
 def _split_spec(spec: str) -> tuple[Path, Path | None]:
-    """``MODEL`` or ``MODEL+ADAPTER``; a path that exists as written (it may contain '+') wins,
-    else the split is at the last '+'."""
+    """``MODEL`` or ``MODEL+ADAPTER``; either path may contain '+': a path that exists as written
+    wins, then the first split at a '+' where both sides exist, else the last '+' (for the error)."""
     if Path(spec).exists() or "+" not in spec:
         return Path(spec), None
-    main, _, extra = spec.rpartition("+")
-    return Path(main), Path(extra)
+    cuts = [i for i, ch in enumerate(spec) if ch == "+"]
+    for i in cuts:
+        if Path(spec[:i]).exists() and Path(spec[i + 1:]).exists():
+            return Path(spec[:i]), Path(spec[i + 1:])
+    return Path(spec[:cuts[-1]]), Path(spec[cuts[-1] + 1:])
+
+
+_ORDER = ["fp32", "fp16", "bf16", "q8_0", "q4"]  # finer to coarser
+
+
+def _gguf_precision(kinds: set[str]) -> str:
+    return ("fp32" if kinds <= {"F32"} else "fp16" if kinds <= {"F16", "F32"} else "bf16" if kinds <= {"BF16", "F32"}
+            else "q8_0" if kinds <= {"Q8_0", "F32", "F16"} else "q4")
 
 
 def parse_candidate(spec: str) -> Candidate:
@@ -86,12 +97,19 @@ def parse_candidate(spec: str) -> Candidate:
             for t in ar.tensors:
                 w, _, part = t.name.rpartition(".")
                 shape = [int(x) for x in t.shape]
-                if w not in base or part not in ("lora_a", "lora_b") or len(shape) != 2 or \
-                        shape[0 if part == "lora_a" else 1] != base[w][0 if part == "lora_a" else 1]:
+                # llama.cpp's rule: lora_a's ne[0] = the weight's ne[0], lora_b's ne[1] = its ne[1];
+                # token_embd's factors are stored the other way round (a: ne[1] = ne[1], b: ne[1] = ne[0])
+                if w == "token_embd.weight" and w in base and len(shape) == 2:
+                    ok = shape[1] == (base[w][1] if part == "lora_a" else base[w][0])
+                else:
+                    ok = w in base and len(shape) == 2 and shape[0 if part == "lora_a" else 1] == base[w][0 if part == "lora_a" else 1]
+                if part not in ("lora_a", "lora_b") or not ok:
                     raise IncompatibleError(f"adapter tensor {t.name!r} {shape} does not fit the model {p}", ad)
-            kinds |= {t.tensor_type.name for t in ar.tensors}  # an f16 adapter makes the pair f16
-        prec = ("fp32" if kinds <= {"F32"} else "fp16" if kinds <= {"F16", "F32"} else "bf16" if kinds <= {"BF16", "F32"}
-                else "q8_0" if kinds <= {"Q8_0", "F32", "F16"} else "q4")
+            # the pair is as coarse as its coarser half (an f16 adapter on an f32 model: fp16)
+            ad_prec = _gguf_precision({t.tensor_type.name for t in ar.tensors})
+            prec = max(_gguf_precision(kinds), ad_prec, key=_ORDER.index)
+            return Candidate(spec, "gguf", p, ad, prec, "llama.cpp")
+        prec = _gguf_precision(kinds)
         return Candidate(spec, "gguf", p, ad, prec, "llama.cpp")
     if p.is_dir() and (p / "model.onnx").is_file():
         import onnx
@@ -234,7 +252,9 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError("no such file", p)
-    lines = [l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+    text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is not a prompt
+    # JSONL lines end at \n only (JSON strings may hold U+2028 unescaped); .txt lines as usual
+    lines = [l.removesuffix("\r") for l in (text.split("\n") if p.suffix == ".jsonl" else text.splitlines()) if l.strip()]
     if p.suffix == ".jsonl":
         out = []
         for n, l in enumerate(lines, 1):

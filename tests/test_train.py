@@ -220,8 +220,8 @@ def test_optimizer_steps_equal_plain_autograd_and_adamw(fx):
 
 
 def test_prompt_ending_in_a_space_keeps_the_completion_whole(fx, tmp_path):
-    """Tokenized together, 'Answer: ' + 'Paris' would merge the space into the completion's first
-    token, which would then carry no loss; prompt and completion are tokenized apart."""
+    """'Answer: ' + 'Paris' encodes the space and the word as one token; it ends inside the
+    completion, so it carries loss (it used to carry none, leaving only the end token)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(fx / "models" / "llama" / "tokenizer.json"))
@@ -230,9 +230,12 @@ def test_prompt_ending_in_a_space_keeps_the_completion_whole(fx, tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     ds = data.load(p, fx / "models" / "llama")
     for r, ex in zip(recs, ds.examples):
-        want = tok.encode(r["completion"], add_special_tokens=False).ids
-        got = [i for i, m in zip(ex.ids, ex.mask) if m][: len(want)]
-        assert got == want and sum(ex.mask) == len(want) + 1  # the completion and the end token
+        joint = tok.encode(r["prompt"] + r["completion"], add_special_tokens=False)
+        assert ex.ids[:-1] == joint.ids  # the text as the model will see it, then the end token
+        learned = tok.decode([i for i, m in zip(ex.ids[:-1], ex.mask[:-1]) if m])
+        assert r["completion"].split()[-1] in learned and learned.strip().endswith(r["completion"].strip()[-3:])
+        first = next(k for k, (a, b) in enumerate(joint.offsets) if b > len(r["prompt"]))
+        assert ex.mask[first] and not any(ex.mask[:first]) and ex.mask[-1]
 
 
 def test_packing_keeps_the_last_partial_row(fx, tmp_path):
@@ -285,3 +288,30 @@ def test_seq_len_that_truncates_every_label_is_refused(fx, tmp_path):
                                      "completion": " yes"}) + "\n" for _ in range(4)))
     with pytest.raises(InputError, match="no token carries loss once examples are truncated"):
         train(fx / "models" / "llama", p, tmp_path / "o", cfg(seq_len=8, max_steps=2), log=lambda s: None)
+
+
+def test_chat_template_renders_as_transformers_does(fx, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = tmp_path / "model"
+    shutil.copytree(fx / "models" / "llama", m)
+    cfgp = m / "tokenizer_config.json"
+    c = json.loads(cfgp.read_text())
+    c["chat_template"] = ("{% if tools is not none %}T{% endif %}{% for x in messages %}<{{ x.role }}>{{ x.content }}"
+                          "{% if x.meta is defined %}{{ x.meta | tojson }}{% endif %}</s>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfgp.write_text(json.dumps(c))
+    msgs = [{"role": "user", "content": "héllo <b>", "meta": {"zeta": "<a & b>", "alpha": "é"}},
+            {"role": "assistant", "content": "ok"}]
+    ours = data.ChatTemplate(m).render(msgs)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(m)).apply_chat_template(msgs, tokenize=False)
+    assert ours == theirs, (ours, theirs)
+
+
+def test_fresh_start_will_not_clear_an_input_inside_the_work_folder(fx, tmp_path):
+    tr, _ = mapping_data(tmp_path)
+    work = tmp_path / "run.train"
+    work.mkdir()
+    shutil.copyfile(tr, work / "data.jsonl")
+    with pytest.raises(OutputError, match="lies inside the run's work folder"):
+        train(fx / "models" / "llama", work / "data.jsonl", tmp_path / "run", cfg(max_steps=1), log=lambda s: None)
+    assert (work / "data.jsonl").is_file()

@@ -192,3 +192,20 @@ def test_tokens_zero_plus_in_paths_and_fp16_without_cache(art, tmp_path, run_cli
     rep = json.loads(out)
     assert [c["precision"] for c in rep["candidates"]] == ["fp32", "q8_0", "fp16"]
     assert all(c["metrics"]["greedy_match"] == 1.0 for c in rep["candidates"])
+
+
+def test_gguf_pairs_with_embedding_lora_plus_in_paths_and_mixed_precision(fx, tmp_path, run_cli):
+    """An adapter with an embedding LoRA (llama.cpp stores token_embd's factors the other way
+    round) in a folder whose name holds '+', f16 on a bf16 model: accepted, graded as bf16, passes."""
+    from loratools.validate import parse_candidate
+
+    m = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-patterns", base=m)
+    (tmp_path / "my+ads").mkdir()
+    gguf_model.export_gguf(m, tmp_path / "m.gguf", outtype="bf16")
+    export_gguf_adapter(a, m, tmp_path / "my+ads" / "p16.gguf", outtype="f16")
+    spec = f"{tmp_path / 'm.gguf'}+{tmp_path / 'my+ads' / 'p16.gguf'}"
+    c = parse_candidate(spec)
+    assert c.precision == "bf16" and c.adapter == tmp_path / "my+ads" / "p16.gguf"
+    code, out, err = run_cli("validate", "--base", m, "-a", fx / "adapters" / "llama-patterns", spec, "--tokens", "4", "--json")
+    assert code == 0, err + out

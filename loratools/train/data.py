@@ -1,8 +1,9 @@
 """Training data: plain text, JSONL with ``text``, prompt/completion pairs, and chat ``messages``.
 
 Every example becomes token ids plus a loss mask. Text examples train on every token; for
-prompt/completion only the completion carries loss (prompt and completion are tokenized apart
-and joined), and for chats only the assistant turns
+prompt/completion only the completion carries loss (every token that ends inside it, so one
+that merges a prompt's trailing space with the completion's first word counts), and for chats
+only the assistant turns
 (found by rendering the conversation with the model's chat template turn by turn, and mapping
 the assistant spans' characters to tokens through the tokenizer's offsets). Examples are
 packed back to back into sequences of ``seq_len`` tokens (an end-of-sequence token between
@@ -53,6 +54,9 @@ class ChatTemplate:
         # `message.tool_calls`, ...), loop controls, raise_exception and strftime_now
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
+        # transformers' tojson: key order kept, no HTML escaping, non-ASCII as is
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
         env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
         self.where = model_dir
         try:
@@ -66,8 +70,9 @@ class ChatTemplate:
         import jinja2
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
-        except jinja2.TemplateError as e:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                        documents=None, **self.specials)
+        except (jinja2.TemplateError, TypeError, ValueError) as e:
             raise InputError(f"the chat template fails on this chat: {e}", self.where) from None
 
 
@@ -134,11 +139,11 @@ def _example_from_record(rec, where, tok: Tokenizer, chat: "ChatTemplate | None"
         p, c = rec.get("prompt"), rec.get("completion")
         if not isinstance(p, str) or not isinstance(c, str):
             raise InputError(f"{where}: 'prompt' and 'completion' must both be strings")
-        # tokenized apart and joined (as TRL does): encoded together, a prompt's trailing space would
-        # merge into the completion's first token, which would then carry no loss
-        pids, _ = tok.encode(p)
-        cids, _ = tok.encode(c)
-        ex = Example(pids + cids, [False] * len(pids) + [True] * len(cids))
+        # encoded together (the text the model will see), and a token carries loss when it ends
+        # inside the completion: a prompt's trailing space that merges into the completion's first
+        # token ("Answer: " + "Paris" -> "ĠParis") leaves that token with its loss
+        ids, offsets = tok.encode(p + c)
+        ex = Example(ids, [b > len(p) for _, b in offsets])
         if tok.eos_id is not None:
             ex.ids.append(tok.eos_id)
             ex.mask.append(True)

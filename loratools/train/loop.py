@@ -202,7 +202,9 @@ class _Checkpoints:
             for i, p in enumerate(params):
                 p.copy_(t[f"param.{i}"])
                 if f"opt.{i}.exp_avg" in t:
-                    opt.state[p] = {k: t[f"opt.{i}.{k}"].to(p.device) if k != "step" else t[f"opt.{i}.{k}"]
+                    # the fused AdamW kernel wants its step counters on the parameters' device too
+                    step_dev = p.device if opt.defaults.get("fused") else torch.device("cpu")
+                    opt.state[p] = {k: t[f"opt.{i}.{k}"].to(p.device if k != "step" else step_dev)
                                     for k in ("exp_avg", "exp_avg_sq", "step")}
         return meta
 
@@ -225,6 +227,9 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
             raise OutputError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                               "to start again", work)
     if not resume and work.exists():
+        for q in (model_dir, data_path, eval_path):
+            if q is not None and work.resolve() in Path(q).resolve().parents:
+                raise OutputError(f"the input {q} lies inside the run's work folder, which a fresh start clears; move it", work)
         shutil.rmtree(work)  # a fresh start: no metrics or checkpoints of an interrupted earlier run carry over
     dev = pick_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
