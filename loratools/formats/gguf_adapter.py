@@ -40,11 +40,11 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
                                "merge the adapter and export the merged model instead", src)
     if adapter.modules_to_save:
         from ..checkpoint import Checkpoint
-        from ..ops.merge import _equals_base
+        from ..ops.merge import equals_base
 
         with Checkpoint.open(base_dir) as ck:  # PEFT saves an unchanged embedding whole: that replaces nothing
             tied = load_config(base_dir).tie_word_embeddings
-            changed = sorted(k for k, t in adapter.modules_to_save.items() if not _equals_base(ck, k, t, tied))
+            changed = sorted(k for k, t in adapter.modules_to_save.items() if not equals_base(ck, k, t, tied))
         if changed:
             raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
                                    "they replace whole tensors; merge the adapter and export the merged model instead", src)

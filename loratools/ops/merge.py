@@ -35,7 +35,9 @@ def _shapes(ck: Checkpoint, tied: bool) -> dict[str, tuple]:
     return shapes
 
 
-def _equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied: bool) -> bool:
+def equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied: bool) -> bool:
+    """Whether a saved whole tensor (modules_to_save) holds exactly the base's values (a tied
+    model's lm_head is its embedding)."""
     src = "model.embed_tokens.weight" if key == "lm_head.weight" and tied and key not in ck else key
     if src not in ck or tuple(ck.info(src).shape) != tuple(t.shape):
         return False
@@ -70,7 +72,7 @@ class MergedView:
                     raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
                 # PEFT saves an embedding layer targeted by LoRA whole (save_embedding_layers) even when
                 # it is unchanged: such a copy of the base tensor replaces nothing (and must not untie a head)
-                if _equals_base(ck, k, t, self.cfg.tie_word_embeddings):
+                if equals_base(ck, k, t, self.cfg.tie_word_embeddings):
                     continue
                 if w != 1.0:
                     raise IncompatibleError(f"an adapter with modules_to_save ({k!r}) cannot be weighted ({w:g}): its "

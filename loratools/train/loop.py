@@ -288,6 +288,10 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         metrics.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
         log(f"resumed from {last.name}")
+    def save_checkpoint() -> None:
+        ckpts.save(step, slots, opt, {"losses": report["losses"], "eval_losses": report["eval_losses"],
+                                      "eval_loss_initial": report.get("eval_loss_initial"), "run": same})
+
     batches = Batches(ds, cfg, steps_per_epoch)
     batch = batches.at
 
@@ -328,11 +332,9 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cur:.2e}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if step % cfg.checkpoint_every == 0 and step < total:
-                ckpts.save(step, slots, opt, {"losses": report["losses"], "eval_losses": report["eval_losses"],
-                                                "eval_loss_initial": report.get("eval_loss_initial"), "run": same})
+                save_checkpoint()
             if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
-                ckpts.save(step, slots, opt, {"losses": report["losses"], "eval_losses": report["eval_losses"],
-                                                "eval_loss_initial": report.get("eval_loss_initial"), "run": same})
+                save_checkpoint()
                 bar.close()
                 report["stopped_at"] = step
                 return report
