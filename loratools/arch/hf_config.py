@@ -313,14 +313,9 @@ def _attention_scale(cfg, spec: ArchSpec, head_dim: int, path) -> float:
 
 
 def _fused(cfg, spec: ArchSpec, path) -> tuple[bool, bool]:
-    """Fused projections are a family fact; a config that says otherwise contradicts itself."""
-    out = []
-    for key, fused in (("fused_qkv", spec.fused_qkv), ("fused_gate_up", spec.fused_gate_up)):
-        if key in cfg and cfg[key] is not None and bool(cfg[key]) != fused:
-            raise InputError(f"field {key!r}={cfg[key]!r} contradicts model_type {spec.family!r}, whose "
-                             f"{'fused' if fused else 'separate'} projections transformers builds", path)
-        out.append(fused)
-    return out[0], out[1]
+    """Fused projections are a family fact (transformers builds Phi-3 with qkv_proj and
+    gate_up_proj, whatever the checkpoint holds); check_fits refuses a checkpoint that disagrees."""
+    return spec.fused_qkv, spec.fused_gate_up
 
 
 def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:
