@@ -191,6 +191,8 @@ def _target_modules(names: list[str], num_layers: int | None = None) -> list[str
         layer_sets.setdefault(n.rpartition(".")[2], set()).add(int(m.group(1)) if m else -1)
     layered = [s for s in layer_sets.values() if -1 not in s]
     mixed = any(-1 in s and len(s) > 1 for s in layer_sets.values())
+    if layered and not all(n.startswith("model.layers.") or not re.search(r"\.(\d+)\.", n) for n in names):
+        return sorted(names)  # a multimodal model (model.language_model.layers...): leaf names would reach its vision tower
     if layered and num_layers is None:
         return sorted(names)  # without the base's layer count, leaf names could reach layers we lack
     if layered:
