@@ -190,6 +190,11 @@ def test_extract_error_is_optimal(families, tmp_path, name):
             assert m.rank == 4 and err <= opt * (1 + 1e-6), mod
     expected = {k for k in load_config(d).linear_shapes()}
     assert {n.rsplit(".", 1)[1] for n in a.modules} == expected
+    # written as PEFT, it loads in PEFT on the base with the logits of our unmerged forward
+    out = tmp_path / "extracted"
+    a, _ = extract(d, tuned, out, RankRule("rank", 4), exact=True, embeddings="skip")
+    ours, _ = load_model(d, adapters=[api.load_adapter(out, base=d)])(IDS)
+    assert (ours - peft_logits(d, out)).abs().max().item() <= TOL
 
 
 # -- train -----------------------------------------------------------------------------------------

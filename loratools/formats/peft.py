@@ -284,6 +284,9 @@ def write_peft(adapter: Adapter, out: str | os.PathLike, base_model_name_or_path
     """Write ``adapter`` as a PEFT adapter folder, atomically. ``num_layers`` (of the base)
     lets target_modules use leaf names only when they cover every layer; ``extra_files``
     (name -> text) are written into the same folder (reports)."""
+    from ..arch.layout import memory_adapter
+
+    adapter = memory_adapter(adapter)  # PEFT names modules as transformers holds them (multimodal Gemma 3)
     cfg = peft_config_for(adapter, base_model_name_or_path, num_layers)
     sd = peft_state_dict(adapter)
     with atomic_dir(out) as tmp:

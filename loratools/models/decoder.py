@@ -465,8 +465,12 @@ class DecoderLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        if self.cfg.embedding_scale != 1.0:
-            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype, device=x.device)
+        c = self.cfg
+        if c.embedding_scale != 1.0:
+            # Gemma rounds √hidden to the weight dtype first (sqrt(3072) is 55.5 in bf16); Granite's
+            # multiplier is a Python float applied in the op's own precision
+            x = x * (torch.tensor(c.embedding_scale, dtype=x.dtype, device=x.device) if c.embedding_scale_rounded
+                     else c.embedding_scale)
         return x
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None, rows=None):
