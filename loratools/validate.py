@@ -170,7 +170,7 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
              device: str = "auto", tolerances: dict | None = None, peft_check: bool = True) -> dict:
     from . import api
     from .models.decoder import load_model
-    from .ops.common import pick_device
+    from .device import pick_device
 
     base = Path(base)
     dev = pick_device(device)
@@ -315,7 +315,7 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     from . import api
     from .checkpoint import Checkpoint
     from .models.decoder import load_model
-    from .ops.common import pick_device
+    from .device import pick_device
 
     dev = pick_device(device)
     a = api.load_adapter(adapter, base=base)

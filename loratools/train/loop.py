@@ -30,7 +30,7 @@ from ..formats.peft import write_peft
 from ..fsutil import atomic_dir, check_output
 from ..models.decoder import LoraSlot, load_model
 from ..ops import gemm
-from ..ops.common import pick_device
+from ..device import pick_device
 from . import data
 
 TARGET_SETS = {"all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
