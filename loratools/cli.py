@@ -366,7 +366,8 @@ def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (model.onnx + config + tokenizer).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--no-cache", is_flag=True, help="No past_key_values inputs / present outputs.")
-@click.option("--lora-slots", "slots", help="all-linear or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
+@click.option("--lora-slots", "slots", is_flag=False, flag_value="all-linear",
+              help="all-linear (the default when no value is given) or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
 @click.option("--opset", type=click.IntRange(17), default=17, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
