@@ -324,3 +324,22 @@ def test_model_info_errors_name_config_json(tmp_path):
         with pytest.raises(InputError, match=msg) as e:
             read_model_info(tmp_path)
         assert "config.json" in str(e.value)
+
+
+def test_lora_bias_merged_into_exports_runs_in_llama_cpp_and_onnx_runtime(fx, tmp_path, run_cli):
+    """export gguf / onnx -a merge through MergedView: a lora_bias adapter on Llama (no biases) turns
+    attention_bias on there too; llama.cpp and ONNX Runtime agree with base + adapter unmerged."""
+    from fixtures.generate import random_adapter
+
+    m = fx / "models" / "llama"
+    write_peft(random_adapter(m, ["o_proj"], {"r": 4, "lora_alpha": 8}, seed=1, lora_bias=True), tmp_path / "a",
+               num_layers=LAYERS)
+    for argv in (["export", "gguf", m, "-a", tmp_path / "a", "-o", tmp_path / "x.gguf", "--outtype", "f32"],
+                 ["export", "onnx", m, "-a", tmp_path / "a", "-o", tmp_path / "onnx"]):
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+    code, out, err = run_cli("validate", "--base", m, "-a", tmp_path / "a", tmp_path / "x.gguf", tmp_path / "onnx",
+                             "--tokens", "4", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["passed"] and all(c["metrics"]["max_abs"] <= 1e-4 for c in rep["candidates"])

@@ -133,6 +133,15 @@ class MergedView:
             self._cfg = load_config(self.ck.root)
         return self._cfg
 
+    @property
+    def merged_cfg(self):
+        """The ModelConfig of the merged model (config() parsed: a lora_bias merge turns bias switches
+        on, an untie turns tie_word_embeddings off); exporters that write the merged tensors check
+        them against this one."""
+        from ..models.config import parse_config
+
+        return parse_config(self.config(), self.ck.root / "config.json")
+
     def names(self) -> list[str]:
         out = self.ck.keys() + ([self.tied[1]] if self.untie and self.tied[1] not in self.ck else [])
         if self.added:  # each added bias right after its weight
