@@ -343,3 +343,31 @@ def test_lora_bias_merged_into_exports_runs_in_llama_cpp_and_onnx_runtime(fx, tm
     assert code == 0, err
     rep = json.loads(out)
     assert rep["passed"] and all(c["metrics"]["max_abs"] <= 1e-4 for c in rep["candidates"])
+
+
+def test_multimodal_language_model_prefix_passes_through(unk, tmp_path, run_cli):
+    """Gemma 3's multimodal layout: the text model under ``language_model.``, a vision tower beside
+    it, tie_word_embeddings in text_config. Names pass through; the tied head is found beside the
+    prefixed embedding and untied there."""
+    src = unk["fp32"]
+    d = tmp_path / "mm"
+    d.mkdir()
+    sd = {f"language_model.{k}": v for k, v in st.load_file(src / "model.safetensors").items()}
+    sd["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.ones(8, 12)
+    st.save_file(sd, d / "model.safetensors", {"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({"model_type": "my_multimodal", "architectures": ["X"],
+                                               "text_config": {**cfg, "tie_word_embeddings": True}}))
+    a = _with_head(_adapter(src, 1), src, 2)
+    a = Adapter(modules={f"language_model.{k}": m for k, m in a.modules.items()}, config=a.config, format="peft")
+    write_peft(a, tmp_path / "a", num_layers=LAYERS)
+    code, out, err = run_cli("merge", "--base", d, "-a", tmp_path / "a", "-o", tmp_path / "m", "--json")
+    assert code == 0, err
+    M, W = _load(tmp_path / "m"), sd
+    assert set(M) == set(W) | {"language_model.lm_head.weight"}
+    head = a.modules["language_model.lm_head"]
+    want = W["language_model.model.embed_tokens.weight"].double() + _delta64(head)
+    assert (M["language_model.lm_head.weight"].double() - want).abs().max() <= 2 ** -22 * want.abs().max()
+    assert torch.equal(M["language_model.model.embed_tokens.weight"], W["language_model.model.embed_tokens.weight"])
+    out_cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert out_cfg["tie_word_embeddings"] is False and out_cfg["text_config"]["tie_word_embeddings"] is False

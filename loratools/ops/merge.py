@@ -197,6 +197,8 @@ class MergedView:
                 config["torch_dtype"] = CONFIG_DTYPE[dtype]
         if self.untie:
             config["tie_word_embeddings"] = False
+            if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+                config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
         config.update(self.switches)
         return config
 
