@@ -156,12 +156,14 @@ def inspect_checkpoint(path, allow_pickle: bool = False) -> dict:
     from .models.config import load_config
 
     info = read_model_info(path) if Path(path).is_dir() else None
-    cfg = None
+    cfg = why = None
     if info is not None:
         try:
             cfg = load_config(path)
-        except UnsupportedError:
-            cfg = None  # a family loratools cannot run: its tensors are still described
+        except UnsupportedError as e:  # a family (or feature) loratools cannot run: its tensors are still described
+            from .errors import one_line
+
+            why = one_line(e.message)
     with Checkpoint.open(path, allow_pickle=allow_pickle, require_config=info is not None) as ck:
         keys = ck.keys()
         out = {"type": "checkpoint", "path": str(path), "parameters": ck.num_parameters, "tensors": len(ck.keys()),
@@ -171,7 +173,7 @@ def inspect_checkpoint(path, allow_pickle: bool = False) -> dict:
                "largest_tensor": max(((ck.info(n).nbytes, n) for n in ck.keys()), default=(0, None))[1]}
     if info is not None and cfg is None:
         out.update({"architecture": info.model_type, "architectures": info.raw.get("architectures"),
-                    "known_architecture": False, "num_hidden_layers": info.num_hidden_layers,
+                    "known_architecture": False, "not_runnable": why, "num_hidden_layers": info.num_hidden_layers,
                     "tie_word_embeddings": tied_pair(info, keys) is not None})
     if cfg is not None:
         out.update({"architecture": cfg.model_type, "architectures": cfg.raw.get("architectures"),

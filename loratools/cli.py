@@ -61,7 +61,7 @@ def _print_checkpoint(d: dict) -> None:
                f"{_human(d['size_bytes'])} in {len(d['shards'])} shard(s)")
     if d.get("known_architecture") is False:
         click.echo(f"  layers {d['num_hidden_layers'] if d['num_hidden_layers'] is not None else '?'}, tied embeddings "
-                   f"{d['tie_word_embeddings']} (no architecture spec for {arch}: tensor operations only)")
+                   f"{d['tie_word_embeddings']} (loratools cannot run it: {d['not_runnable']}; tensor operations only)")
     if "layers" in d:
         click.echo(f"  layers {d['layers']}, hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
                    f"heads {d['heads']} (kv {d['kv_heads']}, head_dim {d['head_dim']}), vocab {d['vocab_size']}, "
