@@ -1,4 +1,11 @@
-"""The Python API. The CLI only parses options and calls these functions."""
+"""The Python API: a function per command. The CLI only parses options, calls these functions
+and prints what they return.
+
+The tensor operations (inspect, convert, merge, unmerge, extract, resize, combine, scale,
+subtract) need no architecture: adapters are matched to a checkpoint's tensors by name and shape,
+and config.json is read only for what ``loratools.modelinfo`` names. The paths that run the
+model (forward, validate, export gguf / onnx, train) need an architecture loratools knows, and
+say in one line which model_type is missing."""
 from __future__ import annotations
 
 import os
@@ -13,11 +20,14 @@ from .checkpoint import Checkpoint
 from .errors import IncompatibleError, InputError
 from .formats import kohya, peft
 from .fsutil import check_output
-from .models.config import load_config
+from .modelinfo import read_model_info, tied_pair, with_tied_head
 from .models.decoder import load_model
+from .ops.extract import REPORT as EXTRACT_REPORT
 
 __all__ = ["load_adapter", "save_adapter", "inspect", "forward", "convert_adapter", "Checkpoint", "load_model",
-           "Adapter"]
+           "Adapter", "RankRule", "extract", "resize", "combine", "scale", "subtract", "merge", "unmerge",
+           "export_gguf", "export_gguf_adapter", "export_onnx", "export_onnx_adapter", "import_gguf", "train",
+           "validate", "validate_extraction", "read_prompts", "forward_report", "check_plot"]
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -62,13 +72,17 @@ def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None,
     if base is not None:
         from .arch.layout import align_adapter
 
+        info = read_model_info(base) if Path(base).is_dir() else None
         with Checkpoint.open(base) as ck:
             shapes = {k: ck.info(k).shape for k in ck.keys()}
-        cfg = load_config(base)
-        if cfg.tie_word_embeddings and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
-            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+        shapes = with_tied_head(shapes, tied_pair(info, shapes))
         align_adapter(a, shapes).check_against(shapes, f"base model {base}")  # PEFT names vs the saved layout
     return a
+
+
+def _num_layers(base) -> int | None:
+    """The base's num_hidden_layers (PEFT target lists by leaf name), when there is a base."""
+    return read_model_info(base).num_hidden_layers if base else None
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", overwrite: bool = False,
@@ -83,8 +97,7 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", ov
 
 def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False) -> Path:
     a = load_adapter(src, base)
-    n = load_config(base).num_hidden_layers if base else None
-    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=n)
+    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base))
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -140,13 +153,31 @@ def inspect_adapter(a: Adapter, path) -> dict:
 
 
 def inspect_checkpoint(path, allow_pickle: bool = False) -> dict:
-    cfg = load_config(path) if Path(path).is_dir() else None
-    with Checkpoint.open(path, allow_pickle=allow_pickle, require_config=cfg is not None) as ck:
+    """Names, shapes, dtypes and shards of any checkpoint; the architecture's hyper-parameters
+    when loratools knows its model_type (else what modelinfo reads: tied embeddings, layers)."""
+    from .errors import UnsupportedError
+    from .models.config import load_config
+
+    info = read_model_info(path) if Path(path).is_dir() else None
+    cfg = why = None
+    if info is not None:
+        try:
+            cfg = load_config(path)
+        except UnsupportedError as e:  # a family (or feature) loratools cannot run: its tensors are still described
+            from .errors import one_line
+
+            why = one_line(e.message)
+    with Checkpoint.open(path, allow_pickle=allow_pickle, require_config=info is not None) as ck:
+        keys = ck.keys()
         out = {"type": "checkpoint", "path": str(path), "parameters": ck.num_parameters, "tensors": len(ck.keys()),
                "dtypes": ck.dtypes(), "size_bytes": ck.total_bytes,
                "shards": [{"file": f.name, "tensors": len(names), "bytes": sum(ck.info(n).nbytes for n in names)}
                           for f, names in ck.by_shard()],
                "largest_tensor": max(((ck.info(n).nbytes, n) for n in ck.keys()), default=(0, None))[1]}
+    if info is not None and cfg is None:
+        out.update({"architecture": info.model_type, "architectures": info.raw.get("architectures"),
+                    "known_architecture": False, "not_runnable": why, "num_hidden_layers": info.num_hidden_layers,
+                    "tie_word_embeddings": tied_pair(info, keys) is not None})
     if cfg is not None:
         out.update({"architecture": cfg.model_type, "architectures": cfg.raw.get("architectures"),
                     "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
@@ -157,11 +188,37 @@ def inspect_checkpoint(path, allow_pickle: bool = False) -> dict:
     return out
 
 
-def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None) -> dict:
+def check_plot(plot, inputs, overwrite: bool, output=None) -> None:
+    """Before any work: a --plot path matplotlib can write, not an input, not an existing file
+    without --overwrite (a plot inside the command's new output folder is checked there)."""
+    p = Path(plot)
+    if p.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError("--plot must name a .png, .svg or .pdf file", plot)
+    if output is not None and p.resolve().parent == Path(output).resolve():
+        return
+    check_output(p, inputs, overwrite)
+
+
+def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
+            plot: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """Describe an adapter or a checkpoint; ``plot``: also draw an adapter's spectra there."""
+    if plot:
+        check_plot(plot, [path, base], overwrite)
     kind = detect(path)
     if kind == "checkpoint":
-        return inspect_checkpoint(path, allow_pickle)
-    return inspect_adapter(load_adapter(path, base=base, allow_pickle=allow_pickle), path)
+        d = inspect_checkpoint(path, allow_pickle)
+    else:
+        a = load_adapter(path, base=base, allow_pickle=allow_pickle)
+        d = inspect_adapter(a, path)
+    if plot:
+        from .errors import UnsupportedError
+        from .plot import adapter_spectra, plot_spectra
+
+        if d["type"] != "adapter":
+            raise UnsupportedError("--plot draws an adapter's spectra; this is a checkpoint", path)
+        plot_spectra(adapter_spectra(a), plot, f"{path}: spectrum of each module's s·B·A")
+        d["plot"] = str(plot)
+    return d
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -196,3 +253,226 @@ def forward(model_dir: str | os.PathLike, ids: Sequence[int], adapters: Sequence
         x = torch.tensor([list(ids)], device=model.inv_freq.device)
         logits, _ = model(x)
     return logits[0].cpu()
+
+
+def top_tokens(logits: torch.Tensor, k: int, model_dir) -> list[dict]:
+    """The k largest logits of one position, with their tokens decoded (ids when no tokenizer)."""
+    vals, idx = logits.topk(min(k, logits.numel()))
+    try:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+        dec = lambda i: tok.decode([i])  # noqa: E731
+    except Exception:  # noqa: BLE001 - decoding is cosmetic
+        dec = str
+    return [{"id": int(i), "token": dec(int(i)), "logit": float(v)} for v, i in zip(vals, idx)]
+
+
+def forward_report(model_dir, ids: Sequence[int], adapters: Sequence = (), weights: Sequence[float] | None = None,
+                   top_k: int = 5, device: str = "auto") -> dict:
+    """The forward command: next-token predictions with and without the adapters."""
+    toks = list(ids)
+    base = forward(model_dir, toks, device=device)
+    d = {"model": model_dir, "tokens": toks, "device": device, "base_top": top_tokens(base[-1], top_k, model_dir)}
+    if adapters:
+        adapted = forward(model_dir, toks, adapters, weights, device=device)
+        d["adapters"] = list(adapters)
+        d["adapted_top"] = top_tokens(adapted[-1], top_k, model_dir)
+        d["max_abs_logit_change"] = float((adapted - base).abs().max())
+        d["top1_changed_positions"] = int((adapted.argmax(-1) != base.argmax(-1)).sum())
+    return d
+
+
+# -- re-factorization ---------------------------------------------------------------------------
+def RankRule(kind: str = "rank", value: float = 16, max_rank: int | None = None):  # noqa: N802 - a constructor
+    """A rank rule (rank, energy, fro, ratio, threshold; an optional cap) for extract and resize."""
+    from .ops.factor import RankRule as _Rule
+
+    return _Rule(kind, value, max_rank)
+
+
+def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, include: str | None = None,
+            exclude: str | None = None, embeddings: str = "lora", device: str = "auto", seed: int = 0,
+            oversample: int = 16, power_iters: int = 4, dtype: str | torch.dtype = "fp32", overwrite: bool = False,
+            quiet: bool = True, plot=None) -> tuple[Adapter, dict]:
+    """Extract a LoRA from a full fine-tune (written as PEFT to ``out``); ``plot``: draw the spectra."""
+    from .ops.common import parse_dtype
+    from .ops.extract import extract as run
+
+    rule = rule if rule is not None else RankRule()
+    dt = parse_dtype(dtype, False) if isinstance(dtype, str) else dtype
+    if plot:
+        check_plot(plot, [base, tuned], overwrite, out)
+    a, rep = run(base, tuned, out, rule, budget=budget, exact=exact, include=include, exclude=exclude,
+                 embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
+                 dtype=dt, overwrite=overwrite, quiet=quiet)
+    spectra = rep.pop("_spectra", {})
+    if plot:
+        from .plot import plot_spectra
+
+        plot_spectra(spectra, plot, f"extract {tuned} − {base}: rule {rule.describe()}")
+        rep["plot"] = str(plot)
+    return a, rep
+
+
+def _itemsize(dt) -> int:
+    return torch.empty((), dtype=dt or torch.float32).element_size()
+
+
+def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt: str | None = None,
+           dtype: str = "keep", overwrite: bool = False) -> tuple[Adapter, dict]:
+    """Shrink an adapter's ranks optimally and write it (format: the input's unless ``fmt``)."""
+    from .ops.common import parse_dtype
+    from .ops.factor import parse_budget
+    from .ops.resize import resize as run
+
+    rule = rule if rule is not None else RankRule()
+    a = load_adapter(adapter, base=base)
+    dt = parse_dtype(dtype)
+    bp = parse_budget(budget, _itemsize(dt or a.dtype())) if budget else None
+    res, rep = run(a, rule, bp, dt)
+    rep["format"] = fmt or a.format
+    save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base))
+    return res, rep
+
+
+def combine(adapters: Sequence, out, weights: Sequence[float] | None = None, method: str = "linear",
+            rank: int | None = None, density: float = 1.0, seed: int = 0, base=None, fmt: str = "peft",
+            overwrite: bool = False) -> tuple[Adapter, dict, list[str]]:
+    """Combine adapters and write the result: (adapter, report, the warnings the inputs raised)."""
+    import warnings
+
+    from .errors import LoratoolsError
+    from .ops.combine import combine as run
+
+    if rank is not None and method in ("linear", "cat"):
+        raise LoratoolsError(f"--rank does not apply to --method {method} (its rank follows from the inputs'); "
+                             "use --method svd for a chosen rank, or resize the result")
+    loaded = [load_adapter(a, base=base) for a in adapters]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run(loaded, weights, method, rank, density, seed)
+    save_adapter(res, out, fmt, overwrite=overwrite, inputs=list(adapters) + [base], num_layers=_num_layers(base))
+    rep = {"inputs": list(adapters), "out": out, "method": method, "modules": len(res.modules),
+           "ranks": res.ranks, "parameters": res.num_parameters()}
+    return res, rep, [str(w.message) for w in caught]
+
+
+def scale(adapter, factor: float, out, overwrite: bool = False) -> tuple[Adapter, dict]:
+    """ΔW' = factor · ΔW, written in the input's format."""
+    from .ops.combine import scale_adapter
+
+    a = load_adapter(adapter)
+    res = scale_adapter(a, factor)
+    save_adapter(res, out, a.format, overwrite=overwrite, inputs=[adapter])
+    return res, {"input": adapter, "out": out, "factor": factor, "format": a.format}
+
+
+def subtract(adapter, other, out, overwrite: bool = False) -> tuple[Adapter, dict]:
+    """ADAPTER − OTHER exactly (stacked factors), written as PEFT."""
+    from .ops.combine import combine as run
+
+    res = run([load_adapter(adapter), load_adapter(other)], [1.0, -1.0], "cat")
+    save_adapter(res, out, "peft", overwrite=overwrite, inputs=[adapter, other])
+    return res, {"inputs": [adapter, other], "out": out, "ranks": res.ranks}
+
+
+def merge(base, adapters: Sequence, out, weights: Sequence[float] | None = None, dtype: str = "keep",
+          max_shard_size="2GB", device: str = "auto", overwrite: bool = False, quiet: bool = True,
+          unmerge: bool = False) -> dict:
+    """Write base + Σ wᵢ·adapterᵢ (``unmerge``: base − …) as a checkpoint; streamed."""
+    from .ops.common import parse_dtype
+    from .ops.merge import merge as run
+
+    loaded = [load_adapter(a, base=base) for a in adapters]
+    return run(base, loaded, out, weights, parse_dtype(dtype), max_shard_size, device, overwrite,
+               unmerge=unmerge, quiet=quiet)
+
+
+def unmerge(base, adapters: Sequence, out, **kw) -> dict:
+    return merge(base, adapters, out, unmerge=True, **kw)
+
+
+# -- export / import ----------------------------------------------------------------------------
+def export_gguf(model, adapters: Sequence, out, weights=None, outtype: str = "f16", pre: str | None = None,
+                overwrite: bool = False, quiet: bool = True) -> tuple[dict, list[str]]:
+    """A llama.cpp GGUF model, adapters merged: (report, warnings raised while writing)."""
+    import warnings
+
+    from .formats.gguf_model import export_gguf as run
+
+    loaded = [load_adapter(a, base=model) for a in adapters]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = run(model, out, loaded, weights, outtype, pre, overwrite, quiet)
+    return rep, [str(w.message) for w in caught]
+
+
+def export_gguf_adapter(adapter, base, out, outtype: str = "f32", overwrite: bool = False) -> dict:
+    from .formats.gguf_adapter import export_gguf_adapter as run
+
+    return run(load_adapter(adapter, base=base), base, out, outtype, overwrite)
+
+
+def export_onnx(model, adapters: Sequence, out, weights=None, dtype: str = "fp32", cache: bool = True,
+                lora_slots: str | None = None, opset: int = 17, overwrite: bool = False) -> dict:
+    from .formats.onnx_model import export_onnx as run
+
+    loaded = [load_adapter(a, base=model) for a in adapters]
+    return run(model, out, loaded, weights, dtype, cache, lora_slots, opset, overwrite)
+
+
+def export_onnx_adapter(adapter, out, base=None, slot_model=None, dtype: str = "fp32", overwrite: bool = False) -> dict:
+    """ONNX Runtime's adapter file; with ``slot_model``, check every parameter has its slot
+    there (the file is removed when one does not)."""
+    from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
+
+    rep = run(load_adapter(adapter, base=base), out, dtype, overwrite)
+    if slot_model:
+        path = Path(slot_model) / "model.onnx" if Path(slot_model).is_dir() else Path(slot_model)
+        try:
+            check_adapter_fits(path, out)
+        except Exception:
+            Path(out).unlink(missing_ok=True)
+            raise
+    return rep
+
+
+def import_gguf(path, out, dtype: str = "auto", overwrite: bool = False, quiet: bool = True) -> dict:
+    from .formats.gguf_model import import_gguf as run
+
+    return run(path, out, dtype, overwrite, quiet)
+
+
+# -- train / validate ---------------------------------------------------------------------------
+def train(model, data, out, eval_path=None, resume: bool = False, overwrite: bool = False, quiet: bool = True,
+          log=None, **opts) -> dict:
+    """Train a LoRA adapter (PEFT output); ``opts`` are TrainConfig's fields."""
+    from .train.loop import TrainConfig, train as run
+
+    return run(model, data, out, TrainConfig(**opts), eval_path, resume, overwrite, quiet,
+               log=log if log is not None else (lambda m: None))
+
+
+def read_prompts(path) -> list[str]:
+    from .validate import read_prompts as run
+
+    return run(path)
+
+
+def validate(base, adapters: Sequence, candidates: Sequence, weights=None, prompts=None, tokens: int = 16,
+             device: str = "auto", tolerances: dict | None = None) -> dict:
+    """Check that written artifacts compute what base + adapters compute, each in its runtime.
+    ``prompts``: a list of strings, or a prompt file's path."""
+    from . import validate as v
+
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = v.read_prompts(prompts)
+    return v.validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances or {})
+
+
+def validate_extraction(base, tuned, adapter, prompts=None, device: str = "auto") -> dict:
+    from . import validate as v
+
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = v.read_prompts(prompts)
+    return v.validate_extraction(base, tuned, adapter, prompts, device)

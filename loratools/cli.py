@@ -30,8 +30,8 @@ def _emit(data: dict, as_json: bool, human) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def cli(ctx, debug):
-    """loratools: LoRA adapters for LLMs — inspect, convert, run, and (soon) extract, resize,
-    combine, merge, export and validate."""
+    """loratools: LoRA adapters for LLMs — inspect, convert, extract, resize, combine, merge,
+    export (GGUF, ONNX), validate, and train."""
     ctx.ensure_object(dict)["debug"] = debug
 
 
@@ -59,6 +59,9 @@ def _print_checkpoint(d: dict) -> None:
     arch = d.get("architecture", "?")
     click.echo(f"{d['path']}: {arch} checkpoint, {d['parameters']:,} parameters, {d['tensors']} tensors, "
                f"{_human(d['size_bytes'])} in {len(d['shards'])} shard(s)")
+    if d.get("known_architecture") is False:
+        click.echo(f"  layers {d['num_hidden_layers'] if d['num_hidden_layers'] is not None else '?'}, tied embeddings "
+                   f"{d['tie_word_embeddings']} (loratools cannot run it: {d['not_runnable']}; tensor operations only)")
     if "layers" in d:
         click.echo(f"  layers {d['layers']}, hidden {d['hidden_size']}, intermediate {d['intermediate_size']}, "
                    f"heads {d['heads']} (kv {d['kv_heads']}, head_dim {d['head_dim']}), vocab {d['vocab_size']}, "
@@ -70,22 +73,6 @@ def _print_checkpoint(d: dict) -> None:
         click.echo(f"  {s['file']}: {s['tensors']} tensors, {_human(s['bytes'])}")
 
 
-def _check_plot(plot, inputs, overwrite: bool, output=None) -> None:
-    """Before any work: a --plot path matplotlib can write, not an input, not an existing file
-    without --overwrite (a plot inside the command's new output folder is checked there)."""
-    from pathlib import Path
-
-    from .errors import InputError
-    from .fsutil import check_output
-
-    p = Path(plot)
-    if p.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise InputError("--plot must name a .png, .svg or .pdf file", plot)
-    if output is not None and p.resolve().parent == Path(output).resolve():
-        return
-    check_output(p, inputs, overwrite)
-
-
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--base", type=click.Path(), help="Base model: check the adapter fits it (and name kohya modules exactly).")
@@ -95,18 +82,7 @@ def _check_plot(plot, inputs, overwrite: bool, output=None) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
 def inspect(path, base, as_json, allow_pickle, plot, overwrite):
     """Describe an adapter (modules, ranks, scales, runtime compatibility) or a checkpoint."""
-    if plot:
-        _check_plot(plot, [path, base], overwrite)
-    d = api.inspect(path, allow_pickle=allow_pickle, base=base)
-    if plot:
-        from .errors import UnsupportedError
-        from .plot import adapter_spectra, plot_spectra
-
-        if d["type"] != "adapter":
-            raise UnsupportedError("--plot draws an adapter's spectra; this is a checkpoint", path)
-        plot_spectra(adapter_spectra(api.load_adapter(path, base=base, allow_pickle=allow_pickle)), plot,
-                     f"{path}: spectrum of each module's s·B·A")
-        d["plot"] = str(plot)
+    d = api.inspect(path, allow_pickle=allow_pickle, base=base, plot=plot, overwrite=overwrite)
     _emit(d, as_json, _print_adapter if d["type"] == "adapter" else _print_checkpoint)
     if plot and not as_json:
         click.echo(f"wrote plot to {plot}")
@@ -138,8 +114,6 @@ def convert(adapter, output, fmt, base, overwrite, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
     """Run the reference model on a prompt, with and without adapters; show next-token predictions."""
-    import torch
-
     if (prompt is None) == (ids is None):
         raise click.UsageError("give exactly one of --prompt or --ids")
     try:
@@ -147,15 +121,7 @@ def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
         ws = _weights(weights, len(adapters)) if weights else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    base = api.forward(model, toks, device=device)
-    d = {"model": model, "tokens": toks, "device": device}
-    d["base_top"] = _top(base[-1], top_k, model)
-    if adapters:
-        adapted = api.forward(model, toks, adapters, ws, device=device)
-        d["adapters"] = list(adapters)
-        d["adapted_top"] = _top(adapted[-1], top_k, model)
-        d["max_abs_logit_change"] = float((adapted - base).abs().max())
-        d["top1_changed_positions"] = int((adapted.argmax(-1) != base.argmax(-1)).sum())
+    d = api.forward_report(model, toks, adapters, ws, top_k, device)
 
     def human(d):
         click.echo(f"{len(toks)} tokens through {model}")
@@ -165,18 +131,6 @@ def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
             click.echo(f"  adapters change logits by up to {d['max_abs_logit_change']:.4f}; top-1 differs at "
                        f"{d['top1_changed_positions']}/{len(toks)} positions")
     _emit(d, as_json, human)
-    del torch
-
-
-def _top(logits, k, model) -> list[dict]:
-    vals, idx = logits.topk(min(k, logits.numel()))
-    try:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(f"{model}/tokenizer.json")
-        dec = lambda i: tok.decode([i])  # noqa: E731
-    except Exception:  # noqa: BLE001 - decoding is cosmetic
-        dec = str
-    return [{"id": int(i), "token": dec(int(i)), "logit": float(v)} for v, i in zip(vals, idx)]
 
 
 # -- re-factorization ---------------------------------------------------------------------------
@@ -197,14 +151,12 @@ def rank_options(f):
 
 
 def _rule(rank, energy, fro, ratio, threshold, budget, max_rank, default_rank=16):
-    from .ops.factor import RankRule
-
     given = [(k, v) for k, v in (("rank", rank), ("energy", energy), ("fro", fro), ("ratio", ratio),
                                  ("threshold", threshold)) if v is not None]
     if len(given) > 1 or (given and budget):
         raise click.UsageError("give at most one of --rank, --energy, --fro, --ratio, --threshold, --budget")
     kind, value = given[0] if given else ("rank", default_rank)
-    return RankRule(kind, value, max_rank)
+    return api.RankRule(kind, value, max_rank)
 
 
 def _done(what: str, path, report: dict | None, as_json: bool, summary: str = "") -> None:
@@ -238,36 +190,18 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, max_rank, exact, include, exclude,
             embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet, plot):
     """Extract a LoRA from a full fine-tune (ΔW = tuned − base, factored per module)."""
-    from .ops.common import parse_dtype
-    from .ops.extract import REPORT, extract as run
-
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
-    if plot:
-        _check_plot(plot, [base, tuned], overwrite, output)
-    _, rep = run(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
-                 embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
-                 dtype=parse_dtype(dtype, False), overwrite=overwrite, quiet=quiet or as_json)
-    spectra = rep.pop("_spectra", {})
-    if plot:
-        from .plot import plot_spectra
-
-        plot_spectra(spectra, plot, f"extract {tuned} − {base}: rule {rule.describe()}")
-        rep["plot"] = str(plot)
+    _, rep = api.extract(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
+                         embeddings=embeddings, device=device, seed=seed, oversample=oversample,
+                         power_iters=power_iters, dtype=dtype, overwrite=overwrite, quiet=quiet or as_json, plot=plot)
     if not as_json:
         for w in rep["warnings"]:
             click.echo(f"warning: {w}", err=True)
     ranks = sorted(set(rep["ranks"].values()))
     _done("PEFT adapter", output, rep, as_json,
           f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters, "
-          f"retained energy {100 * rep['retained_energy']:.2f}% in {rep['seconds']:.1f} s (report: {output}/{REPORT})"
+          f"retained energy {100 * rep['retained_energy']:.2f}% in {rep['seconds']:.1f} s (report: {output}/{api.EXTRACT_REPORT})"
           if ranks else "")
-
-
-def _save(adapter, output, fmt, overwrite, inputs, base=None):
-    from .models.config import load_config
-
-    n = load_config(base).num_hidden_layers if base else None
-    return api.save_adapter(adapter, output, fmt, overwrite=overwrite, inputs=inputs, num_layers=n)
 
 
 @cli.command()
@@ -281,26 +215,12 @@ def _save(adapter, output, fmt, overwrite, inputs, base=None):
 @click.option("--json", "as_json", is_flag=True)
 def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, overwrite, as_json):
     """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix)."""
-    from .ops.common import parse_dtype
-    from .ops.factor import parse_budget
-    from .ops.resize import resize as run
-
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
-    a = api.load_adapter(adapter, base=base)
-    dt = parse_dtype(dtype)
-    bp = parse_budget(budget, torch_itemsize(dt or a.dtype())) if budget else None
-    res, rep = run(a, rule, bp, dt)
-    _save(res, output, fmt or a.format, overwrite, [adapter, base], base)
+    res, rep = api.resize(adapter, output, rule, budget=budget, base=base, fmt=fmt, dtype=dtype, overwrite=overwrite)
     before, after = rep["parameters_before"], rep["parameters_after"]
-    _done(f"{fmt or a.format} adapter", output, rep, as_json,
+    _done(f"{rep.pop('format')} adapter", output, rep, as_json,
           f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, min retained energy "
           f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%")
-
-
-def torch_itemsize(dt) -> int:
-    import torch
-
-    return torch.empty((), dtype=dt or torch.float32).element_size()
 
 
 def _weights(weights: str | None, n: int):
@@ -340,23 +260,11 @@ def _finite(v: float, what: str) -> float:
 @click.option("--json", "as_json", is_flag=True)
 def combine(adapters, output, weights, method, rank, density, seed, base, fmt, overwrite, as_json):
     """Combine adapters: exact linear/cat, optimal svd, or ties / dare / magnitude_prune."""
-    from .ops.combine import combine as run
-
-    import warnings
-
-    if rank is not None and method in ("linear", "cat"):
-        raise LoratoolsError(f"--rank does not apply to --method {method} (its rank follows from the inputs'); "
-                             "use --method svd for a chosen rank, or resize the result")
-    loaded = [api.load_adapter(a, base=base) for a in adapters]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = run(loaded, _weights(weights, len(loaded)), method, rank, density, seed)
-    for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
-    _save(res, output, fmt, overwrite, list(adapters) + [base], base)
-    rep = {"inputs": list(adapters), "out": output, "method": method, "modules": len(res.modules),
-           "ranks": res.ranks, "parameters": res.num_parameters()}
-    _done(f"{fmt} adapter", output, rep, as_json, f"combined {len(loaded)} adapters ({method}): {len(res.modules)} modules, "
+    res, rep, warned = api.combine(adapters, output, _weights(weights, len(adapters)), method, rank, density, seed,
+                                   base, fmt, overwrite)
+    for w in warned:
+        click.echo(f"warning: {w}", err=True)
+    _done(f"{fmt} adapter", output, rep, as_json, f"combined {len(adapters)} adapters ({method}): {len(res.modules)} modules, "
           f"ranks {sorted(set(res.ranks.values()))}")
 
 
@@ -369,11 +277,9 @@ def combine(adapters, output, weights, method, rank, density, seed, base, fmt, o
 @click.option("--json", "as_json", is_flag=True)
 def scale(adapter, factor_, output, overwrite, as_json):
     """Scale an adapter's effect: ΔW' = factor · ΔW."""
-    from .ops.combine import scale_adapter
-
-    a = api.load_adapter(adapter)
-    _save(scale_adapter(a, factor_), output, a.format, overwrite, [adapter])
-    _done(f"{a.format} adapter", output, {"input": adapter, "out": output, "factor": factor_}, as_json)
+    _, rep = api.scale(adapter, factor_, output, overwrite)
+    fmt = rep.pop("format")
+    _done(f"{fmt} adapter", output, rep, as_json)
 
 
 @cli.command()
@@ -384,11 +290,8 @@ def scale(adapter, factor_, output, overwrite, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def subtract(adapter, other, output, overwrite, as_json):
     """ADAPTER − OTHER, exactly (stacked factors)."""
-    from .ops.combine import combine as run
-
-    res = run([api.load_adapter(adapter), api.load_adapter(other)], [1.0, -1.0], "cat")
-    _save(res, output, "peft", overwrite, [adapter, other])
-    _done("peft adapter", output, {"inputs": [adapter, other], "out": output, "ranks": res.ranks}, as_json)
+    _, rep = api.subtract(adapter, other, output, overwrite)
+    _done("peft adapter", output, rep, as_json)
 
 
 def _merge_cmd(unmerge: bool):
@@ -403,14 +306,10 @@ def _merge_cmd(unmerge: bool):
     @click.option("--quiet", is_flag=True)
     @click.option("--json", "as_json", is_flag=True)
     def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet, as_json):
-        from .ops.common import parse_dtype
-        from .ops.merge import merge as run
-
-        loaded = [api.load_adapter(a, base=base) for a in adapters]
-        rep = run(base, loaded, output, _weights(weights, len(loaded)), parse_dtype(dtype), max_shard_size, device,
-                  overwrite, unmerge=unmerge, quiet=quiet or as_json)
+        rep = api.merge(base, adapters, output, _weights(weights, len(adapters)), dtype, max_shard_size, device,
+                        overwrite, quiet=quiet or as_json, unmerge=unmerge)
         _done("checkpoint", output, rep, as_json,
-              f"{'unmerged' if unmerge else 'merged'} {len(loaded)} adapter(s) into {len(rep['modified'])} tensors")
+              f"{'unmerged' if unmerge else 'merged'} {len(adapters)} adapter(s) into {len(rep['modified'])} tensors")
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")
     return cmd
@@ -439,17 +338,11 @@ def export():
 @click.option("--json", "as_json", is_flag=True)
 def export_gguf(model, adapters, weights, output, outtype, pre, overwrite, quiet, as_json):
     """A llama.cpp GGUF model (Llama, Mistral, Qwen2, Qwen3), adapters merged, tensors streamed."""
-    import warnings
-
-    from .formats.gguf_model import export_gguf as run
-
-    loaded = [api.load_adapter(a, base=model) for a in adapters]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rep = run(model, output, loaded, _weights(weights, len(loaded)), outtype, pre, overwrite, quiet or as_json)
+    rep, warned = api.export_gguf(model, adapters, output, _weights(weights, len(adapters)), outtype, pre, overwrite,
+                                  quiet or as_json)
     if not as_json:
-        for w in caught:
-            click.echo(f"warning: {w.message}", err=True)
+        for w in warned:
+            click.echo(f"warning: {w}", err=True)
     _done(f"GGUF model ({rep['arch']}, {outtype}, tokenizer pre {rep['tokenizer'].get('pre')})", output, rep, as_json)
 
 
@@ -462,9 +355,7 @@ def export_gguf(model, adapters, weights, output, outtype, pre, overwrite, quiet
 @click.option("--json", "as_json", is_flag=True)
 def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
     """A llama.cpp LoRA adapter; rank/alpha patterns and rsLoRA folded into B exactly."""
-    from .formats.gguf_adapter import export_gguf_adapter as run
-
-    rep = run(api.load_adapter(adapter, base=base), base, output, outtype, overwrite)
+    rep = api.export_gguf_adapter(adapter, base, output, outtype, overwrite)
     _done(f"GGUF adapter (alpha {rep['alpha']:g}, {rep['scales_folded']} module scales folded into B)", output, rep, as_json)
 
 
@@ -475,16 +366,15 @@ def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (model.onnx + config + tokenizer).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--no-cache", is_flag=True, help="No past_key_values inputs / present outputs.")
-@click.option("--lora-slots", "slots", help="all-linear or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
+@click.option("--lora-slots", "slots", is_flag=False, flag_value="all-linear",
+              help="all-linear (the default when no value is given) or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
 @click.option("--opset", type=click.IntRange(17), default=17, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset, overwrite, as_json):
     """An ONNX model with KV cache (Optimum / onnxruntime-genai IO names), adapters merged."""
-    from .formats.onnx_model import export_onnx as run
-
-    loaded = [api.load_adapter(a, base=model) for a in adapters]
-    rep = run(model, output, loaded, _weights(weights, len(loaded)), dtype, not no_cache, slots, opset, overwrite)
+    rep = api.export_onnx(model, adapters, output, _weights(weights, len(adapters)), dtype, not no_cache, slots, opset,
+                          overwrite)
     what = f"ONNX model ({dtype}, {'KV cache' if not no_cache else 'no cache'}" + (f", {len(rep['lora_slots'])} LoRA slots" if slots else "") + ")"
     _done(what, output, rep, as_json)
 
@@ -499,18 +389,7 @@ def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset,
 @click.option("--json", "as_json", is_flag=True)
 def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite, as_json):
     """ONNX Runtime's adapter format, per-module scales folded into B."""
-    from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
-
-    rep = run(api.load_adapter(adapter, base=base), output, dtype, overwrite)
-    if slot_model:
-        from pathlib import Path
-
-        path = Path(slot_model) / "model.onnx" if Path(slot_model).is_dir() else Path(slot_model)
-        try:
-            check_adapter_fits(path, output)
-        except Exception:
-            Path(output).unlink(missing_ok=True)
-            raise
+    rep = api.export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite)
     _done(f"ONNX Runtime adapter ({rep['modules']} modules, {dtype})", output, rep, as_json)
 
 
@@ -529,9 +408,7 @@ def import_():
 @click.option("--json", "as_json", is_flag=True)
 def import_gguf(path, output, dtype, overwrite, quiet, as_json):
     """GGUF → HF checkpoint: dequantize, undo the Q/K permutation, rebuild config and tokenizer."""
-    from .formats.gguf_model import import_gguf as run
-
-    rep = run(path, output, dtype, overwrite, quiet or as_json)
+    rep = api.import_gguf(path, output, dtype, overwrite, quiet or as_json)
     _done(f"{rep['arch']} checkpoint ({rep['dtype']}, from {', '.join(rep['quant_types'])})", output, rep, as_json)
 
 
@@ -566,11 +443,8 @@ def import_gguf(path, output, dtype, overwrite, quiet, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json, **opts):
     """Train a LoRA adapter on your data (PEFT output)."""
-    from .train.loop import TrainConfig, train as run
-
-    cfg = TrainConfig(**opts)
-    rep = run(model, data_path, output, cfg, eval_path, resume, overwrite, quiet or as_json,
-              log=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)))
+    rep = api.train(model, data_path, output, eval_path, resume, overwrite, quiet or as_json,
+                    log=(lambda m: None) if as_json else (lambda m: click.echo(m, err=True)), **opts)
     last = rep["eval_losses"][-1][1] if rep["eval_losses"] else None
     _done("PEFT adapter", output, rep, as_json,
           f"{rep['steps']} steps, final train loss {rep['losses'][-1]:.4f}"
@@ -594,11 +468,9 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
 
     CANDIDATES: a checkpoint folder, a .gguf, BASE.gguf+ADAPTER.gguf, an ONNX folder, or
     ONNX_DIR+NAME.onnx_adapter. Exit code 0 only when every candidate passes."""
-    from . import validate as v
-
     tol = {k: x for k, x in (("mean_kl", max_kl), ("top1", min_top1)) if x is not None}
-    rep = v.validate(base, adapters, candidates, _weights(weights, len(adapters)),
-                     v.read_prompts(prompts) if prompts else None, tokens, device, tol)
+    rep = api.validate(base, adapters, candidates, _weights(weights, len(adapters)),
+                       api.read_prompts(prompts) if prompts else None, tokens, device, tol)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
@@ -630,9 +502,7 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
 @click.option("--json", "as_json", is_flag=True)
 def validate_extraction(base, tuned, adapter, prompts, device, as_json):
     """How much of a full fine-tune an extracted adapter carries (weights, activations, logits)."""
-    from . import validate as v
-
-    rep = v.validate_extraction(base, tuned, adapter, v.read_prompts(prompts) if prompts else None, device)
+    rep = api.validate_extraction(base, tuned, adapter, api.read_prompts(prompts) if prompts else None, device)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
         return

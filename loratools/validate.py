@@ -170,7 +170,7 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
              device: str = "auto", tolerances: dict | None = None, peft_check: bool = True) -> dict:
     from . import api
     from .models.decoder import load_model
-    from .ops.common import pick_device
+    from .device import pick_device
 
     base = Path(base)
     dev = pick_device(device)
@@ -315,16 +315,19 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     from . import api
     from .checkpoint import Checkpoint
     from .models.decoder import load_model
-    from .ops.common import pick_device
+    from .device import pick_device
 
     dev = pick_device(device)
     a = api.load_adapter(adapter, base=base)
     modules = {}
+    from .modelinfo import head_source, read_model_info, tied_pair
+
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
+        tied = tied_pair(read_model_info(base), kb.keys())
         for name, m in sorted(a.modules.items()):
             key = f"{name}.weight"
-            if name == "lm_head" and key not in kt and key not in kb:
-                key = "model.embed_tokens.weight"  # a tied head is the embedding (extract carries its change on lm_head)
+            if key not in kt and key not in kb:
+                key = head_source(key, tied)  # a tied head is the embedding (extract carries its change on lm_head)
             if key not in kt:
                 raise InputError(f"tuned checkpoint lacks {key!r}", tuned)
             wt, wb = kt.get(key), kb.get(key)

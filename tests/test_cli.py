@@ -77,3 +77,16 @@ def test_forward_weights_scale_the_adapter(fx):
 def test_usage_error_exit_code(run_cli, fx):
     code, _, err = run_cli("forward", fx / "models" / "llama")
     assert code == 2 and "exactly one of --prompt or --ids" in err
+
+
+def test_lora_slots_without_a_value_does_not_swallow_the_next_option(fx, tmp_path, run_cli):
+    """`--lora-slots -o DIR` used to take "-o" as the slot list, then ask for -o; alone, it means all-linear."""
+    import onnx
+
+    code, out, err = run_cli("export", "onnx", fx / "models" / "llama", "--lora-slots", "-o", tmp_path / "s",
+                             "--no-cache", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["lora_slots"]) == 2 * 7
+    names = {i.name for i in onnx.load(str(tmp_path / "s" / "model.onnx"), load_external_data=False).graph.input}
+    slots = {n.rsplit(".", 1)[0] for n in names if n.endswith((".lora_A", ".lora_B"))}
+    assert len(slots) == 2 * 7  # all-linear: q, k, v, o, gate, up, down in each of the 2 layers

@@ -85,15 +85,50 @@ def test_pattern_scales_follow_peft_rule(fx):
 
 
 def test_lora_bias_on_a_layer_without_bias_runs_but_does_not_merge(fx, tmp_path):
-    """PEFT runs lora_bias on a bias-free layer (with a warning) and cannot merge it; so do we."""
+    """PEFT runs lora_bias on a bias-free layer (with a warning) and cannot merge it; neither can we
+    where the family has no switch that adds the bias (Mistral: no attention_bias field)."""
     from loratools.errors import IncompatibleError
     from loratools.ops.merge import merge
-    model_dir = fx / "models" / "llama"
+    model_dir = fx / "models" / "mistral"
     out = _peft_saved(model_dir, tmp_path / "lb", r=4, lora_alpha=8, target_modules=["o_proj"], lora_bias=True)
     ref = peft_logits(model_dir, out)
     a = api.load_adapter(out, base=model_dir)
     assert all(m.bias is not None for m in a.modules.values())
     ours, _ = load_model(model_dir, adapters=[a])(IDS)
     assert (ours - ref).abs().max().item() <= 1e-5
-    with pytest.raises(IncompatibleError, match="cannot be merged"):
+    with pytest.raises(IncompatibleError, match="cannot be merged.*no config switch"):
         merge(model_dir, [a], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("targets", [["o_proj"], ["q_proj", "down_proj"]])
+def test_lora_bias_merge_turns_the_family_bias_switch_on(fx, tmp_path, targets):
+    """Llama's attention_bias / mlp_bias switch: merge writes every bias the switch governs (zeros
+    where the adapter has none) and sets it; transformers' reload equals the unmerged adapter."""
+    import json
+
+    from loratools import st
+    from loratools.ops.merge import merge
+    model_dir = fx / "models" / "llama"
+    out = _peft_saved(model_dir, tmp_path / "lb", r=4, lora_alpha=8, target_modules=targets, lora_bias=True)
+    a = api.load_adapter(out, base=model_dir)
+    rep = merge(model_dir, [a], tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    mlp = "down_proj" in targets
+    assert cfg["attention_bias"] is (not mlp or "q_proj" in targets) and cfg["mlp_bias"] is mlp
+    sd = st.load_file(tmp_path / "m" / "model.safetensors")
+    leaves = (["q_proj", "k_proj", "v_proj", "o_proj"] if cfg["attention_bias"] else []) + \
+             (["gate_proj", "up_proj", "down_proj"] if mlp else [])
+    biases = sorted(k for k in sd if k.endswith(".bias"))
+    assert len(biases) == 2 * len(leaves) and rep["biases_added"]["config"]
+    for k in biases:
+        mod = k[:-len(".bias")]
+        if mod in a.modules:
+            assert torch.equal(sd[k], (a.modules[mod].bias.float() * a.modules[mod].scale).to(sd[k].dtype))
+        else:
+            assert not sd[k].any()
+    ours, _ = load_model(model_dir, adapters=[a])(IDS)
+    with torch.no_grad():
+        merged = hf_model(tmp_path / "m")(IDS).logits
+    assert (ours - merged).abs().max().item() <= 1e-5
+    assert (ours - load_model(model_dir)(IDS)[0]).abs().max() > 1e-3

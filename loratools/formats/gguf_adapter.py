@@ -43,7 +43,9 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         from ..ops.merge import equals_base
 
         with Checkpoint.open(base_dir) as ck:  # PEFT saves an unchanged embedding whole: that replaces nothing
-            tied = load_config(base_dir).tie_word_embeddings
+            from ..modelinfo import tied_pair
+
+            tied = tied_pair(load_config(base_dir), ck.keys())
             changed = sorted(k for k, t in adapter.modules_to_save.items() if not equals_base(ck, k, t, tied))
         if changed:
             raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
@@ -62,8 +64,9 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     from ..checkpoint import Checkpoint
     with Checkpoint.open(base_dir) as ck:
         shapes = {k: ck.info(k).shape for k in ck.keys()}
-    if cfg.tie_word_embeddings:
-        shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
+    from ..modelinfo import tied_pair, with_tied_head
+
+    shapes = with_tied_head(shapes, tied_pair(cfg, shapes))
     adapter.check_against(shapes, f"base model {base_dir}")
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
     if emb and cfg.tie_word_embeddings:

@@ -173,16 +173,17 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     if windows:
         report["warnings"].append(f"llama.cpp's {arch.name} architecture ignores sliding_window={min(windows)}: "
                                   f"its results differ from the source beyond {min(windows)} tokens")
-    names = name_map(cfg)
     with Checkpoint.open(model_dir) as ck:
         view = MergedView(ck, adapters, weights)
+        cfg = view.merged_cfg  # what is written: a lora_bias merge turns the family's bias switch on
+        names = name_map(cfg)
         check_fits(cfg, {n: tuple(view.info(n).shape) for n in view.names()}, ck.path)  # llama.cpp would refuse the file
         if view.untie:
             raise UnsupportedError("the adapter changes only one side of tied embeddings; export the merged checkpoint "
                                    "(loratools merge) and convert that", model_dir)
         plan = []  # (gguf name, hf name or None, shape, qtype)
         for n in view.names():
-            if n == "lm_head.weight" and cfg.tie_word_embeddings:
+            if view.tied is not None and n == view.tied[1]:
                 continue  # llama.cpp uses token_embd when output.weight is absent
             if n not in names:
                 raise UnsupportedError(f"tensor {n!r} has no place in a GGUF {arch.name} model", ck.path)
@@ -238,23 +239,9 @@ def field(reader, key: str, default=None):
 
 def _precheck(path: Path) -> None:
     """Header sanity before gguf-py parses anything: magic, version, and counts the file can hold."""
-    import struct
+    from .gguf_header import read_header
 
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24:
-        raise InputError(f"truncated GGUF file ({size} bytes; the header alone takes 24)", path)
-    if head[:4] != b"GGUF":
-        raise InputError(f"not a GGUF file (bad magic {head[:4]!r})", path)
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise InputError(f"unsupported GGUF version {version} (2 and 3 are read)", path)
-    # a tensor info takes at least 8 + 1 + 4 + 8 + 4 + 8 bytes, a key-value at least 8 + 1 + 4 + 1
-    room = size - 24
-    if n_tensors * 33 > room or n_kv * 14 > room or n_tensors * 33 + n_kv * 14 > room:
-        raise InputError(f"corrupt GGUF header: it claims {n_tensors} tensors and {n_kv} key-values, more than "
-                         f"a {size}-byte file can hold", path)
+    read_header(path)
 
 
 def open_gguf(path: str | os.PathLike):

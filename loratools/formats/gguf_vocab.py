@@ -636,16 +636,10 @@ def read_gguf_kv(path: str | Path) -> dict[str, Any]:
         except ValueError:  # empty file
             raise InputError("not a GGUF file (empty)", path) from None
         try:
-            if buf[:4] != b"GGUF":
-                raise InputError("not a GGUF file (bad magic)", path)
-            end = "<" if struct.unpack_from("<I", buf, 4)[0] < 0x10000 else ">"
-            version = struct.unpack_from(end + "I", buf, 4)[0]
-            if version not in (2, 3):
-                raise UnsupportedError(f"GGUF version {version} is not supported (2 and 3 are)", path)
-            pos = 8
-            n_tensors, n_kv = struct.unpack_from(end + "QQ", buf, pos)
-            pos += 16
-            size = len(buf)
+            from .gguf_header import HEADER_BYTES, parse_header
+
+            hdr = parse_header(buf[:HEADER_BYTES], len(buf), path)
+            end, n_kv, pos, size = hdr.endian, hdr.n_kv, HEADER_BYTES, len(buf)
 
             def take(n: int) -> int:
                 nonlocal pos

@@ -79,7 +79,7 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     for k, name in enumerate(names):
         if not name.endswith("rotary_emb.inv_freq"):
             model._set(name, _placeholder(k, tuple(view.info(name).shape), tdt))
-    if "lm_head.weight" not in names or (cfg.tie_word_embeddings and not view.untie):
+    if view.tied is not None and not view.untie:  # loratools.modelinfo's tied-head rule
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).float()
     model.requires_grad_(False)
@@ -232,7 +232,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     with Checkpoint.open(model_dir) as ck:
         check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
         view = MergedView(ck, adapters, weights)
-        model = _placeholder_model(cfg, view, tdt)
+        model = _placeholder_model(view.merged_cfg, view, tdt)  # a lora_bias merge turns bias switches on
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
         wrapper = _Exportable(model, cache, slots).eval()

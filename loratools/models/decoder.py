@@ -586,12 +586,6 @@ def internal_adapter(cfg: ModelConfig, adapter: Adapter) -> Adapter:
                    modules_to_save={rename[k]: t for k, t in adapter.modules_to_save.items()})
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = "cpu",
                adapters: Iterable[Adapter] = (), weights: Iterable[float] | None = None,
                allow_pickle: bool = False, mmap: bool = False) -> DecoderLM:
@@ -601,7 +595,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     from ..checkpoint import Checkpoint
 
     cfg = load_config(path)
-    dev = _device(device)
+    from ..device import pick_device
+
+    dev = pick_device(device)
     with torch.device("meta"):
         model = DecoderLM(cfg)
     with Checkpoint.open(path, allow_pickle=allow_pickle) as ck:
@@ -616,9 +612,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
                 model._set(own, ck.get_mapped(name))  # frozen weights used as stored: no copy
             else:
                 model._set(own, ck.get(name).to(device=dev, dtype=dtype))
-        if "lm_head.weight" not in names:  # tied (config says so, or the checkpoint simply has no head)
-            model.lm_head.weight = model.model.embed_tokens.weight
-    if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        from ..modelinfo import tied_pair
+
+        tied = tied_pair(cfg, ck.keys()) is not None  # config says so, or the checkpoint simply has no head
+    if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(dev)  # the first rope; the others are made on first use
     model.requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Helpers shared by the operations: device choice, dtype names, progress bars."""
+"""Helpers shared by the operations: dtype names, progress bars (the device picker is loratools.device)."""
 from __future__ import annotations
 
 import sys
@@ -6,19 +6,12 @@ import sys
 import torch
 from tqdm import tqdm
 
+from ..device import pick_device  # noqa: F401 - the one device picker, re-exported
 from ..errors import LoratoolsError
 
 DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 CONFIG_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LoratoolsError("--device cuda was asked for but CUDA is not available")
-    return torch.device(device)
 
 
 def parse_dtype(name: str | None, allow_keep: bool = True) -> torch.dtype | None:

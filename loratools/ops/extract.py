@@ -22,12 +22,13 @@ from ..checkpoint import Checkpoint
 from ..errors import IncompatibleError, LoratoolsError
 from ..formats.peft import write_peft
 from .. import st
+from ..device import pick_device
 from ..fsutil import check_output, check_space
-from ..models.config import load_config
+from ..modelinfo import EMBED, embed_name, head_name, read_model_info, tied_pair
 from . import factor
-from .common import check_finite, pick_device, progress, sum_sq
+from .common import check_finite, progress, sum_sq
 
-EMBED_NAMES = ("model.embed_tokens", "lm_head")
+EMBED_NAMES = ("model.embed_tokens", "lm_head")  # the usual layout; the checkpoint's own names are found by modelinfo
 REPORT = "extract_report.json"
 
 
@@ -65,11 +66,12 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     if out is not None:
         check_output(out, [base, tuned], overwrite)
     dev = pick_device(device)
-    cb, ct = load_config(base), load_config(tuned)
+    cb, ct = read_model_info(base), read_model_info(tuned)
     if cb.model_type != ct.model_type:
         raise IncompatibleError(f"base is {cb.model_type} but tuned is {ct.model_type}", tuned)
-    if cb.vocab_size != ct.vocab_size:
-        raise IncompatibleError(f"different vocab sizes: base {cb.vocab_size}, tuned {ct.vocab_size} (a resized vocabulary cannot be carried by a LoRA)", tuned)
+    vb, vt = cb.raw.get("vocab_size"), ct.raw.get("vocab_size")
+    if vb != vt:
+        raise IncompatibleError(f"different vocab sizes: base {vb}, tuned {vt} (a resized vocabulary cannot be carried by a LoRA)", tuned)
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget_params = factor.parse_budget(budget, itemsize) if isinstance(budget, str) else budget
     t0 = time.perf_counter()
@@ -98,6 +100,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             if kb.info(name).shape != kt.info(name).shape:
                 raise IncompatibleError(f"tensor {name!r} is {kb.info(name).shape} in base but {kt.info(name).shape} in tuned", tuned)
         names = sorted(keys_b)
+        tied = tied_pair(cb, keys_b)
+        emb_mod = (tied[0] if tied else (embed_name(keys_b) or EMBED)).rpartition(".")[0]
+        head_mod = (tied[1] if tied else head_name(embed_name(keys_b))).rpartition(".")[0]
         if budget_params is not None:
             scratch = {}
             cap_of = lambda shape: min(rule.max_rank or 256, *shape)  # noqa: E731
@@ -134,7 +139,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 report["warnings"].append(f"{name}: delta not carried (not a selected 2-D weight)")
                 embed_energy[name] = e
                 continue
-            if mod in EMBED_NAMES:
+            if mod in (emb_mod, head_mod):
                 embed_energy[name] = e
                 if embeddings == "skip":
                     continue
@@ -143,8 +148,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                     report["embeddings"][mod] = {"mode": "full", "params": wt.numel()}
                     continue
                 del embed_energy[name]
-            M = delta.T if mod == "model.embed_tokens" else delta  # PEFT's embedding orientation
-            kind = "embedding" if mod == "model.embed_tokens" else "linear"
+            M = delta.T if mod == emb_mod else delta  # PEFT's embedding orientation
+            kind = "embedding" if mod == emb_mod else "linear"
             ts = time.perf_counter()
             if budget_params is not None:
                 cap = min(rule.max_rank or 256, min(M.shape))
@@ -164,7 +169,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 st.save_file({"A": A.cpu().contiguous(), "B": B.cpu().contiguous()}, scratch[mod])
                 A, B = A.new_empty(0, A.shape[1]).cpu(), B.new_empty(B.shape[0], 0).cpu()  # no view: frees the factors
             modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
-            (report["embeddings"] if kind == "embedding" or mod == "lm_head" else report["modules"])[mod] = info_f
+            (report["embeddings"] if kind == "embedding" or mod == head_mod else report["modules"])[mod] = info_f
             del delta, M, wb, wt
         if budget_params is not None:
             ranks = factor.allocate_budget(spectra, budget_params)
@@ -184,14 +189,14 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 entry.update(rank=k, energy=energy, rel_error=err)
     # A tied model's embedding is also its output head, so the tuned head moved with it; PEFT's
     # embedding LoRA / modules_to_save on embed_tokens changes the input side only. Carry it on lm_head.
-    if cb.tie_word_embeddings and "lm_head.weight" not in keys_b:
-        e = modules.get("model.embed_tokens")
+    if tied is not None and tied[1] not in keys_b:
+        e = modules.get(emb_mod)
         if e is not None:  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ: as a linear LoRA on lm_head, B' = Aᵀ, A' = Bᵀ
-            modules["lm_head"] = LoraModule(A=e.B.T.contiguous(), B=e.A.T.contiguous(), scale=e.scale, alpha=e.alpha)
-        if "model.embed_tokens.weight" in full:
-            full["lm_head.weight"] = full["model.embed_tokens.weight"]
-        if e is not None or "model.embed_tokens.weight" in full:
-            report["embeddings"]["lm_head"] = {"tied_to": "model.embed_tokens"}
+            modules[head_mod] = LoraModule(A=e.B.T.contiguous(), B=e.A.T.contiguous(), scale=e.scale, alpha=e.alpha)
+        if tied[0] in full:
+            full[tied[1]] = full[tied[0]]
+        if e is not None or tied[0] in full:
+            report["embeddings"][head_mod] = {"tied_to": emb_mod}
     # bias deltas ride along as lora_bias when PEFT can load that: every LoRA layer needs a base bias
     # (and PEFT refuses lora_bias on embedding layers)
     if bias_deltas:

@@ -22,23 +22,22 @@ import torch
 from .. import st
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter, DEFAULT_MAX_SHARD
+from ..device import pick_device
 from ..errors import IncompatibleError, UnsupportedError
 from ..fsutil import check_output, check_space
-from ..models.config import load_config
-from .common import CONFIG_DTYPE, check_finite, pick_device, progress
+from ..modelinfo import (BIAS_SWITCHES, bias_switch, embed_name, head_name, head_source, read_model_info, tied_pair,
+                         with_tied_head)
+from .common import CONFIG_DTYPE, check_finite, progress
 
 
-def _shapes(ck: Checkpoint, tied: bool) -> dict[str, tuple]:
-    shapes = {k: ck.info(k).shape for k in ck.keys()}
-    if tied and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
-        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-    return shapes
-
-
-def equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied: bool) -> bool:
+def equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied) -> bool:
     """Whether a saved whole tensor (modules_to_save) holds exactly the base's values (a tied
-    model's lm_head is its embedding)."""
-    src = "model.embed_tokens.weight" if key == "lm_head.weight" and tied and key not in ck else key
+    model's lm_head is its embedding). ``tied``: the (embedding, head) pair of
+    ``modelinfo.tied_pair``, or a bool (the checkpoint's own pair when true)."""
+    if isinstance(tied, bool):
+        emb = embed_name(ck.keys())
+        tied = (emb, head_name(emb)) if tied and emb is not None else None
+    src = key if key in ck else head_source(key, tied)
     if src not in ck or tuple(ck.info(src).shape) != tuple(t.shape):
         return False
     b = ck.get(src)
@@ -49,9 +48,12 @@ class MergedView:
     """An open base checkpoint with adapters applied, tensor by tensor.
 
     ``names()`` lists the output tensors (the base's, plus ``lm_head.weight`` when a tied model
-    must be untied); ``source(name)`` is the base tensor it comes from; ``changed(name)`` says
-    whether an adapter touches it; ``tensor(name)`` computes it (fp32 when changed, else the
-    stored tensor). Used by merge and by the exporters, so every sink merges the same way."""
+    must be untied, plus the zero biases a lora_bias merge turns on); ``source(name)`` is the base
+    tensor it comes from; ``changed(name)`` says whether an adapter touches it; ``tensor(name)``
+    computes it (fp32 when changed, else the stored tensor). Used by merge and by the exporters,
+    so every sink merges the same way. It needs no architecture: only config.json's
+    ``modelinfo`` facts (``self.model_info``); ``self.cfg`` is the full ModelConfig of the base, for the
+    exporters, read on first use (it refuses a family loratools cannot run)."""
 
     def __init__(self, ck: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                  sign: float = 1.0, device: str | torch.device = "cpu"):
@@ -59,7 +61,9 @@ class MergedView:
         if len(weights) != len(adapters):
             raise IncompatibleError(f"{len(weights)} weights for {len(adapters)} adapters")
         self.ck, self.dev = ck, torch.device(device)
-        self.cfg = load_config(ck.root)
+        self.model_info = read_model_info(ck.root)
+        self.tied = tied_pair(self.model_info, ck.keys())
+        self._cfg = None
         dora_mods = [n for a in adapters for n, m in a.modules.items() if m.magnitude is not None]
         touched = [n for a in adapters for n in a.modules]
         clash = [n for n in set(dora_mods) if touched.count(n) > 1]
@@ -72,13 +76,15 @@ class MergedView:
                     raise IncompatibleError(f"two adapters both replace {k!r} (modules_to_save)", a.source or None)
                 # PEFT saves an embedding layer targeted by LoRA whole (save_embedding_layers) even when
                 # it is unchanged: such a copy of the base tensor replaces nothing (and must not untie a head)
-                if equals_base(ck, k, t, self.cfg.tie_word_embeddings):
+                if equals_base(ck, k, t, self.tied):
                     continue
                 if w != 1.0:
                     raise IncompatibleError(f"an adapter with modules_to_save ({k!r}) cannot be weighted ({w:g}): its "
                                             "tensors replace the base's whole", a.source or None)
                 self.saved[k] = t
-        shapes = _shapes(ck, self.cfg.tie_word_embeddings)
+        shapes = with_tied_head({k: ck.info(k).shape for k in ck.keys()}, self.tied)
+        self.added, self.switches = self._bias_switches(adapters, shapes)
+        shapes.update({k: i.shape for k, i in self.added.items()})
         for a in adapters:
             a.check_against(shapes, f"base model {ck.path}", merging=True)
         self.updates: dict[str, list] = {}
@@ -89,30 +95,79 @@ class MergedView:
                     self.updates.setdefault(f"{n}.bias", []).append((m, w * sign))
         # a tied model (even one that also stores lm_head.weight, which transformers then ignores)
         # must be untied when an adapter changes only one side of the tie
-        self.untie = self.cfg.tie_word_embeddings and any(
-            k in self.updates or k in self.saved for k in ("lm_head.weight", "model.embed_tokens.weight"))
+        self.untie = self.tied is not None and any(k in self.updates or k in self.saved for k in self.tied)
         self.modified: list[str] = []
 
+    def _bias_switches(self, adapters: Sequence[Adapter], shapes: dict) -> tuple[dict, dict]:
+        """A lora_bias on a layer without a bias: turn on the family's switch for it (config field
+        -> True) and add a zero bias to every module the switch governs; refuse without a switch."""
+        need = sorted({n for a in adapters for n, m in a.modules.items()
+                       if m.bias is not None and f"{n}.bias" not in shapes and f"{n}.weight" in shapes})
+        if not need:
+            return {}, {}
+        mt = self.model_info.model_type
+        switches: dict[str, tuple] = {}
+        for n in need:
+            key = bias_switch(mt, n.rpartition(".")[2])
+            if key is None:
+                src = next(a.source for a in adapters if n in a.modules) or None
+                raise IncompatibleError(f"module {n!r}: its lora_B.bias (lora_bias) cannot be merged: the base model "
+                                        f"{self.ck.path} has no bias on that layer and model_type {mt!r} has no config switch "
+                                        "that adds one (PEFT cannot merge it either)", src)
+            switches[key] = BIAS_SWITCHES[mt][key]
+        added: dict[str, st.TensorInfo] = {}
+        for k in self.ck.keys():
+            mod, _, leaf = k.rpartition(".")
+            i = self.ck.info(k)
+            if leaf == "weight" and len(i.shape) == 2 and f"{mod}.bias" not in shapes and \
+                    any(mod.rpartition(".")[2] in leaves for leaves in switches.values()):
+                added[f"{mod}.bias"] = st.TensorInfo(f"{mod}.bias", i.dtype, (i.shape[0],))
+        return added, {key: True for key in switches}
+
+    @property
+    def cfg(self):
+        """The base's full ModelConfig (for the exporters; refuses families loratools cannot run)."""
+        if self._cfg is None:
+            from ..models.config import load_config
+
+            self._cfg = load_config(self.ck.root)
+        return self._cfg
+
+    @property
+    def merged_cfg(self):
+        """The ModelConfig of the merged model (config() parsed: a lora_bias merge turns bias switches
+        on, an untie turns tie_word_embeddings off); exporters that write the merged tensors check
+        them against this one."""
+        from ..models.config import parse_config
+
+        return parse_config(self.config(), self.ck.root / "config.json")
+
     def names(self) -> list[str]:
-        return self.ck.keys() + (["lm_head.weight"] if self.untie and "lm_head.weight" not in self.ck else [])
+        out = self.ck.keys() + ([self.tied[1]] if self.untie and self.tied[1] not in self.ck else [])
+        if self.added:  # each added bias right after its weight
+            out = [x for n in out for x in ([n, n[:-len("weight")] + "bias"] if n[:-len("weight")] + "bias" in self.added else [n])]
+        return out
 
     def source(self, name: str) -> str:
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return "model.embed_tokens.weight"  # what a tied head really computes with
-        return name
+        return head_source(name, self.tied)  # what a tied head really computes with
 
     def info(self, name: str) -> st.TensorInfo:
+        if name in self.added:
+            return self.added[name]
         i = self.ck.info(self.source(name))
         return st.TensorInfo(name, i.dtype, i.shape)
 
     def changed(self, name: str) -> bool:
-        return name in self.saved or name in self.updates
+        return name in self.saved or name in self.updates or name in self.added
 
     def tensor(self, name: str) -> torch.Tensor:
         src = self.source(name)
         # a full tensor saved with the adapter (modules_to_save, save_embedding_layers) replaces the
         # base tensor; LoRA updates on the same module then apply on top of it, as in PEFT
-        t = self.saved[name] if name in self.saved else self.ck.get(src)
+        if name in self.added:
+            t = torch.zeros(self.added[name].shape, dtype=self.added[name].dtype)
+        else:
+            t = self.saved[name] if name in self.saved else self.ck.get(src)
         ups = self.updates.get(name, [])
         if not ups:
             if name in self.saved:
@@ -135,13 +190,16 @@ class MergedView:
         return W.cpu()
 
     def config(self, dtype: torch.dtype | None = None) -> dict:
-        config = dict(self.cfg.raw)
+        config = dict(self.model_info.raw)
         if dtype is not None:
             config["dtype"] = CONFIG_DTYPE[dtype]
             if "torch_dtype" in config:
                 config["torch_dtype"] = CONFIG_DTYPE[dtype]
         if self.untie:
             config["tie_word_embeddings"] = False
+            if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+                config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
+        config.update(self.switches)
         return config
 
 
@@ -157,7 +215,7 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
             raise UnsupportedError("a DoRA merge cannot be undone exactly (the row norms of the original weight are lost)", a.source or None)
         if unmerge and a.modules_to_save:
             raise UnsupportedError("modules_to_save replaced whole tensors; the originals cannot be recovered by unmerge", a.source or None)
-    load_config(base)
+    read_model_info(base)
     with Checkpoint.open(base) as ck:
         from ..arch.layout import align_adapter
 
@@ -178,4 +236,6 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
               "device": str(dev), "modified": view.modified}
     if view.untie:
         report["untied_embeddings"] = True
+    if view.switches:
+        report["biases_added"] = {"config": view.switches, "zero_biases": sorted(set(view.added) - set(view.modified))}
     return report

@@ -30,7 +30,7 @@ from ..formats.peft import write_peft
 from ..fsutil import atomic_dir, check_output
 from ..models.decoder import LoraSlot, load_model
 from ..ops import gemm
-from ..ops.common import pick_device
+from ..device import pick_device
 from . import data
 
 # fused qkv_proj / gate_up_proj (Phi-3) are targeted as one module each, as PEFT does
