@@ -28,10 +28,11 @@ beside it (``language_model.model.embed_tokens.weight`` → ``language_model.lm_
 as Gemma 3's multimodal checkpoints lay out their text model; ``model.language_model.…`` →
 ``lm_head.weight``, transformers 5's layout). Every other name passes through unchanged.
 
-Bias switches (``BIAS_SWITCHES``): a LoRA with ``lora_bias`` on a layer without a bias can only be
+Bias switches (``bias_switches``, from the architecture registry): a LoRA with ``lora_bias`` on a layer without a bias can only be
 merged by turning the bias on, which a family allows through a config field governing a set of
 modules (Llama's ``attention_bias`` for q/k/v/o, ``mlp_bias`` for gate/up/down). That is per-family
-knowledge; the table here stands in until the architecture registry (loratools/arch) says it.
+knowledge, read from the family's registry entry (loratools/arch/registry.py): a tensor operation
+that needs nothing else of the family still works for families the registry does not know.
 """
 from __future__ import annotations
 
@@ -147,26 +148,28 @@ def head_source(name: str, pair: tuple[str, str] | None) -> str:
 
 
 # -- bias switches -------------------------------------------------------------------------------
-# model_type -> config field -> module leaf names whose bias it turns on (transformers' modeling
-# files: LlamaAttention(bias=config.attention_bias) on q/k/v/o, LlamaMLP(bias=config.mlp_bias)).
-# To move into loratools/arch/registry.py once that lands.
-_LLAMA = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
-BIAS_SWITCHES: dict[str, dict[str, tuple[str, ...]]] = {
-    "llama": _LLAMA,
-    "granite": _LLAMA,
-    "smollm3": _LLAMA,
-    "qwen3": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "olmo2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "gemma": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "gemma2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "gemma3_text": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    "gemma4_text": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
-}
+def bias_switches(model_type: str) -> dict[str, tuple[str, ...]]:
+    """config field -> module leaf names whose bias it turns on, from the family's entry in the
+    architecture registry (``qkv_bias`` / ``o_bias`` / ``mlp_bias`` name the field, as transformers'
+    modeling files pass ``bias=config.attention_bias`` / ``config.mlp_bias``); {} for a family
+    the registry does not know or one whose biases have no switch."""
+    from .arch.registry import FAMILIES
+
+    spec = FAMILIES.get(model_type)
+    if spec is None:
+        return {}
+    qkv = ("qkv_proj",) if spec.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    mlp = ("gate_up_proj", "down_proj") if spec.fused_gate_up else ("gate_proj", "up_proj", "down_proj")
+    out: dict[str, tuple[str, ...]] = {}
+    for fld, leaves in ((spec.qkv_bias, qkv), (spec.o_bias, ("o_proj",)), (spec.mlp_bias, mlp)):
+        if isinstance(fld, str):
+            out[fld] = out.get(fld, ()) + leaves
+    return out
 
 
 def bias_switch(model_type: str, leaf: str) -> str | None:
     """The config field that turns on the bias of module ``leaf`` in this family, if any."""
-    for key, leaves in BIAS_SWITCHES.get(model_type, {}).items():
+    for key, leaves in bias_switches(model_type).items():
         if leaf in leaves:
             return key
     return None

@@ -25,7 +25,7 @@ from ..checkpoint import Checkpoint, CheckpointWriter, DEFAULT_MAX_SHARD
 from ..device import pick_device
 from ..errors import IncompatibleError, UnsupportedError
 from ..fsutil import check_output, check_space
-from ..modelinfo import (BIAS_SWITCHES, bias_switch, embed_name, head_name, head_source, read_model_info, tied_pair,
+from ..modelinfo import (bias_switch, bias_switches, embed_name, head_name, head_source, read_model_info, tied_pair,
                          with_tied_head)
 from .common import CONFIG_DTYPE, check_finite, progress
 
@@ -64,6 +64,11 @@ class MergedView:
         self.model_info = read_model_info(ck.root)
         self.tied = tied_pair(self.model_info, ck.keys())
         self._cfg = None
+        from ..arch.layout import align_adapter
+
+        # PEFT (in-memory) names vs the saved layout (multimodal Gemma 3), the tied head included
+        keys = with_tied_head({k: None for k in ck.keys()}, self.tied)
+        adapters = [align_adapter(a, keys) for a in adapters]
         dora_mods = [n for a in adapters for n, m in a.modules.items() if m.magnitude is not None]
         touched = [n for a in adapters for n in a.modules]
         clash = [n for n in set(dora_mods) if touched.count(n) > 1]
@@ -114,7 +119,7 @@ class MergedView:
                 raise IncompatibleError(f"module {n!r}: its lora_B.bias (lora_bias) cannot be merged: the base model "
                                         f"{self.ck.path} has no bias on that layer and model_type {mt!r} has no config switch "
                                         "that adds one (PEFT cannot merge it either)", src)
-            switches[key] = BIAS_SWITCHES[mt][key]
+            switches[key] = bias_switches(mt)[key]
         added: dict[str, st.TensorInfo] = {}
         for k in self.ck.keys():
             mod, _, leaf = k.rpartition(".")
@@ -217,9 +222,6 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
             raise UnsupportedError("modules_to_save replaced whole tensors; the originals cannot be recovered by unmerge", a.source or None)
     read_model_info(base)
     with Checkpoint.open(base) as ck:
-        from ..arch.layout import align_adapter
-
-        adapters = [align_adapter(a, ck.keys()) for a in adapters]  # PEFT names vs the saved layout (Gemma 3)
         view = MergedView(ck, adapters, weights, -1.0 if unmerge else 1.0, dev)
         specs = []
         for n in view.names():
