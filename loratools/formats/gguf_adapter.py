@@ -67,6 +67,9 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     if cfg.tie_word_embeddings:
         shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
     adapter.check_against(shapes, f"base model {base_dir}")
+    from ..models.decoder import internal_adapter
+
+    adapter = internal_adapter(cfg, adapter)  # module names as the decoder has them (multimodal prefix dropped)
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
     if emb and cfg.tie_word_embeddings:
         # llama.cpp finds adapter tensors by name and the tied output layer is token_embd too, so the

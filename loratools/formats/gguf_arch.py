@@ -26,7 +26,7 @@ and ``lora_b_to_gguf`` (LoRA B rows get the same row permutation as the weight t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -104,7 +104,37 @@ LINEAR_ROPE = (
 )
 
 
-# -- families ----------------------------------------------------------------------------------
+# -- what llama.cpp's graphs compute with ------------------------------------------------------
+# ModelConfig switch -> the value a family's llama.cpp graph uses when no key carries it. A family
+# overrides an entry with its graph's own rule, or with WRITTEN when one of its keys carries the
+# value. ``GgufFamily.check`` refuses a config whose switch differs: the GGUF would compute another model.
+WRITTEN = None
+GRAPH_DEFAULTS: dict[str, Callable] = {
+    "hidden_act": lambda c: "silu",
+    "embedding_scale": lambda c: 1.0,
+    "attention_scale": lambda c: c.head_dim ** -0.5,
+    "attn_softcap": lambda c: None,
+    "final_softcap": lambda c: None,
+    "residual_multiplier": lambda c: 1.0,
+    "logits_scaling": lambda c: 1.0,
+}
+
+
+def _gemma_attention_scale(big_layers: int):
+    # llama.cpp hard-codes Gemma's query scaling (gemma_pytorch's config): 1/sqrt(head_dim), and
+    # 1/sqrt(hidden / heads) for the 27B shape (recognised by its layer count) -- not query_pre_attn_scalar
+    def rule(c):
+        d = c.hidden_size // c.num_attention_heads if c.num_hidden_layers == big_layers else c.head_dim
+        return d ** -0.5
+    return rule
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None or isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=0.0)
+
+
 @dataclass(frozen=True)
 class GgufFamily:
     arch: str
@@ -113,9 +143,14 @@ class GgufFamily:
     output: str = "optional"
     biases: tuple = QKV_BIASES
     swa: bool = False
+    swa_rope: bool = False                  # sliding layers have their own rope base (rope.freq_base_swa), unscaled
+    nope_step: int = 0                      # llama.cpp drops rope on layers i with (i + 1) % step == 0 (0: none)
     rope_types: tuple = ("default", "linear")
-    limits: tuple = ()
+    graph: dict = field(default_factory=dict)   # overrides of GRAPH_DEFAULTS
+    limits: tuple = ()                      # ModelConfig -> reason it cannot run, or None
     extra: tuple = ()                       # generated tensors: (gguf name, ModelConfig -> tensor or None)
+    import_as: tuple | None = None          # (model_type, architectures[0]) of the checkpoint import writes
+                                            # (a multimodal family's text model); None: the source's own
 
     @property
     def permute(self) -> bool:
@@ -123,42 +158,174 @@ class GgufFamily:
 
     def check(self, cfg, path=None) -> None:
         """Refuse, in one line, a config this family's llama.cpp graph would compute differently."""
-        if cfg.rope_type not in self.rope_types:
-            raise UnsupportedError(f"llama.cpp's {self.arch} architecture has no rope_type {cfg.rope_type!r} "
-                                   f"(it runs {', '.join(self.rope_types)})", path)
+        for reason in self.problems(cfg):
+            raise UnsupportedError(f"llama.cpp's {self.arch} architecture cannot run this model: {reason}", path)
+
+    def problems(self, cfg) -> list[str]:
+        out = []
+        rules = {**GRAPH_DEFAULTS, **self.graph}
+        for attr, rule in rules.items():
+            if rule is WRITTEN:
+                continue
+            want, have = rule(cfg), getattr(cfg, attr)
+            if not _close(want, have):
+                out.append(f"its {attr} is {have!r}, llama.cpp computes with {want!r}")
+        out += _rope_problems(self, cfg)
         for limit in self.limits:
             reason = limit(cfg)
             if reason:
-                raise UnsupportedError(f"llama.cpp's {self.arch} architecture cannot run this model: {reason}", path)
+                out.append(reason)
+        return out
+
+
+def _rope_problems(fam: GgufFamily, cfg) -> list[str]:
+    out = []
+    full = {l.rope for l in cfg.layers if l.layer_type == "full_attention"}
+    slide = {l.rope for l in cfg.layers if l.layer_type == "sliding_attention"}
+    windows = {l.window for l in cfg.layers if l.window is not None}
+    if cfg.rope_type not in fam.rope_types:
+        out.append(f"rope_type {cfg.rope_type!r} (it runs {', '.join(fam.rope_types)})")
+    if len(windows) > 1:
+        out.append(f"layers with different sliding windows {sorted(windows)} (one window for all)")
+    nope = [l.rope is None for l in cfg.layers]
+    if any(nope) and nope != [bool(fam.nope_step) and (i + 1) % fam.nope_step == 0 for i in range(len(nope))]:
+        where = f"every {fam.nope_step}th layer only" if fam.nope_step else "no layer"
+        out.append(f"its NoPE layers {[i for i, x in enumerate(nope) if x]} (llama.cpp drops rope on {where})")
+    ropes = {r for r in full | slide if r is not None}
+    if fam.swa_rope:
+        if len({r for r in full if r is not None}) > 1 or len({r for r in slide if r is not None}) > 1:
+            out.append("several ropes within one layer type")
+        for r in slide:
+            if r is not None and (r.rope_type != "default" or r.rotary_dim != cfg.head_dim):
+                out.append(f"sliding layers with rope_type {r.rope_type!r} / rotary_dim {r.rotary_dim} "
+                           "(llama.cpp scales only the full-attention rope)")
+    elif len(ropes) > 1:
+        out.append("a rope per layer type (one rope for all layers)")
+    return out
+
+
+def _head_dim_is_hidden_over_heads(c):
+    if c.head_dim * c.num_attention_heads != c.hidden_size:
+        return (f"head_dim {c.head_dim} x {c.num_attention_heads} heads != hidden_size {c.hidden_size} "
+                "(its graph takes the head size from hidden_size / heads)")
+    return None
 
 
 def _llama3_rope_freqs(cfg) -> torch.Tensor | None:
     """Llama-3 rope scaling as llama.cpp takes it: a per-frequency divisor tensor."""
     if cfg.rope_type != "llama3":
         return None
-    from ..models.config import rope_inv_freq
+    from ..arch.hf_config import rope_inv_freq
 
     d = cfg.head_dim
     base = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     return (base / rope_inv_freq(cfg)).float()
 
 
-LLAMA = GgufFamily("llama", rope="norm", kvs=BASE + ROPE_DIM + LINEAR_ROPE, biases=ALL_BIASES,
-                   rope_types=("default", "linear", "llama3"), extra=(("rope_freqs.weight", _llama3_rope_freqs),))
+def _longrope_factors(which: str):
+    """Phi-3 LongRoPE: the long / short per-frequency divisors (llama.cpp picks long when its context
+    exceeds rope.scaling.original_context_length; transformers when the sequence does)."""
+    def make(cfg):
+        r = _full_rope(cfg)
+        if r is None or r.rope_type != "longrope":
+            return None
+        return torch.tensor(r.get(which), dtype=torch.float32)
+    return make
 
+
+def _full_rope(cfg):
+    return next((l.rope for l in cfg.layers if l.rope is not None and l.layer_type == "full_attention"),
+                next((l.rope for l in cfg.layers if l.rope is not None), None))
+
+
+def _slide_rope(cfg):
+    return next((l.rope for l in cfg.layers if l.rope is not None and l.layer_type == "sliding_attention"), None)
+
+
+def _window(cfg):
+    return next((w for w in cfg.layer_windows if w is not None), None)
+
+
+def _longrope(cfg, key):
+    r = _full_rope(cfg)
+    if r is None or r.rope_type != "longrope":
+        return None
+    return r.get(key) if key != "attention_factor" else r.attention_factor
+
+
+SWA = (
+    KV("Attention.SLIDING_WINDOW", "UINT32", _window),
+    KV("Attention.SLIDING_WINDOW_PATTERN", "ARRAY", lambda c: [w is not None for w in c.layer_windows]),
+)
+SWA_ROPE = (KV("Rope.FREQ_BASE_SWA", "FLOAT32", lambda c: _slide_rope(c).theta if _slide_rope(c) else None),)
+SOFTCAPS = (
+    KV("LLM.ATTN_LOGIT_SOFTCAPPING", "FLOAT32", lambda c: c.attn_softcap),
+    KV("LLM.FINAL_LOGIT_SOFTCAPPING", "FLOAT32", lambda c: c.final_softcap),
+)
+PARTIAL_ROPE_DIM = (KV("Rope.DIMENSION_COUNT", "UINT32", lambda c: c.rotary_dim),)
+LONGROPE = (
+    KV("Rope.SCALING_ORIG_CTX_LEN", "UINT32", lambda c: _longrope(c, "original_max_position_embeddings")),
+    KV("Rope.SCALING_ATTN_FACTOR", "FLOAT32", lambda c: _longrope(c, "attention_factor")),
+)
+GRANITE_SCALES = (
+    KV("Attention.SCALE", "FLOAT32", lambda c: c.attention_scale),
+    KV("LLM.EMBEDDING_SCALE", "FLOAT32", lambda c: c.embedding_scale),
+    KV("LLM.RESIDUAL_SCALE", "FLOAT32", lambda c: c.residual_multiplier),
+    KV("LLM.LOGIT_SCALE", "FLOAT32", lambda c: c.logits_scaling),
+)
+ROPE_FREQS = (("rope_freqs.weight", _llama3_rope_freqs),)
+
+LLAMA = GgufFamily("llama", rope="norm", kvs=BASE + ROPE_DIM + LINEAR_ROPE, biases=ALL_BIASES,
+                   rope_types=("default", "linear", "llama3"), extra=ROPE_FREQS)
+GEMMA2 = GgufFamily(
+    "gemma2", kvs=BASE + SWA + SOFTCAPS + LINEAR_ROPE, output="never", swa=True,
+    graph={"hidden_act": lambda c: "gelu_pytorch_tanh", "embedding_scale": lambda c: c.hidden_size ** 0.5,
+           "attention_scale": _gemma_attention_scale(46), "attn_softcap": WRITTEN, "final_softcap": WRITTEN},
+    # its graph soft-caps always: a missing cap would be llama.cpp's default (50 / 30), not none
+    limits=(lambda c: "attn_logit_softcapping or final_logit_softcapping is null (llama.cpp's gemma2 always "
+                      "soft-caps)" if c.attn_softcap is None or c.final_softcap is None else None,))
+GEMMA3 = GgufFamily(
+    "gemma3", kvs=BASE + SWA + SWA_ROPE + SOFTCAPS[1:] + LINEAR_ROPE, swa=True, swa_rope=True,
+    graph={"hidden_act": lambda c: "gelu_pytorch_tanh", "embedding_scale": lambda c: c.hidden_size ** 0.5,
+           "attention_scale": _gemma_attention_scale(62), "final_softcap": WRITTEN})
+PHI3 = GgufFamily(
+    "phi3", kvs=BASE + PARTIAL_ROPE_DIM + LONGROPE, rope_types=("default", "longrope"),
+    limits=(_head_dim_is_hidden_over_heads,),
+    extra=(("rope_factors_long.weight", _longrope_factors("long_factor")),
+           ("rope_factors_short.weight", _longrope_factors("short_factor"))))
+OLMO2 = GgufFamily("olmo2", output="required", limits=(_head_dim_is_hidden_over_heads,))
+GRANITE = GgufFamily(
+    "granite", rope="norm", kvs=BASE + ROPE_DIM + LINEAR_ROPE + GRANITE_SCALES, biases=ALL_BIASES,
+    rope_types=("default", "linear", "llama3"), extra=ROPE_FREQS, limits=(_head_dim_is_hidden_over_heads,),
+    graph={"attention_scale": WRITTEN, "embedding_scale": WRITTEN, "residual_multiplier": WRITTEN,
+           "logits_scaling": WRITTEN})
+SMOLLM3 = GgufFamily("smollm3", rope="norm", kvs=BASE + ROPE_DIM + LINEAR_ROPE, nope_step=4)  # its n_no_rope_layer_step
+
+# registry family -> GGUF facts
 FAMILIES: dict[str, GgufFamily] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": GgufFamily("qwen2"),
     "qwen3": GgufFamily("qwen3"),
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA3,
+    "gemma3": replace(GEMMA3, import_as=("gemma3_text", "Gemma3ForCausalLM")),
+    "phi3": PHI3,
+    "olmo2": OLMO2,
+    "granite": GRANITE,
+    "smollm3": SMOLLM3,
 }
+# registry families with no GGUF path, and why (tests read this: an exclusion is explicit, never a skip)
+EXCLUDED: dict[str, str] = {}
 
 
 def family(cfg, path=None) -> GgufFamily:
-    fam = FAMILIES.get(cfg.model_type)
+    key = getattr(cfg, "family", "") or cfg.model_type
+    fam = FAMILIES.get(key)
     if fam is None:
-        raise UnsupportedError(f"no GGUF export for model_type {cfg.model_type!r} (GGUF families: "
-                               f"{', '.join(sorted(FAMILIES))})", path)
+        why = EXCLUDED.get(key)
+        raise UnsupportedError(f"no GGUF export for the {key!r} family" + (f": {why}" if why else
+                               f" (GGUF families: {', '.join(sorted(FAMILIES))})"), path)
     return fam
 
 

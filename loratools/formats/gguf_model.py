@@ -56,6 +56,8 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
     out = {}
     for n in names:
         g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        if g is None and n == "lm_head.weight" and fam.output == "never":
+            continue  # the architecture has no output tensor: the head is always token_embd
         if g is None:
             raise UnsupportedError(f"no GGUF name for tensor {n!r} ({fam.arch})")
         out[n] = g
@@ -103,6 +105,30 @@ def _encode(t: torch.Tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(a, qtype).view(np.uint8)
 
 
+# llama.cpp sets token attributes by general.name: a name containing one of these words makes it look
+# these tokens up, and a vocabulary without them stops the load (unordered_map::at, llama-vocab.cpp)
+NAME_RULES = ((("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>")),)
+
+
+def _check_name(w, report: dict) -> None:
+    gguf = _gguf()
+    key = gguf.Keys.General.NAME
+    kv = w.kv_data[0]
+    name = kv[key].value
+    tokens = set(kv[gguf.Keys.Tokenizer.LIST].value)
+    for words, needed in NAME_RULES:
+        missing = [t for t in needed if t not in tokens]
+        if any(x in name.lower() for x in words) and missing:
+            safe = name.lower()
+            for x in words:
+                safe = safe.replace(x, "")
+            safe = safe.strip("-_ .") or "model"
+            kv[key] = gguf.GGUFValue(value=safe, type=gguf.GGUFValueType.STRING)
+            report["warnings"].append(f"general.name {name!r} written as {safe!r}: llama.cpp treats a name with "
+                                      f"{words[0]!r} as that model and looks up tokens this vocabulary lacks "
+                                      f"({', '.join(missing)})")
+
+
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, outtype: str = "f16", pre: str | None = None,
                 overwrite: bool = False, quiet: bool = True) -> dict:
@@ -138,18 +164,23 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                                    "written as GGUF", model_dir)
         tied = cfg.tie_word_embeddings and not view.untie
         plan = []  # (gguf name, hf name or None, shape, qtype, fp32 tensor getter)
+        skipped = 0
         for n in view.names():
-            if n == "lm_head.weight" and tied:
+            own = cfg.to_internal(n)  # the decoder's name (a multimodal checkpoint's text prefix dropped)
+            if own is None or own.endswith("rotary_emb.inv_freq"):
+                skipped += own is None  # not part of the text decoder (a vision tower): llama.cpp runs text
+                continue
+            if own == "lm_head.weight" and tied:
                 continue  # llama.cpp uses token_embd when output.weight is absent
-            if n not in names:
+            if own not in names:
                 raise UnsupportedError(f"tensor {n!r} has no place in a GGUF {fam.arch} model", ck.path)
-            if n.endswith(".bias") and gguf_arch.role(names[n]) not in fam.biases:
-                raise UnsupportedError(f"llama.cpp's {fam.arch} architecture has no {gguf_arch.role(names[n])} bias "
+            if own.endswith(".bias") and gguf_arch.role(names[own]) not in fam.biases:
+                raise UnsupportedError(f"llama.cpp's {fam.arch} architecture has no {gguf_arch.role(names[own])} bias "
                                        f"(tensor {n!r})", ck.path)
             shape = view.info(n).shape
-            plan.append((names[n], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n).float()))
+            plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n).float()))
         if tied and fam.output == "required":  # the tied head written as its own tensor
-            emb = "model.embed_tokens.weight"
+            emb = cfg.to_external("model.embed_tokens.weight")
             shape = view.info(emb).shape
             plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb).float()))
         for gname, make in fam.extra:
@@ -163,6 +194,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         w.add_file_type(gguf.LlamaFileType[FILE_TYPES[qname]])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report["tokenizer"] = gguf_vocab.add_tokenizer(w, Path(model_dir), cfg.vocab_size, pre)
+        _check_name(w, report)
         w.add_string(SOURCE_CONFIG_KEY, json.dumps(view.config(), sort_keys=True))
         nbytes = 0
         for gname, _, shape, q, _ in plan:
@@ -181,6 +213,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                 w.write_tensor_data(_encode(t, q))
             w.close()
     report["tensors"] = len(plan)
+    if skipped:
+        report["skipped_non_text_tensors"] = skipped
     if view.untie:
         report["untied_embeddings"] = True
     for msg in report["warnings"]:
@@ -298,6 +332,16 @@ def config_from_gguf(reader, path) -> dict:
     return cfg
 
 
+def text_only_config(cfgd: dict, model_type: str, architecture: str) -> dict:
+    """The text model's own config.json from a multimodal one (hyper-parameters under text_config)."""
+    out = {k: v for k, v in cfgd["text_config"].items()}
+    for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in cfgd and k not in out:
+            out[k] = cfgd[k]
+    out.update(model_type=model_type, architectures=[architecture])
+    return out
+
+
 def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto", overwrite: bool = False,
                 quiet: bool = True) -> dict:
     """GGUF → HF checkpoint folder (safetensors, config.json, tokenizer files)."""
@@ -312,6 +356,9 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     cfgd = config_from_gguf(reader, path)
     cfg = parse_config(cfgd, path)
     fam = gguf_arch.family(cfg, path)
+    if fam.import_as is not None:  # a multimodal source: the GGUF holds its text model, imported as that
+        cfgd = text_only_config(cfgd, *fam.import_as)
+        cfg = parse_config(cfgd, path)
     inverse = {v: k for k, v in name_map(cfg).items()}
     generated = {g for g, _ in fam.extra}
     if cfg.tie_word_embeddings and fam.output == "required":
