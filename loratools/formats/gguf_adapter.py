@@ -41,35 +41,34 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     if adapter.use_dora:
         raise UnsupportedError("llama.cpp cannot apply DoRA (its magnitude vector rescales whole rows of W + ΔW); "
                                "merge the adapter and export the merged model instead", src)
-    if adapter.modules_to_save:
-        from ..checkpoint import Checkpoint
-        from ..ops.merge import equals_base
+    from ..checkpoint import Checkpoint
+    from ..models.decoder import internal_adapter
+    from ..ops.merge import equals_base
 
-        with Checkpoint.open(base_dir) as ck:  # PEFT saves an unchanged embedding whole: that replaces nothing
-            tied = load_config(base_dir).tie_word_embeddings
-            changed = sorted(k for k, t in adapter.modules_to_save.items() if not equals_base(ck, k, t, tied))
-        if changed:
-            raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
-                                   "they replace whole tensors; merge the adapter and export the merged model instead", src)
-    biased = [n for n, m in adapter.modules.items() if m.bias is not None]
-    if biased:
-        raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
     cfg = load_config(base_dir)
     fam = gguf_arch.family(cfg, base_dir)
     fam.check(cfg, base_dir)
     names = name_map(cfg)
+    adapter = internal_adapter(cfg, adapter)  # module names as the decoder has them (multimodal prefix dropped)
+    with Checkpoint.open(base_dir) as ck:
+        disk = {cfg.to_internal(k): k for k in ck.keys() if cfg.to_internal(k) is not None}  # decoder name -> stored
+        shapes = {own: ck.info(k).shape for own, k in disk.items()}
+        if adapter.modules_to_save:  # PEFT saves an unchanged embedding whole: that replaces nothing
+            tied = cfg.tie_word_embeddings
+            changed = sorted(k for k, t in adapter.modules_to_save.items()
+                             if not equals_base(ck, disk.get(k, k), t, tied))
+            if changed:
+                raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
+                                       "they replace whole tensors; merge the adapter and export the merged model instead", src)
+    biased = [n for n, m in adapter.modules.items() if m.bias is not None]
+    if biased:
+        raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
     if "lm_head" in adapter.modules and cfg.tie_word_embeddings:
         raise UnsupportedError("the adapter targets lm_head, but the base model ties it to the embeddings: llama.cpp has "
                                "no separate output tensor to apply it to; merge the adapter instead", src)
-    from ..checkpoint import Checkpoint
-    with Checkpoint.open(base_dir) as ck:
-        shapes = {k: ck.info(k).shape for k in ck.keys()}
     if cfg.tie_word_embeddings:
         shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
     adapter.check_against(shapes, f"base model {base_dir}")
-    from ..models.decoder import internal_adapter
-
-    adapter = internal_adapter(cfg, adapter)  # module names as the decoder has them (multimodal prefix dropped)
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
     if emb and cfg.tie_word_embeddings:
         # llama.cpp finds adapter tensors by name and the tied output layer is token_embd too, so the

@@ -163,6 +163,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                                    "architecture always uses token_embd as its output layer: the untied model cannot be "
                                    "written as GGUF", model_dir)
         tied = cfg.tie_word_embeddings and not view.untie
+        disk = {cfg.to_internal(n): n for n in view.names() if cfg.to_internal(n) is not None}  # decoder name -> stored
         plan = []  # (gguf name, hf name or None, shape, qtype, fp32 tensor getter)
         skipped = 0
         for n in view.names():
@@ -180,7 +181,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             shape = view.info(n).shape
             plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n).float()))
         if tied and fam.output == "required":  # the tied head written as its own tensor
-            emb = cfg.to_external("model.embed_tokens.weight")
+            emb = disk["model.embed_tokens.weight"]
             shape = view.info(emb).shape
             plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb).float()))
         for gname, make in fam.extra:
