@@ -33,7 +33,7 @@ def test_fixture_features_resolve(families):
     lay = cfg.layers
     # layers 3 (sliding) and 4 (full) reuse the K/V of the last earlier layer of their type
     assert [l.kv_source for l in lay] == [None, None, None, 1, 2]
-    assert [l.head_dim for l in lay] == [16, 16, 32, 16, 32] and cfg.per_layer_input_size == 8
+    assert [l.head_dim for l in lay] == [16, 16, 32, 16, 32] and cfg.per_layer_input_size == 32
     assert [l.intermediate_size for l in lay] == [0, 0, 0, 256, 256]  # double-wide on the shared layers
     assert [l.window for l in lay] == [6, 6, None, 6, None]
     full = lay[2].rope
