@@ -29,7 +29,6 @@ from ..models.config import load_config
 from ..models.decoder import LoraSlot
 
 TWO_GB = 2 * 1024**3
-LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def slot_names(module: str) -> tuple[str, str]:
@@ -37,23 +36,38 @@ def slot_names(module: str) -> tuple[str, str]:
 
 
 class _Exportable(torch.nn.Module):
-    def __init__(self, model, cache: bool, slots: list[str]):
+    """The traced function: (input_ids, attention_mask, position_ids, *past, *slots) ->
+    (logits, *presents). ``cached``: the layers that keep their own KV cache, in order (a
+    layer that reuses another layer's keys and values has no cache of its own)."""
+
+    def __init__(self, model, cached: list[int] | None, slots: list[str]):
         super().__init__()
-        self.model, self.cache, self.slots = model, cache, slots
+        self.model, self.cached, self.slots = model, cached, slots
         self.n = model.cfg.num_hidden_layers
         self.mods = model.linear_modules()
 
     def forward(self, input_ids, attention_mask, position_ids, *rest):
         past = None
-        if self.cache:
-            past = [(rest[2 * i], rest[2 * i + 1]) for i in range(self.n)]
-            rest = rest[2 * self.n:]
+        if self.cached is not None:
+            past = [None] * self.n
+            for j, i in enumerate(self.cached):
+                past[i] = (rest[2 * j], rest[2 * j + 1])
+            rest = rest[2 * len(self.cached):]
         for i, name in enumerate(self.slots):
             self.mods[name].loras = [LoraSlot(rest[2 * i], rest[2 * i + 1], 1.0)]
         logits, presents = self.model(input_ids, attention_mask, position_ids, past)
-        if not self.cache:
+        if self.cached is None:
             return logits
-        return (logits, *[t for kv in presents for t in kv])
+        return (logits, *[t for i in self.cached for t in presents[i]])
+
+
+def _cache_layout(model, tdt: torch.dtype) -> list[tuple[int, tuple, tuple]]:
+    """(layer, key shape, value shape) of each layer that keeps a KV cache, from a one-token run
+    of the weightless model (kv heads and head_dim may differ per layer type)."""
+    with torch.no_grad():
+        _, presents = model(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
+                            torch.zeros(1, 1, dtype=torch.long), None)
+    return [(i, tuple(kv[0].shape), tuple(kv[1].shape)) for i, kv in enumerate(presents) if kv is not None]
 
 
 def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -220,7 +234,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     import onnx
 
     from ..checkpoint import Checkpoint
-    from ..models.config import rope_inv_freq
     from ..ops.merge import MergedView
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -235,8 +248,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         model = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
-        wrapper = _Exportable(model, cache, slots).eval()
-        L, kvh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        layout = _cache_layout(model, tdt) if cache else []
+        wrapper = _Exportable(model, [i for i, _, _ in layout] if cache else None, slots).eval()
+        L = cfg.num_hidden_layers
         b, s, p = 2, 3, 2
         args = [torch.ones(b, s, dtype=torch.long), torch.ones(b, (p if cache else 0) + s, dtype=torch.long),
                 torch.arange(p if cache else 0, (p if cache else 0) + s)[None].expand(b, s).contiguous()]
@@ -244,14 +258,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         names_out = ["logits"]
-        if cache:
-            for i in range(L):
-                for kind in ("key", "value"):
-                    args.append(torch.zeros(b, kvh, p, hd, dtype=tdt))
-                    names_in.append(f"past_key_values.{i}.{kind}")
-                    axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
-                    names_out.append(f"present.{i}.{kind}")
-                    axes[names_out[-1]] = {0: "batch", 2: "total_sequence"}
+        for i, kshape, vshape in layout:
+            for kind, shape in (("key", kshape), ("value", vshape)):
+                args.append(torch.zeros(b, shape[1], p, shape[3], dtype=tdt))
+                names_in.append(f"past_key_values.{i}.{kind}")
+                axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
+                names_out.append(f"present.{i}.{kind}")
+                axes[names_out[-1]] = {0: "batch", 2: "total_sequence"}
         mods = model.linear_modules()
         for j, name in enumerate(slots):
             out_f, in_f = mods[name].weight.shape
@@ -272,16 +285,17 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         if slots:
             _add_slot_defaults(proto, slots, mods, tdt)
         proto.producer_name = "loratools"
-        inv_freq = rope_inv_freq(cfg).float()
+        # tensors the model computes itself (rope tables): written from its buffers, as they are
+        buffers = {n: t.detach().contiguous() for n, t in model.named_buffers()}
 
         def get(key: str, transposed: bool) -> torch.Tensor:
-            t = inv_freq if key == "inv_freq" else view.tensor(key).to(tdt)  # fp32 math, rounded once
+            t = buffers[key] if key in buffers else view.tensor(key).to(tdt)  # fp32 math, rounded once
             return (t.T if transposed else t).contiguous()
 
         specs = []  # (initializer name, tensor, transposed, stored shape, dtype)
         for name, key, tr in plan:
-            shape = tuple(inv_freq.shape) if key == "inv_freq" else tuple(view.info(key).shape)
-            specs.append((name, key, tr, shape[::-1] if tr else shape, torch.float32 if key == "inv_freq" else tdt))
+            shape = tuple(buffers[key].shape) if key in buffers else tuple(view.info(key).shape)
+            specs.append((name, key, tr, shape[::-1] if tr else shape, buffers[key].dtype if key in buffers else tdt))
         big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
@@ -297,11 +311,15 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
 
 
 def _slot_modules(model, spec) -> list[str]:
+    """The blocks' linear layers that get LoRA inputs: "all-linear" (every one, fused qkv_proj /
+    gate_up_proj included, as PEFT's all-linear) or a list of leaf or module names."""
+    from ..models.decoder import Linear
+
     if not spec:
         return []
-    leaves = LEAVES if spec == "all-linear" else tuple(spec) if not isinstance(spec, str) else tuple(spec.split(","))
-    names = [n for n in model.linear_modules() if n.startswith("model.layers.")
-             and (n.rsplit(".", 1)[1] in leaves or n in leaves)]
+    wanted = None if spec == "all-linear" else set(spec) if not isinstance(spec, str) else set(spec.split(","))
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith("model.layers.")
+             and (wanted is None or n.rsplit(".", 1)[1] in wanted or n in wanted)]
     if not names:
         raise LoratoolsError(f"--lora-slots {spec!r} matched no linear layer")
     return names

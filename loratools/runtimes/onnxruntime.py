@@ -29,7 +29,9 @@ class Runner:
         self.sess = session(model_dir, device)
         self.provider = self.sess.get_providers()[0]
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        # past_key_values.{layer}.key/.value; a layer that reuses another's keys and values has none
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.layers = sum(1 for n in self.past_names if n.endswith(".key"))
         self.run_options = None
         if adapter is not None:
             self.adapter = ort.LoraAdapter()
@@ -40,10 +42,9 @@ class Runner:
 
     def _empty_past(self, b: int):
         feeds = {}
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                shape = self.inputs[f"past_key_values.{i}.{kind}"].shape
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((b, shape[1], 0, shape[3]), dtype=self.np_dtype)
+        for name in self.past_names:
+            shape = self.inputs[name].shape
+            feeds[name] = np.zeros((b, shape[1], 0, shape[3]), dtype=self.np_dtype)
         return feeds
 
     def run(self, ids: Sequence[int], past: dict | None = None, start: int = 0):
