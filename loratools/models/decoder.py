@@ -1,11 +1,19 @@
-"""One readable decoder LM: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), with GQA,
-rope scaling, sliding windows, tied embeddings, a KV cache, and LoRA applied unmerged.
+"""One readable decoder LM for every family in the registry (loratools/arch), with GQA, rope
+scaling (linear, Llama 3, LongRoPE), partial rotary, NoPE layers, sliding windows per layer type,
+tied embeddings, a KV cache, and LoRA applied unmerged. It reads the feature switches of its
+ModelConfig (arch/spec.py says what each means), never a family name.
 
-Module and parameter names are the Hugging Face ones, so a checkpoint's tensors load by name.
+Module and parameter names are the Hugging Face ones, so a checkpoint's tensors load by name
+(a multimodal checkpoint's text prefix is mapped by ModelConfig.to_internal).
 
-    x ─ embed_tokens ─┬─ layers[i]:  h = x + o_proj(attn(rope(q_proj(n1 x)), rope(k_proj(n1 x)), v_proj(n1 x)))
-                      │              x = h + down_proj(silu(gate_proj(n2 h)) · up_proj(n2 h))
-                      └─ norm ─ lm_head ─ logits
+    x ─ embed_tokens · embedding_scale ─┬─ layers[i] (norm_layout "pre"):
+                                        │    h = x + m·o_proj(attn(rope(q), rope(k), v))   q, k, v = q/k/v_proj(n1 x) or qkv_proj
+                                        │    x = h + m·down_proj(act(gate) · up)           gate, up = gate/up_proj(n2 h) or gate_up_proj
+                                        └─ norm ─ lm_head ─ / logits_scaling ─ soft-cap ─ logits
+
+    attn = softmax(scale · q kᵀ, soft-capped, + mask) v; q/k norms per head or per projection;
+    "sandwich" (Gemma) adds post-attention / pre- and post-feed-forward norms; "post" (OLMo 2)
+    norms only the branch outputs.
 
 Shapes: hidden (b, s, hidden); q (b, heads, s, head_dim); k, v (b, kv_heads, past + s, head_dim).
 """
@@ -162,15 +170,24 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x̂ = x / rms(x);  y = w · x̂  (Llama),  (offset + w) · x̂  (Gemma: offset 1), optionally
+    with the weight applied in fp32 before rounding (Gemma, OLMo 2); ``weight=False``: y = x̂
+    (Gemma 4's v_norm)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, fp32_weight: bool = False, weight: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim)) if weight else None
+        self.eps, self.offset, self.fp32_weight = eps, offset, fp32_weight or offset != 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is None:
+            return x.to(dt)
+        if self.fp32_weight:
+            w = self.weight.float()
+            return (x * (w + self.offset if self.offset else w)).to(dt)
         return self.weight * x.to(dt)
 
 
@@ -179,47 +196,101 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rope on the first cos.shape[-1] dims of each head (partial rotary: the rest
+    pass through)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat((xr * cos + rotate_half(xr) * sin, xp), dim=-1)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap · tanh(x / cap): bounds x to (-cap, cap) (Gemma's soft-capping)."""
+    return torch.tanh(x / cap) * cap
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, window: int | None):
+    """softmax(scale · q kᵀ [soft-capped] + mask) v, with q/k/v from one fused ``qkv_proj`` or
+    three projections, optional q/k norms (per head, or over the whole projection), rope on
+    the first rotary dims (none on a NoPE layer) and GQA."""
+
+    def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.heads, self.kv_heads, self.head_dim, self.window = cfg.num_attention_heads, cfg.num_key_value_heads, d, window
-        self.q_proj = Linear(h, cfg.q_size, cfg.qkv_bias)
-        self.k_proj = Linear(h, cfg.kv_size, cfg.qkv_bias)
-        self.v_proj = Linear(h, cfg.kv_size, cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, h, cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        lay = cfg.layers[i] if cfg.layers else None
+        h = cfg.hidden_size
+        d = lay.head_dim if lay is not None and lay.head_dim else cfg.head_dim
+        kvh = lay.kv_heads if lay is not None and lay.kv_heads else cfg.num_key_value_heads
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, kvh, d
+        self.window = cfg.layer_windows[i] if cfg.layer_windows else None
+        self.rope = lay.rope if lay is not None else True   # RopeSpec, None (NoPE) or True (the one rope)
+        q, kv = self.heads * d, kvh * d
+        self.sizes = (q, kv, kv)
+        self.fused = cfg.fused_qkv
+        if self.fused:
+            self.qkv_proj = Linear(h, q + 2 * kv, cfg.qkv_bias)
+        else:
+            self.q_proj = Linear(h, q, cfg.qkv_bias)
+            self.k_proj = Linear(h, kv, cfg.qkv_bias)
+            self.v_proj = Linear(h, kv, cfg.qkv_bias)
+        self.o_proj = Linear(q, h, cfg.o_bias)
+        self.qk_norm = cfg.qk_norm_kind if cfg.qk_norm else None
+        if self.qk_norm is None and cfg.qk_norm:
+            self.qk_norm = "head"
+        if self.qk_norm:
+            per_head = self.qk_norm == "head"
+            norm = lambda n: RMSNorm(n, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_weight)  # noqa: E731
+            self.q_norm = norm(d if per_head else q)
+            self.k_norm = norm(d if per_head else kv)
+        self.v_norm = RMSNorm(d, cfg.rms_norm_eps, weight=False) if cfg.v_norm else None
+        # None: PyTorch's default 1/√head_dim (bit-for-bit what the four original families use)
+        default = not cfg.attention_scale or cfg.spec is None or cfg.spec.attention_scale == "head_dim"
+        self.scale = None if default else cfg.attention_scale
+        self.softcap = cfg.attn_softcap
         self.explicit = False  # plain-op attention (set for ONNX export)
 
     def forward(self, x, cos, sin, mask, past: tuple | None, rows: torch.Tensor | None = None):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = q.view(b, s, self.heads, self.head_dim)
+        k = k.view(b, s, self.kv_heads, self.head_dim)
+        v = v.view(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
-        if self.explicit:
-            # the same computation spelled out in plain ops (what ONNX export traces)
+        if self.explicit or self.softcap is not None:
+            # the same computation spelled out in plain ops (what ONNX export traces; soft-capping
+            # has no fused kernel): as transformers' eager attention
             rep = self.heads // self.kv_heads
             kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k
             vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-            scores = (q @ kr.transpose(-1, -2)) * self.head_dim**-0.5 + mask
+            scores = (q @ kr.transpose(-1, -2)) * (self.head_dim**-0.5 if self.scale is None else self.scale)
+            if self.softcap is not None:
+                scores = softcap(scores, self.softcap)
+            scores = scores + mask
             out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
         else:
             # softmax(q kᵀ / √d + mask) v; mask None = plain causal (PyTorch's fused kernels); GQA
             # shares each key/value head among heads / kv_heads query heads
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.heads != self.kv_heads)
+                                                 enable_gqa=self.heads != self.kv_heads, scale=self.scale)
         out = out.transpose(1, 2).reshape(b, s, -1)
         if rows is not None:
             out = out.reshape(b * s, -1)[rows]  # only these positions go on (see DecoderLM.hidden)
@@ -227,31 +298,63 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """down_proj(act(gate) · up), gate and up from one fused ``gate_up_proj`` (rows: gate, then
+    up) or two projections."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, cfg.mlp_bias)
-        self.up_proj = Linear(h, i, cfg.mlp_bias)
+        self.fused = cfg.fused_gate_up
+        if self.fused:
+            self.gate_up_proj = Linear(h, 2 * i, cfg.mlp_bias)
+        else:
+            self.gate_proj = Linear(h, i, cfg.mlp_bias)
+            self.up_proj = Linear(h, i, cfg.mlp_bias)
         self.down_proj = Linear(i, h, cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """One layer; the norms sit as ``norm_layout`` says:
+        pre:       x = x + m·attn(input_ln(x));             x = x + m·mlp(post_attention_ln(x))
+        sandwich:  x = x + post_attention_ln(attn(input_ln(x)));  x = x + post_feedforward_ln(mlp(pre_feedforward_ln(x)))
+        post:      x = x + post_attention_ln(attn(x));      x = x + post_feedforward_ln(mlp(x))
+    (m: Granite's residual_multiplier, 1 elsewhere)."""
+
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, cfg.layer_windows[i] if cfg.layer_windows else None)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_weight)  # noqa: E731
+        self.layout = cfg.norm_layout
+        if self.layout in ("pre", "sandwich"):
+            self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, i)
+        self.post_attention_layernorm = norm()
+        if self.layout == "sandwich":
+            self.pre_feedforward_layernorm = norm()
+        if self.layout in ("sandwich", "post"):
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(cfg)
+        self.m = cfg.residual_multiplier
 
-    def forward(self, x, cos, sin, masks, past, rows=None):
-        a, present = self.self_attn(self.input_layernorm(x), cos, sin, masks[self.self_attn.window], past, rows)
+    def forward(self, x, ropes, masks, past, rows=None):
+        cos, sin = ropes[self.self_attn.rope] if self.self_attn.rope is not None else (None, None)
+        attn_in = self.input_layernorm(x) if self.layout != "post" else x
+        a, present = self.self_attn(attn_in, cos, sin, masks[self.self_attn.window], past, rows)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows]
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), present
+        if self.layout == "pre":
+            x = x + (a if self.m == 1.0 else a * self.m)
+            f = self.mlp(self.post_attention_layernorm(x))
+            return x + (f if self.m == 1.0 else f * self.m), present
+        x = x + self.post_attention_layernorm(a)
+        f = self.mlp(self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x)
+        return x + self.post_feedforward_layernorm(f), present
 
 
 class Body(nn.Module):
@@ -259,7 +362,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_weight)
 
 
 class DecoderLM(nn.Module):
@@ -271,9 +374,14 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.model = Body(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
-        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        ropes = [r for r in dict.fromkeys(cfg.layer_ropes) if r is not None] if cfg.layers else []
+        self.ropes = ropes or [True]   # distinct rotary embeddings; inv_freq is the first one's
+        rot = ropes[0].rotary_dim if ropes else cfg.head_dim
+        self.register_buffer("inv_freq", torch.empty(rot // 2), persistent=False)
+        self._inv: dict = {}           # the other ropes' inverse frequencies, made on first use
         self.gradient_checkpointing = False
         self.explicit_attention = False
+        self.softcapped = cfg.attn_softcap is not None
 
     def set_explicit_attention(self, on: bool = True) -> None:
         """Plain-op attention with an explicit mask in every layer (for tracing / ONNX export)."""
@@ -282,10 +390,37 @@ class DecoderLM(nn.Module):
             layer.self_attn.explicit = on
 
     # -- forward -----------------------------------------------------------------------------
+    def _inv_freq(self, rope, long: bool = False) -> torch.Tensor:
+        if rope is self.ropes[0] and not long:
+            return self.inv_freq.float()
+        key = (rope, long)
+        t = self._inv.get(key)
+        if t is None or t.device != self.inv_freq.device:
+            t = self._inv[key] = rope_inv_freq(self.cfg, rope, long=long).to(self.inv_freq.device)
+        return t
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        freqs = position_ids[:, :, None].float() * self.inv_freq.float()[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        """(cos, sin) (b, 1, s, rotary_dim) of the first rope (what ``forward`` of the four
+        single-rope families uses)."""
+        return self.ropes_for(position_ids, dtype)[self.ropes[0]]
+
+    def ropes_for(self, position_ids: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Every distinct rope -> (cos, sin) (b, 1, s, rotary_dim). LongRoPE takes its long
+        factors when the furthest position reaches past original_max_position_embeddings (as
+        transformers decides, per call)."""
+        out = {}
+        for r in self.ropes:
+            inv = self._inv_freq(r)
+            if r is not True and r.rope_type == "longrope":
+                far = position_ids.max() + 1 > r.get("original_max_position_embeddings")
+                inv = torch.where(far, self._inv_freq(r, long=True), inv)
+            freqs = position_ids[:, :, None].float() * inv[None, None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos(), emb.sin()
+            if r is not True and r.attention_factor != 1.0:
+                cos, sin = cos * r.attention_factor, sin * r.attention_factor
+            out[r] = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+        return out
 
     def masks(self, b: int, s: int, past_len: int, attention_mask, dtype, device) -> dict:
         """Additive masks (b, 1, s, past+s), one per distinct window (key None = no window);
@@ -300,7 +435,8 @@ class DecoderLM(nn.Module):
             keep_pad = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         out = {}
         for w in set(self.cfg.layer_windows) | {None}:
-            if attention_mask is None and past_len == 0 and (w is None or w >= s) and not self.explicit_attention:
+            if (attention_mask is None and past_len == 0 and (w is None or w >= s) and not self.explicit_attention
+                    and not self.softcapped):
                 out[w] = None  # plain causal: no mask tensor needed
                 continue
             keep = kpos <= qpos
@@ -315,7 +451,23 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
         h, presents = self.hidden(input_ids, attention_mask, position_ids, past)
-        return self.lm_head(h).float(), presents
+        return self.head(h), presents
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head, then the family's logit transforms (Granite's logits_scaling, Gemma's final
+        soft-capping), in fp32."""
+        logits = self.lm_head(h).float()
+        if self.cfg.logits_scaling != 1.0:
+            logits = logits / self.cfg.logits_scaling
+        if self.cfg.final_softcap is not None:
+            logits = softcap(logits, self.cfg.final_softcap)
+        return logits
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        if self.cfg.embedding_scale != 1.0:
+            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype, device=x.device)
+        return x
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None, rows=None):
         """The final normed hidden states (b, s, hidden) and the KV cache; ``forward`` is this plus
@@ -328,13 +480,13 @@ class DecoderLM(nn.Module):
         past_len = 0 if not past else past[0][0].shape[2]
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + s, device=input_ids.device)[None].expand(b, s)
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
+        x = self.embed(input_ids)
+        ropes = self.ropes_for(position_ids, x.dtype)
         masks = self.masks(b, s, past_len, attention_mask, x.dtype, x.device)
         presents = []
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            args = (x, cos, sin, masks, past[i] if past else None, rows if i == last else None)
+            args = (x, ropes, masks, past[i] if past else None, rows if i == last else None)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
@@ -349,7 +501,9 @@ class DecoderLM(nn.Module):
         return {n: m for n, m in self.named_modules() if isinstance(m, (Linear, Embedding))}
 
     def attach(self, adapter: Adapter, weight: float = 1.0) -> None:
-        """Apply ``adapter`` unmerged, its scale multiplied by ``weight``."""
+        """Apply ``adapter`` unmerged, its scale multiplied by ``weight``. Module names may be in
+        the checkpoint's on-disk layout (e.g. ``model.language_model.layers.0...``)."""
+        adapter = internal_adapter(self.cfg, adapter)
         shapes = {f"{n}.{p}": tuple(t.shape) for n, m in self.linear_modules().items() for p, t in m.named_parameters(recurse=False)}
         adapter.check_against(shapes, "base model")
         mods = self.linear_modules()
@@ -385,16 +539,37 @@ def check_fits(cfg: ModelConfig, shapes: dict[str, tuple], path) -> None:
     the embedding)."""
     with torch.device("meta"):
         expected = DecoderLM(cfg).expected_shapes()
+    own = {}
     for name, shape in shapes.items():
+        n = cfg.to_internal(name)
+        if n is not None:  # None: not part of the text decoder (a vision tower)
+            own[n] = shape
+    for name, shape in own.items():
         if name not in expected:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raise IncompatibleError(f"tensor {name!r} is not part of a {cfg.model_type} model with this config", path)
         if tuple(shape) != expected[name]:
             raise IncompatibleError(f"tensor {name!r} has shape {tuple(shape)} but config.json implies {expected[name]}", path)
-    missing = [n for n in expected if n not in shapes and n != "lm_head.weight"]
+    missing = [n for n in expected if n not in own and n != "lm_head.weight"]
     if missing:
         raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", path)
+
+
+def internal_adapter(cfg: ModelConfig, adapter: Adapter) -> Adapter:
+    """``adapter`` with its module names in the decoder's own layout (``model.layers...``,
+    ``lm_head``); the same object when they already are."""
+    rename = {n: cfg.to_internal(n) for n in list(adapter.modules) + list(adapter.modules_to_save)}
+    if all(k == v for k, v in rename.items()):
+        return adapter
+    foreign = [k for k, v in rename.items() if v is None]
+    if foreign:
+        raise IncompatibleError(f"the adapter targets {foreign[0]!r}, outside the text decoder, which loratools "
+                                "does not run", adapter.source or None)
+    from dataclasses import replace
+
+    return replace(adapter, modules={rename[k]: m for k, m in adapter.modules.items()},
+                   modules_to_save={rename[k]: t for k, t in adapter.modules_to_save.items()})
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -417,18 +592,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
         model = DecoderLM(cfg)
     with Checkpoint.open(path, allow_pickle=allow_pickle) as ck:
         check_fits(cfg, {n: tuple(ck.info(n).shape) for n in ck.keys()}, ck.path)  # from the headers, before any read
+        names = {}
         for name in ck.keys():
-            if name.endswith("rotary_emb.inv_freq"):
+            own = cfg.to_internal(name)
+            if own is None or name.endswith("rotary_emb.inv_freq"):
                 continue
+            names[own] = name
             if mmap and dev.type == "cpu" and ck.info(name).dtype == dtype:
-                model._set(name, ck.get_mapped(name))  # frozen weights used as stored: no copy
+                model._set(own, ck.get_mapped(name))  # frozen weights used as stored: no copy
             else:
-                model._set(name, ck.get(name).to(device=dev, dtype=dtype))
-        if "lm_head.weight" not in ck:  # tied (config says so, or the checkpoint simply has no head)
+                model._set(own, ck.get(name).to(device=dev, dtype=dtype))
+        if "lm_head.weight" not in names:  # tied (config says so, or the checkpoint simply has no head)
             model.lm_head.weight = model.model.embed_tokens.weight
     if cfg.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg).to(dev)
+    model.inv_freq = rope_inv_freq(cfg).to(dev)  # the first rope; the others are made on first use
     model.requires_grad_(False)
     model.eval()
     ws = list(weights) if weights is not None else None

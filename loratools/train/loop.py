@@ -152,7 +152,7 @@ def _loss(model, x, y):
     n = len(rows)
     padded = torch.cat([rows, rows[-1:].expand(gemm.bucket(n) - n)]) if n else rows  # extra rows carry no loss
     h, _ = model.hidden(x, rows=padded)
-    logits = model.lm_head(h).float()[:n]
+    logits = model.head(h)[:n]
     return F.cross_entropy(logits, y.reshape(-1)[rows], reduction="sum")
 
 

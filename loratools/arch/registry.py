@@ -1,0 +1,69 @@
+"""FAMILIES: config.json model_type -> ArchSpec. A variant is ``replace(parent, ...)``.
+
+Adding a family is an entry here (plus a named switch in spec.py and the decoder if the family
+brings a feature no other family has). Tests parametrized over this table pick it up.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import UnsupportedError
+from .spec import ArchSpec
+
+LLAMA = ArchSpec("llama", "LlamaForCausalLM", mlp_bias="mlp_bias")
+MISTRAL = replace(LLAMA, family="mistral", hf_class="MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False)
+QWEN2 = replace(LLAMA, family="qwen2", hf_class="Qwen2ForCausalLM", qkv_bias=True, o_bias=False, mlp_bias=False,
+                sliding="qwen", sliding_flag="use_sliding_window")
+QWEN3 = replace(QWEN2, family="qwen3", hf_class="Qwen3ForCausalLM", qkv_bias="attention_bias", o_bias="attention_bias",
+                qk_norm="head")
+
+GEMMA2 = ArchSpec(
+    "gemma2", "Gemma2ForCausalLM", norm_offset=1.0, norm_layout="sandwich", act_field="hidden_activation",
+    act="gelu_pytorch_tanh", embedding_scale="sqrt_hidden", attention_scale="query_pre_attn_scalar",
+    attn_softcap="attn_logit_softcapping", final_softcap="final_logit_softcapping", sliding="pattern",
+    default_pattern=2,
+    defaults={"head_dim": 256, "query_pre_attn_scalar": 256, "final_logit_softcapping": 30.0,
+              "attn_logit_softcapping": 50.0, "sliding_window": 4096, "tie_word_embeddings": True,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0})
+# Gemma 3: q/k norms per head, a rope base per layer type, no attention soft-capping (transformers'
+# Gemma3Attention does not pass attn_logit_softcapping on), five local layers to one global
+GEMMA3_TEXT = replace(
+    GEMMA2, family="gemma3_text", hf_class="Gemma3ForCausalLM", qk_norm="head", attn_softcap=None,
+    default_pattern=6, rope_by_layer_type=True, local_rope_theta=10000.0,
+    defaults={**GEMMA2.defaults, "final_logit_softcapping": None, "attn_logit_softcapping": None,
+              "rope_theta": 1000000.0})
+# the text part of a multimodal Gemma 3 checkpoint: hyper-parameters in text_config, weights under
+# model.language_model (transformers 5) or language_model.model (4.x), vision tower skipped
+GEMMA3 = replace(
+    GEMMA3_TEXT, family="gemma3", hf_class="Gemma3ForConditionalGeneration", text_config=True,
+    prefix="model.language_model.", head="lm_head", alt_layouts=(("language_model.model.", "language_model.lm_head"),),
+    foreign_prefixes=("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."))
+
+PHI3 = ArchSpec(
+    "phi3", "Phi3ForCausalLM", qkv_bias=False, o_bias=False, fused_qkv=True, fused_gate_up=True,
+    rope_types=("default", "longrope"), partial_rotary=True,
+    defaults={"original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5})
+OLMO2 = ArchSpec("olmo2", "Olmo2ForCausalLM", norm_layout="post", qk_norm="proj", norm_fp32_weight=True, sliding="none",
+                 defaults={"rms_norm_eps": 1e-5})
+GRANITE = ArchSpec(
+    "granite", "GraniteForCausalLM", mlp_bias="mlp_bias", embedding_scale="embedding_multiplier",
+    attention_scale="attention_multiplier", residual_multiplier="residual_multiplier",
+    logits_scaling="logits_scaling", sliding="none",
+    defaults={"embedding_multiplier": 1.0, "attention_multiplier": 1.0, "residual_multiplier": 1.0,
+              "logits_scaling": 1.0})
+SMOLLM3 = ArchSpec(
+    "smollm3", "SmolLM3ForCausalLM", mlp_bias="mlp_bias", nope_field="no_rope_layers", sliding="nope_layers",
+    sliding_flag="use_sliding_window", defaults={"tie_word_embeddings": True, "no_rope_layer_interval": 4})
+
+FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, PHI3, OLMO2, GRANITE, SMOLLM3)}
+
+
+def get_spec(model_type: str, path=None) -> ArchSpec:
+    """The spec of ``model_type``; an unknown one is refused in one line naming the family."""
+    spec = FAMILIES.get(model_type)
+    if spec is None or not spec.implemented:
+        known = ", ".join(k for k, s in FAMILIES.items() if s.implemented)
+        raise UnsupportedError(f"unsupported architecture model_type={model_type!r}: no architecture spec for this "
+                               f"family (supported: {known})", path)
+    return spec

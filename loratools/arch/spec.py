@@ -1,0 +1,131 @@
+"""ArchSpec: what one decoder family is, as named feature switches (in the spirit of litgpt's Config).
+
+A spec says *which* features a family has and *which config.json fields* drive them; the values
+come from config.json (``hf_config.parse_config`` resolves both into a ``ModelConfig``). The
+decoder reads the resolved switches, never a family name.
+
+    field                 meaning (default = Llama)
+    family                registry key (the config.json model_type, or the text family of a
+                          multimodal checkpoint: gemma3 -> gemma3_text)
+    hf_class              the transformers class that builds the model (architectures[0])
+    text_config           hyper-parameters sit under config.json's "text_config" (multimodal)
+    prefix                weight-name prefix of the decoder body on disk ("model."); the decoder's
+                          own names always use "model."
+    head                  name of the LM head module on disk ("lm_head")
+    alt_layouts           other on-disk layouts of the same weights: ((prefix, head), ...), e.g.
+                          transformers 4.x multimodal Gemma 3 ("language_model.model.",
+                          "language_model.lm_head")
+    foreign_prefixes      tensors that are not part of the text decoder and are skipped
+                          (vision tower, projector)
+    qkv_bias / o_bias /   True, False, or the config field that switches the bias on
+    mlp_bias                (attention_bias, mlp_bias)
+    norm_offset           RMSNorm scales by (norm_offset + w): 1.0 for Gemma ((1 + w), weights
+                          stored around 0), 0.0 otherwise
+    norm_fp32_weight      the norm weight multiplies the fp32 x̂ before rounding (OLMo 2; Gemma's
+                          (1 + w) always does) instead of w · round(x̂) (Llama)
+    norm_layout           "pre": x + f(norm(x)) (Llama);  "sandwich": x + post_norm(f(pre_norm(x)))
+                          (Gemma 2/3: input/post_attention/pre_feedforward/post_feedforward
+                          norms);  "post": x + norm(f(x)) (OLMo 2: post_attention and
+                          post_feedforward norms only)
+    qk_norm               None, "head" (RMSNorm over each head's head_dim, before rope: Qwen3,
+                          Gemma 3) or "proj" (over the whole q / k projection: OLMo 2)
+    v_norm                RMSNorm without weight on each value head (Gemma 4)
+    act_field / act       config field naming the MLP activation, and its default
+                          ("silu"; Gemma: hidden_activation, "gelu_pytorch_tanh")
+    embedding_scale       None, "sqrt_hidden" (Gemma: embeddings · √hidden, rounded to the
+                          weight dtype) or a config field that multiplies (Granite:
+                          embedding_multiplier)
+    attention_scale       "head_dim" (1/√head_dim), "query_pre_attn_scalar" (1/√that field:
+                          Gemma), "one" (1.0: Gemma 4) or a config field used as the scale itself
+                          (Granite: attention_multiplier)
+    residual_multiplier   config field scaling each block's branch before the residual add
+                          (Granite)
+    logits_scaling        config field that divides the logits (Granite)
+    attn_softcap          config field: scores = c·tanh(scores / c) before the mask (Gemma 2)
+    final_softcap         config field: logits = c·tanh(logits / c) (Gemma 2/3)
+    fused_qkv             one qkv_proj (rows q, k, v) instead of q_proj/k_proj/v_proj (Phi-3)
+    fused_gate_up         one gate_up_proj (rows gate, up) instead of gate_proj/up_proj (Phi-3)
+    sliding               how per-layer sliding windows are found when config.json has no
+                          layer_types: "all" (sliding_window on every layer: Mistral, Phi-3),
+                          "qwen" (use_sliding_window + max_window_layers), "pattern"
+                          (sliding_window_pattern / default_pattern: every Nth layer is full),
+                          "nope_layers" (the NoPE layers slide, when sliding_flag: SmolLM3),
+                          "none" (the family has no sliding window)
+    sliding_flag          config field that must be true for sliding layer types to slide
+                          (SmolLM3, Qwen: use_sliding_window)
+    default_pattern       Gemma's default sliding pattern (2: alternate; 6: five local, one global)
+    rope_by_layer_type    rope_parameters may be keyed by layer type; 4.x configs give the
+                          sliding layers' base as rope_local_base_freq (Gemma 3)
+    local_rope_theta      default rope base of sliding layers when rope_by_layer_type
+    nope_field            config field listing per layer 1 = rope, 0 = no rope (SmolLM3
+                          no_rope_layers) — NoPE layers
+    rope_types            rope_type values this family may use
+    partial_rotary        the family honours partial_rotary_factor (rope on the first
+                          head_dim · factor dims of each head: Phi-4-mini)
+    per_layer_input       config field: size of Gemma 4's per-layer input embeddings (0 = off)
+    kv_shared             config field: number of trailing layers that reuse an earlier layer's
+                          K/V (Gemma 4's num_kv_shared_layers; 0 = off)
+    layer_head_dim        config field: head_dim of full-attention layers when it differs
+                          (Gemma 4 global_head_dim)
+    defaults              values transformers' config class uses for fields config.json may
+                          omit (e.g. Gemma 2 query_pre_attn_scalar 256)
+    implemented           the reference decoder runs this family (False: known to the registry,
+                          decoder math not written yet)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    hf_class: str
+    text_config: bool = False
+    prefix: str = "model."
+    head: str = "lm_head"
+    alt_layouts: tuple = ()
+    foreign_prefixes: tuple = ()
+    qkv_bias: str | bool = "attention_bias"
+    o_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = False
+    norm_offset: float = 0.0
+    norm_fp32_weight: bool = False
+    norm_layout: str = "pre"
+    qk_norm: str | None = None
+    v_norm: bool = False
+    act_field: str = "hidden_act"
+    act: str = "silu"
+    embedding_scale: str | None = None
+    attention_scale: str = "head_dim"
+    residual_multiplier: str | None = None
+    logits_scaling: str | None = None
+    attn_softcap: str | None = None
+    final_softcap: str | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    sliding: str = "all"
+    sliding_flag: str | None = None
+    default_pattern: int | None = None
+    rope_by_layer_type: bool = False
+    local_rope_theta: float | None = None
+    nope_field: str | None = None
+    rope_types: tuple = ("default", "linear", "llama3")
+    partial_rotary: bool = False
+    per_layer_input: str | None = None
+    kv_shared: str | None = None
+    layer_head_dim: str | None = None
+    defaults: dict = field(default_factory=dict)
+    implemented: bool = True
+
+    # -- names ---------------------------------------------------------------------------------
+    def layouts(self) -> tuple:
+        """Every on-disk layout (body prefix, head name), the current one first."""
+        return ((self.prefix, self.head),) + tuple(self.alt_layouts)
+
+
+NORM_LAYOUTS = ("pre", "sandwich", "post")
+QK_NORMS = (None, "head", "proj")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "silu": "silu"}
+SLIDING_RULES = ("all", "qwen", "pattern", "nope_layers", "none")
