@@ -82,7 +82,9 @@ def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 def _placeholder_model(cfg, view, tdt: torch.dtype):
     """The reference decoder with the shapes and ties of ``view``'s tensors and no weights: what
-    the exporter traces. The weights are written afterwards, tensor by tensor."""
+    the exporter traces. The weights are written afterwards, tensor by tensor. Returns the model
+    and the on-disk name of each of its tensors (a multimodal checkpoint keeps the text decoder
+    under another prefix; tensors outside the decoder are left out)."""
     from ..models.config import rope_inv_freq
     from ..models.decoder import DecoderLM, check_fits
 
@@ -90,14 +92,17 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     check_fits(cfg, {n: tuple(view.info(n).shape) for n in names}, view.ck.path)
     with torch.device("meta"):
         model = DecoderLM(cfg)
+    disk = {}
     for k, name in enumerate(names):
-        if not name.endswith("rotary_emb.inv_freq"):
-            model._set(name, _placeholder(k, tuple(view.info(name).shape), tdt))
-    if "lm_head.weight" not in names or (cfg.tie_word_embeddings and not view.untie):
+        own = cfg.to_internal(name)
+        if own is not None and not name.endswith("rotary_emb.inv_freq"):
+            disk[own] = name
+            model._set(own, _placeholder(k, tuple(view.info(name).shape), tdt))
+    if "lm_head.weight" not in disk or (cfg.tie_word_embeddings and not view.untie):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).float()
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), disk
 
 
 def _weight_plan(proto, declared: set[str]) -> list[tuple[str, str, bool]]:
@@ -245,7 +250,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     with Checkpoint.open(model_dir) as ck:
         check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
         view = MergedView(ck, adapters, weights)
-        model = _placeholder_model(cfg, view, tdt)
+        model, disk = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
         layout = _cache_layout(model, tdt) if cache else []
@@ -289,12 +294,12 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         buffers = {n: t.detach().contiguous() for n, t in model.named_buffers()}
 
         def get(key: str, transposed: bool) -> torch.Tensor:
-            t = buffers[key] if key in buffers else view.tensor(key).to(tdt)  # fp32 math, rounded once
+            t = buffers[key] if key in buffers else view.tensor(disk[key]).to(tdt)  # fp32 math, rounded once
             return (t.T if transposed else t).contiguous()
 
         specs = []  # (initializer name, tensor, transposed, stored shape, dtype)
         for name, key, tr in plan:
-            shape = tuple(buffers[key].shape) if key in buffers else tuple(view.info(key).shape)
+            shape = tuple(buffers[key].shape) if key in buffers else tuple(view.info(disk[key]).shape)
             specs.append((name, key, tr, shape[::-1] if tr else shape, buffers[key].dtype if key in buffers else tdt))
         big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:
