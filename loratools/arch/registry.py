@@ -33,9 +33,10 @@ GEMMA3_TEXT = replace(
     defaults={**GEMMA2.defaults, "final_logit_softcapping": None, "attn_logit_softcapping": None,
               "rope_theta": 1000000.0})
 # the text part of a multimodal Gemma 3 checkpoint: hyper-parameters in text_config, weights under
-# model.language_model (transformers 5) or language_model.model (4.x), vision tower skipped
+# model.language_model.* (transformers 5 in memory, PEFT names) or language_model.model.* (on disk, as both
+# 4.x and 5.x save it), vision tower skipped; Gemma3ForConditionalGeneration applies no final soft-capping
 GEMMA3 = replace(
-    GEMMA3_TEXT, family="gemma3", hf_class="Gemma3ForConditionalGeneration", text_config=True,
+    GEMMA3_TEXT, family="gemma3", hf_class="Gemma3ForConditionalGeneration", text_config=True, final_softcap=None,
     prefix="model.language_model.", head="lm_head", alt_layouts=(("language_model.model.", "language_model.lm_head"),),
     foreign_prefixes=("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."))
 

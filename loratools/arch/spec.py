@@ -12,9 +12,10 @@ decoder reads the resolved switches, never a family name.
     prefix                weight-name prefix of the decoder body on disk ("model."); the decoder's
                           own names always use "model."
     head                  name of the LM head module on disk ("lm_head")
-    alt_layouts           other on-disk layouts of the same weights: ((prefix, head), ...), e.g.
-                          transformers 4.x multimodal Gemma 3 ("language_model.model.",
-                          "language_model.lm_head")
+    alt_layouts           other layouts of the same weights: ((prefix, head), ...). Multimodal
+                          Gemma 3: transformers 5 holds (and PEFT names) the text model as
+                          "model.language_model.*" but saves it, as 4.x did, as
+                          "language_model.model.*" / "language_model.lm_head"
     foreign_prefixes      tensors that are not part of the text decoder and are skipped
                           (vision tower, projector)
     qkv_bias / o_bias /   True, False, or the config field that switches the bias on
