@@ -342,19 +342,30 @@ def _add_slot_defaults(proto, slots, mods, tdt) -> None:
         proto.graph.initializer.append(numpy_helper.from_array(np.zeros((out_f, 0), np_dt), b_name))
 
 
-def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "fp32", overwrite: bool = False) -> dict:
-    """ONNX Runtime's adapter format: ``{module}.lora_A`` = A, ``{module}.lora_B`` = s·B."""
+def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "fp32", overwrite: bool = False,
+                        base: str | os.PathLike | None = None) -> dict:
+    """ONNX Runtime's adapter format: ``{module}.lora_A`` = A, ``{module}.lora_B`` = s·B, under
+    the slot names of the decoder's own layout (``model.layers.N...``; a fused ``qkv_proj`` /
+    ``gate_up_proj`` is one slot, as in the checkpoint). ``base``: the base checkpoint or the
+    slot model's folder (its config.json maps an on-disk layout such as a multimodal
+    ``model.language_model.`` prefix to the slot names)."""
     import onnxruntime as ort
 
     check_output(out, [adapter.source or None], overwrite)
     src = adapter.source or None
+    if base is not None:
+        from ..models.decoder import internal_adapter
+
+        folder = Path(base).parent if Path(base).suffix == ".onnx" else Path(base)  # a slot model.onnx: its folder
+        adapter = internal_adapter(load_config(folder), adapter)
     if adapter.use_dora or adapter.modules_to_save or any(m.bias is not None for m in adapter.modules.values()):
         raise UnsupportedError("an ONNX Runtime adapter carries only A and B: DoRA, modules_to_save and lora_bias need a "
                                "merged export (loratools export onnx --adapter)", src)
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding" or not n.startswith("model.layers.")]
     if emb:
         raise UnsupportedError(f"module {emb[0]!r} has no LoRA slot in the exported model (slots are on the blocks' "
-                               "linear layers); use a merged export", src)
+                               "linear layers); use a merged export" + (", or give the base model (--base) to map its names"
+                                                                        if base is None and ".layers." in emb[0] else ""), src)
     np_dt = np.float32 if dtype == "fp32" else np.float16
     params = {}
     for name, m in sorted(adapter.modules.items()):
