@@ -173,8 +173,18 @@ def test_longrope_switch_is_in_the_graph(fam, case):
         c = case(name)
         # transformers itself: the first SHORT positions differ between a short and a long call
         assert np.abs(c["want"][:SHORT] - c["want_short"]).max() > 1e-2
-        got_long = Runner(c["dir"] / "fp32").run(c["ids"])[0][:SHORT]
+        r = Runner(c["dir"] / "fp32")
+        got_long = r.run(c["ids"])[0][:SHORT]
         assert np.abs(got_long - c["want"][:SHORT]).max() <= FP32
+        # greedy generation across the switch point equals transformers' generate (which recomputes
+        # the cache once on crossing), with and without the cache
+        switch = r.longrope
+        assert switch is not None and SHORT < switch
+        n = switch - SHORT + 6
+        with torch.no_grad():
+            ref = _hf(c["model"], name).generate(torch.tensor([c["ids"][:SHORT]]), max_new_tokens=n, min_new_tokens=n,
+                                                  do_sample=False)[0, SHORT:].tolist()
+        assert r.greedy(c["ids"][:SHORT], n, cache=True) == ref == r.greedy(c["ids"][:SHORT], n, cache=False)
 
 
 @pytest.mark.parametrize("name", NAMES)

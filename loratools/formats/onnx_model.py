@@ -9,6 +9,20 @@ LoRA slots (``lora_slots``): every targeted linear layer computes ``W x + B (A x
 ``{module}.lora_A`` (r × in) and ``{module}.lora_B`` (out × r) are graph inputs with an empty
 default initializer (r = 0) and a dynamic rank axis: fed nothing, the model is the base model;
 fed an adapter (``.onnx_adapter``, scales folded into B) through RunOptions, it is base + adapter.
+A fused ``qkv_proj`` / ``gate_up_proj`` is one slot, as in the checkpoint and in PEFT.
+
+The graph is the reference decoder traced with plain-op attention, so every family switch is in
+it as the decoder computes it: soft-capping (tanh), GELU-tanh, embedding scaling, the attention
+scale, sandwich / post norms and the (1 + w) offset, Granite's multipliers, a rope table per
+distinct rope (per layer type; none on NoPE layers; partial rotary), an additive mask per
+distinct sliding window, and a KV cache for each layer (kv heads and head_dim per layer; the
+caches hold every position, the window is in the mask).
+
+LongRoPE: the graph holds both factor sets and chooses per call, from the furthest position
+(max(position_ids) + 1 > original_max_position_embeddings: long), as transformers' forward does.
+Keys cached under the short factors stay so; transformers' generate recomputes the cache once
+when the sequence grows past the original length, and so does ``runtimes.onnxruntime.Runner``
+(the switch point is in the model's metadata, ``longrope_original_max_position_embeddings``).
 """
 from __future__ import annotations
 
@@ -290,6 +304,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         if slots:
             _add_slot_defaults(proto, slots, mods, tdt)
         proto.producer_name = "loratools"
+        switch = longrope_switch(cfg)
+        if switch is not None:
+            e = proto.metadata_props.add()
+            e.key, e.value = "longrope_original_max_position_embeddings", str(switch)
         # tensors the model computes itself (rope tables): written from its buffers, as they are
         buffers = {n: t.detach().contiguous() for n, t in model.named_buffers()}
 
@@ -313,6 +331,14 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
             copy_aux_files(model_dir, tmp)
     return {"model": str(model_dir), "out": str(out_dir), "dtype": dtype, "cache": cache, "opset": opset,
             "layers": L, "lora_slots": slots, "external_data": big}
+
+
+def longrope_switch(cfg) -> int | None:
+    """The length past which LongRoPE takes its long factors (None: no LongRoPE layer)."""
+    for r in cfg.layer_ropes if cfg.layers else ():
+        if r is not None and r.rope_type == "longrope":
+            return int(r.get("original_max_position_embeddings"))
+    return None
 
 
 def _slot_modules(model, spec) -> list[str]:

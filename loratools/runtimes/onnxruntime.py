@@ -38,6 +38,9 @@ class Runner:
             self.adapter.Load(str(adapter))
             self.run_options = ort.RunOptions()
             self.run_options.add_active_adapter(self.adapter)
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        # LongRoPE: past this length the long factors apply; the cache is recomputed once on crossing
+        self.longrope = int(meta["longrope_original_max_position_embeddings"]) if "longrope_original_max_position_embeddings" in meta else None
         self.np_dtype = np.float16 if "float16" in self.inputs.get("past_key_values.0.key", self.sess.get_outputs()[0]).type else np.float32
 
     def _empty_past(self, b: int):
@@ -72,5 +75,10 @@ class Runner:
         for _ in range(n):
             nxt = int(logits[-1].argmax())
             out.append(nxt)
-            logits, past = self.run([nxt], past, len(out) - 1)
+            if self.longrope is not None and len(out) - 1 <= self.longrope < len(out):
+                # the sequence grows past LongRoPE's original length: keys cached under the short
+                # factors are recomputed with the long ones (as transformers' generate does)
+                logits, past = self.run(out)
+            else:
+                logits, past = self.run([nxt], past, len(out) - 1)
         return out[len(ids):]
