@@ -60,12 +60,14 @@ def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None,
     else:
         raise InputError("this is a model checkpoint, not an adapter", path)
     if base is not None:
+        from .arch.layout import align_adapter
+
         with Checkpoint.open(base) as ck:
             shapes = {k: ck.info(k).shape for k in ck.keys()}
         cfg = load_config(base)
         if cfg.tie_word_embeddings and "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
             shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
-        a.check_against(shapes, f"base model {base}")
+        align_adapter(a, shapes).check_against(shapes, f"base model {base}")  # PEFT names vs the saved layout
     return a
 
 

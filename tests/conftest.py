@@ -36,6 +36,15 @@ def fx(tmp_path_factory) -> Path:
     return make_all(tmp_path_factory.mktemp("fixtures"))
 
 
+@pytest.fixture(scope="session")
+def families(tmp_path_factory) -> Path:
+    """Every fixture of fixtures/families.py (tiny models built by transformers' own classes):
+    families / name, for name in fixtures.families.FIXTURES."""
+    from fixtures.families import make_families
+
+    return make_families(tmp_path_factory.mktemp("families"))
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""

@@ -159,6 +159,9 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
             raise UnsupportedError("modules_to_save replaced whole tensors; the originals cannot be recovered by unmerge", a.source or None)
     load_config(base)
     with Checkpoint.open(base) as ck:
+        from ..arch.layout import align_adapter
+
+        adapters = [align_adapter(a, ck.keys()) for a in adapters]  # PEFT names vs the saved layout (Gemma 3)
         view = MergedView(ck, adapters, weights, -1.0 if unmerge else 1.0, dev)
         specs = []
         for n in view.names():

@@ -33,9 +33,11 @@ from ..ops import gemm
 from ..ops.common import pick_device
 from . import data
 
-TARGET_SETS = {"all-linear": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-               "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-               "mlp": ("gate_proj", "up_proj", "down_proj")}
+# fused qkv_proj / gate_up_proj (Phi-3) are targeted as one module each, as PEFT does
+TARGET_SETS = {"all-linear": ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj",
+                              "down_proj"),
+               "attention": ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"),
+               "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj")}
 
 
 @dataclass
@@ -343,7 +345,7 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     report["tokens_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
     if ev_xy is not None and not report["eval_losses"]:
         report["eval_losses"].append([step, evaluate(model, *ev_xy, cfg.batch_size, dev)])
-    mods = {n: LoraModule(A=s.A.detach().float().cpu().contiguous(), B=s.B.detach().float().cpu().contiguous(),
+    mods = {model.cfg.to_external(n): LoraModule(A=s.A.detach().float().cpu().contiguous(), B=s.B.detach().float().cpu().contiguous(),
                           scale=s.scale, alpha=cfg.alpha) for n, s in slots.items()}
     adapter = Adapter(modules=mods, format="peft",
                       config={"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora, "task_type": "CAUSAL_LM"})
