@@ -263,7 +263,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     tdt = torch.float32 if dtype == "fp32" else torch.float16
     with Checkpoint.open(model_dir) as ck:
         check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
-        view = MergedView(ck, adapters, weights)
+        from ..arch.layout import align_adapter
+
+        # PEFT names vs the saved layout (multimodal Gemma 3), as merge does
+        view = MergedView(ck, [align_adapter(a, ck.keys()) for a in adapters], weights)
         model, disk = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
