@@ -27,7 +27,8 @@ SHORT = 10  # within LongRoPE's original length (its short factors)
 PREFILL = 18
 FP32 = 1e-4
 # every linear module of the text decoder (PEFT's all-linear would take a multimodal vision tower too)
-TEXT_LINEAR = r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)$"
+TEXT_LINEAR = (r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj"
+               r"|per_layer_input_gate|per_layer_projection)$")  # the last two: Gemma 4's per-layer input branch
 
 
 @pytest.fixture(scope="module")
