@@ -137,3 +137,18 @@ def test_contradicting_configs_refused_in_one_line(families, tmp_path, edit, wor
         load_model(d)
     msg = str(e.value)
     assert word in msg and "config.json" in msg and "\n" not in msg
+
+
+def test_gguf_refuses_a_kv_sharing_layout_llama_cpp_maps_differently(families, tmp_path, run_cli):
+    """llama.cpp hands KV-shared layers the cache of the last two own layers ([sliding, full]);
+    own layers ending [full, sliding] reuse other layers in transformers: refused, nothing written."""
+    def edit(c):
+        c["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                            "full_attention"]
+        c["per_layer_config"] = {"1": c["per_layer_config"].pop("2"), **c["per_layer_config"]}
+    d = _variant(families, tmp_path, "gemma4_text", edit)
+    assert [l.kv_source for l in load_config(d).layers] == [None, None, None, 2, 1]
+    out = tmp_path / "g.gguf"
+    code, _, err = run_cli("export", "gguf", d, "-o", out, "--outtype", "f32")
+    assert code == 4 and "KV-shared" in err and "gemma4" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
