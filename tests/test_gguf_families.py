@@ -76,6 +76,7 @@ TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama
     "gemma3": (1e-2, 3e-2, 0.6, 1e-2),
     "gemma4_text": (1e-2, 5e-2, 0.6, 1e-2),
     "gemma4_kv": (1e-2, 3e-2, 0.6, 1e-2),
+    "gemma4": (1e-2, 5e-2, 0.6, 1e-2),
     "phi3": (1e-4, 3e-2, 0.6, 1e-4),
     "phi4_mini": (1e-4, 3e-2, 1.0, 1e-4),
     "olmo2": (1e-4, 3e-2, 0.5, 1e-4),

@@ -59,6 +59,13 @@ GEMMA4_TEXT = replace(
               "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                   "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                      "rope_theta": 1000000.0}}})
+# the text part of a multimodal Gemma 4 checkpoint (Gemma4ForConditionalGeneration: how google/gemma-4-*
+# are published): hyper-parameters in text_config, weights under model.language_model.* (in memory and on
+# disk alike), the vision / audio towers and their embedders skipped; final soft-capping as in the text model
+GEMMA4 = replace(
+    GEMMA4_TEXT, family="gemma4", hf_class="Gemma4ForConditionalGeneration", text_config=True,
+    prefix="model.language_model.", head="lm_head",
+    foreign_prefixes=("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))
 
 PHI3 = ArchSpec(
     "phi3", "Phi3ForCausalLM", qkv_bias=False, o_bias=False, fused_qkv=True, fused_gate_up=True,
@@ -77,7 +84,7 @@ SMOLLM3 = ArchSpec(
     sliding_flag="use_sliding_window", defaults={"tie_word_embeddings": True, "no_rope_layer_interval": 4})
 
 FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, PHI3, OLMO2, GRANITE, SMOLLM3)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, GEMMA4, PHI3, OLMO2, GRANITE, SMOLLM3)}
 
 
 def get_spec(model_type: str, path=None) -> ArchSpec:

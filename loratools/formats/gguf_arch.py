@@ -410,6 +410,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "gemma3_text": GEMMA3,
     "gemma3": replace(GEMMA3, import_as=("gemma3_text", "Gemma3ForCausalLM")),
     "gemma4_text": GEMMA4,
+    "gemma4": replace(GEMMA4, import_as=("gemma4_text", "Gemma4ForCausalLM")),
     "phi3": PHI3,
     "olmo2": OLMO2,
     "granite": GRANITE,
