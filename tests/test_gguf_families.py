@@ -20,6 +20,9 @@ LongRoPE original length) were measured on these fixtures; TOL keeps about 3x he
     olmo2         3.9         2.6e-6    4.3e-3   0.17 (1.00)    2.9e-6
     granite       2.0         1.0e-6    1.4e-3   0.038 (1.00)   8.3e-7
     smollm3       3.7         3.5e-6    6.1e-3   0.13 (0.92)    5.2e-6
+    gemma4_text   1.3         2.2e-3    6.6e-3   0.20 (0.83)    2.9e-3
+    gemma4_kv     1.9         1.9e-3    7.6e-3   0.20 (0.92)    2.8e-3
+    gemma4        1.4         1.9e-3    3.4e-3   0.14 (0.88)    2.1e-3
 
 (f32 and the adapter: top-1 100% everywhere; f16 top-1 >= 0.958; q8_0 >= 0.83.)
 
@@ -84,6 +87,10 @@ TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama
     "smollm3": (1e-4, 5e-2, 1.0, 1e-4),
 }
 TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
+# correlation with transformers' logits of the 5/4-bit files (measured min of the others: q4_0 0.895, smollm3).
+# gemma4_text (5 layers, per-layer inputs quantized too, logits soft-capped at 1.5) measured q5_1 0.928,
+# q4_0 0.753 on its fixture, 0.92..0.98 / 0.73..0.92 over seeds 100..104; a wrong block layout gives ~0
+LOW_BIT_MIN = {"gemma4_text": {"q5_1": 0.9, "q4_0": 0.7}}
 
 
 def _compare(ref, got):
@@ -155,7 +162,8 @@ def test_low_bit_models_run_in_llama_cpp(fam, tmp_path, name):
     transform applied after quantizing would give noise)."""
     m = fam(name)
     ref = hf_logits(hf_model(name, m))
-    for outtype, corr_min in (("bf16", 0.999), ("q5_1", 0.93), ("q4_0", 0.8)):  # measured min: q4_0 0.895 (smollm3)
+    low = LOW_BIT_MIN.get(name, {})
+    for outtype, corr_min in (("bf16", 0.999), ("q5_1", low.get("q5_1", 0.93)), ("q4_0", low.get("q4_0", 0.8))):
         out = tmp_path / f"{outtype}.gguf"
         export_gguf(m, out, outtype=outtype)
         got = llamacpp.logits(out, IDS)
