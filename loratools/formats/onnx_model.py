@@ -81,7 +81,13 @@ def _cache_layout(model, tdt: torch.dtype) -> list[tuple[int, tuple, tuple]]:
     with torch.no_grad():
         _, presents = model(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
                             torch.zeros(1, 1, dtype=torch.long), None)
-    return [(i, tuple(kv[0].shape), tuple(kv[1].shape)) for i, kv in enumerate(presents) if kv is not None]
+    own, seen = [], set()
+    for i, kv in enumerate(presents):
+        if kv is None or id(kv[0]) in seen:  # another layer's keys and values (KV-shared layers)
+            continue
+        seen.add(id(kv[0]))
+        own.append((i, tuple(kv[0].shape), tuple(kv[1].shape)))
+    return own
 
 
 def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
