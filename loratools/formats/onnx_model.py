@@ -393,14 +393,15 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
 
         folder = Path(base).parent if Path(base).suffix == ".onnx" else Path(base)  # a slot model.onnx: its folder
         adapter = internal_adapter(load_config(folder), adapter)
+    else:
+        adapter = _slot_layout(adapter)
     if adapter.use_dora or adapter.modules_to_save or any(m.bias is not None for m in adapter.modules.values()):
         raise UnsupportedError("an ONNX Runtime adapter carries only A and B: DoRA, modules_to_save and lora_bias need a "
                                "merged export (loratools export onnx --adapter)", src)
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding" or not n.startswith("model.layers.")]
     if emb:
         raise UnsupportedError(f"module {emb[0]!r} has no LoRA slot in the exported model (slots are on the blocks' "
-                               "linear layers); use a merged export" + (", or give the base model (--base) to map its names"
-                                                                        if base is None and ".layers." in emb[0] else ""), src)
+                               "linear layers); use a merged export", src)
     np_dt = np.float32 if dtype == "fp32" else np.float16
     params = {}
     for name, m in sorted(adapter.modules.items()):
@@ -415,6 +416,26 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
     with atomic_file(out) as tmp:
         fmt.export_adapter(str(tmp))
     return {"out": str(out), "modules": len(adapter.modules), "parameters": len(params), "dtype": dtype}
+
+
+def _slot_layout(adapter: Adapter) -> Adapter:
+    """``adapter`` with block module names in the decoder's own layout (the slot names), read
+    from every family's on-disk and in-memory layouts (``model.language_model.layers.N...`` and
+    ``language_model.model.layers.N...`` -> ``model.layers.N...``): no base model needed."""
+    from dataclasses import replace
+
+    from ..arch.registry import FAMILIES
+
+    prefixes = sorted({p for spec in FAMILIES.values() for p, _ in spec.layouts() if p != "model."}, key=len, reverse=True)
+
+    def own(name: str) -> str:
+        for p in prefixes:
+            if name.startswith(p + "layers."):
+                return "model." + name[len(p):]
+        return name
+
+    mods = {own(n): m for n, m in adapter.modules.items()}
+    return adapter if list(mods) == list(adapter.modules) else replace(adapter, modules=mods)
 
 
 def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> None:
