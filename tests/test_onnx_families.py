@@ -262,3 +262,27 @@ def test_adapter_that_does_not_fit_the_slot_model_is_one_line(fam, case, work, r
         check_adapter_fits(cd["dir"] / "slots" / "model.onnx", cs["dir"] / "a.onnx_adapter")
     code, _, err = run_cli("validate", "--base", cd["model"], "-a", cd["adapter"], f"{cd['dir'] / 'slots'}+{cs['dir'] / 'a.onnx_adapter'}")
     assert code == 3 and "but the slot is" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_adapter_file_with_a_broken_pair_is_one_line(case, work):
+    """An .onnx_adapter missing one factor of a pair, or whose factors disagree on the rank (ONNX
+    Runtime would fail mid-run): refused before anything runs."""
+    import onnxruntime as ort
+
+    from loratools.formats.onnx_model import check_adapter_fits
+
+    c = case(next(n for n in NAMES if FIXTURES[n].family == "phi3"))
+    params = {k: v.numpy() for k, v in ort.AdapterFormat.read_adapter(str(c["dir"] / "a.onnx_adapter")).get_parameters().items()}
+    a_name = next(k for k in sorted(params) if k.endswith("qkv_proj.lora_A"))
+    for label, edit in (("has no", lambda d: d.pop(a_name)),
+                        ("disagree on the rank", lambda d: d.__setitem__(a_name, np.concatenate([d[a_name], d[a_name]])))):
+        broken = dict(params)
+        edit(broken)
+        fmt = ort.AdapterFormat()
+        fmt.set_adapter_version(1)
+        fmt.set_model_version(1)
+        fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in broken.items()})
+        path = work / "broken.onnx_adapter"
+        fmt.export_adapter(str(path))
+        with pytest.raises(IncompatibleError, match=label):
+            check_adapter_fits(c["dir"] / "slots" / "model.onnx", path)

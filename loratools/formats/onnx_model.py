@@ -463,5 +463,14 @@ def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.Pat
                                     "(export the adapter with the model's --dtype)", adapter_path)
         shape = val.shape()
         want = inputs[name]
-        if any(w is not None and w != g for w, g in zip(want, shape)):
+        if len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape)):
             raise IncompatibleError(f"adapter parameter {name!r} is {tuple(shape)} but the slot is {tuple(want)}", adapter_path)
+    # each module's pair: both factors, one rank (A is r × in, B is out × r)
+    for name in params:
+        mod, _, part = name.rpartition(".lora_")
+        other = f"{mod}.lora_{'B' if part == 'A' else 'A'}"
+        if other not in params:
+            raise IncompatibleError(f"adapter parameter {name!r} has no {other!r}", adapter_path)
+        if part == "A" and params[name].shape()[0] != params[other].shape()[1]:
+            raise IncompatibleError(f"adapter parameters of {mod!r} disagree on the rank ({params[name].shape()[0]} "
+                                    f"vs {params[other].shape()[1]})", adapter_path)
