@@ -164,6 +164,24 @@ def test_merged_fp32_and_kv_cache_match_transformers(case, name):
     print(f"\n{name}: fp32 merged max|Δ| full {d_full:.2e} short {d_short:.2e} cached {d_cache:.2e} / {d_cache_short:.2e}")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_with_left_padding_equals_single_rows(case, name):
+    """Batch 2, the second row left-padded (attention_mask 0, position_ids from 0 at its first
+    token): each row's logits at its real positions equal its own batch-1 run (which equals
+    transformers, above)."""
+    c = case(name)
+    r = Runner(c["dir"] / "merged")
+    pad, ids = 5, c["ids"]
+    rows = [ids, [0] * pad + ids[:N - pad]]
+    feeds = {"input_ids": np.asarray(rows, dtype=np.int64),
+             "attention_mask": np.asarray([[1] * N, [0] * pad + [1] * (N - pad)], dtype=np.int64),
+             "position_ids": np.asarray([list(range(N)), [0] * pad + list(range(N - pad))], dtype=np.int64)}
+    feeds.update(r._empty_past(2))
+    logits = r.sess.run(["logits"], feeds)[0]
+    assert np.abs(logits[0] - r.run(ids)[0]).max() <= FP32
+    assert np.abs(logits[1, pad:] - r.run(ids[:N - pad])[0]).max() <= FP32
+
+
 def test_longrope_switch_is_in_the_graph(fam, case):
     """LongRoPE picks short or long factors per call from the furthest position (as transformers):
     one ONNX graph gives both regimes; generation across the switch point recomputes the cache
