@@ -246,6 +246,27 @@ def test_lora_slots_with_peft_adapter_match_peft(case, name):
           f"(cached {d_cache:.2e})")
 
 
+def test_fp16_lora_slots_on_fused_modules(fam, case):
+    """An fp16 slot model fed an fp16 .onnx_adapter (fused qkv_proj / gate_up_proj slots) is
+    close to PeftModel; an fp32 adapter on it is refused in one line."""
+    from loratools.formats.onnx_model import check_adapter_fits
+
+    names = [n for n in NAMES if load_config(fam / n).fused_qkv]
+    assert names
+    for name in names:
+        c = case(name)
+        d = c["dir"]
+        export_onnx(c["model"], d / "slots16", dtype="fp16", lora_slots="all-linear")
+        export_onnx_adapter(api.load_adapter(c["adapter"]), d / "a16.onnx_adapter", dtype="fp16")
+        check_adapter_fits(d / "slots16" / "model.onnx", d / "a16.onnx_adapter")
+        got = Runner(d / "slots16", adapter=d / "a16.onnx_adapter").run(c["ids"])[0]
+        assert np.abs(got - c["want"]).max() <= 0.05 * np.abs(c["want"]).max()
+        assert (got.argmax(-1) == c["want"].argmax(-1)).mean() >= 0.95
+        with pytest.raises(IncompatibleError, match="float32 but the slot takes float16"):
+            check_adapter_fits(d / "slots16" / "model.onnx", d / "a.onnx_adapter")
+        print(f"\n{name}: fp16 slots+fp16 adapter max|Δ| {np.abs(got - c['want']).max():.2e}")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_validate_passes_on_onnx_candidates(case, name):
     c = case(name)
