@@ -75,19 +75,16 @@ class _Exportable(torch.nn.Module):
         return (logits, *[t for i in self.cached for t in presents[i]])
 
 
-def _cache_layout(model, tdt: torch.dtype) -> list[tuple[int, tuple, tuple]]:
-    """(layer, key shape, value shape) of each layer that keeps a KV cache, from a one-token run
-    of the weightless model (kv heads and head_dim may differ per layer type)."""
-    with torch.no_grad():
-        _, presents = model(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
-                            torch.zeros(1, 1, dtype=torch.long), None)
-    own, seen = [], set()
-    for i, kv in enumerate(presents):
-        if kv is None or id(kv[0]) in seen:  # another layer's keys and values (KV-shared layers)
-            continue
-        seen.add(id(kv[0]))
-        own.append((i, tuple(kv[0].shape), tuple(kv[1].shape)))
-    return own
+def _cache_layout(model) -> list[tuple[int, int, int]]:
+    """(layer, kv heads, head_dim) of each layer that keeps a KV cache of its own, as its
+    attention module is built (kv heads and head_dim may differ per layer type; a layer that
+    attends to an earlier layer's keys and values, ``kv_source``, has none)."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        att = layer.self_attn
+        if getattr(att, "kv_source", None) is None:
+            out.append((i, att.kv_heads, att.head_dim))
+    return out
 
 
 def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -276,7 +273,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         model, disk = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
-        layout = _cache_layout(model, tdt) if cache else []
+        layout = _cache_layout(model) if cache else []
         wrapper = _Exportable(model, [i for i, _, _ in layout] if cache else None, slots).eval()
         L = cfg.num_hidden_layers
         b, s, p = 2, 3, 2
@@ -286,9 +283,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         names_out = ["logits"]
-        for i, kshape, vshape in layout:
-            for kind, shape in (("key", kshape), ("value", vshape)):
-                args.append(torch.zeros(b, shape[1], p, shape[3], dtype=tdt))
+        for i, kv_heads, head_dim in layout:
+            for kind in ("key", "value"):
+                args.append(torch.zeros(b, kv_heads, p, head_dim, dtype=tdt))
                 names_in.append(f"past_key_values.{i}.{kind}")
                 axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
                 names_out.append(f"present.{i}.{kind}")
