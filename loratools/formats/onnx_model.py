@@ -75,13 +75,16 @@ class _Exportable(torch.nn.Module):
         return (logits, *[t for i in self.cached for t in presents[i]])
 
 
-def _cache_layout(model, tdt: torch.dtype) -> list[tuple[int, tuple, tuple]]:
-    """(layer, key shape, value shape) of each layer that keeps a KV cache, from a one-token run
-    of the weightless model (kv heads and head_dim may differ per layer type)."""
-    with torch.no_grad():
-        _, presents = model(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
-                            torch.zeros(1, 1, dtype=torch.long), None)
-    return [(i, tuple(kv[0].shape), tuple(kv[1].shape)) for i, kv in enumerate(presents) if kv is not None]
+def _cache_layout(model) -> list[tuple[int, int, int]]:
+    """(layer, kv heads, head_dim) of each layer that keeps a KV cache of its own, as its
+    attention module is built (kv heads and head_dim may differ per layer type; a layer that
+    attends to an earlier layer's keys and values, ``kv_source``, has none)."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        att = layer.self_attn
+        if getattr(att, "kv_source", None) is None:
+            out.append((i, att.kv_heads, att.head_dim))
+    return out
 
 
 def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -270,7 +273,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         model, disk = _placeholder_model(cfg, view, tdt)
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
-        layout = _cache_layout(model, tdt) if cache else []
+        layout = _cache_layout(model) if cache else []
         wrapper = _Exportable(model, [i for i, _, _ in layout] if cache else None, slots).eval()
         L = cfg.num_hidden_layers
         b, s, p = 2, 3, 2
@@ -280,9 +283,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         names_out = ["logits"]
-        for i, kshape, vshape in layout:
-            for kind, shape in (("key", kshape), ("value", vshape)):
-                args.append(torch.zeros(b, shape[1], p, shape[3], dtype=tdt))
+        for i, kv_heads, head_dim in layout:
+            for kind in ("key", "value"):
+                args.append(torch.zeros(b, kv_heads, p, head_dim, dtype=tdt))
                 names_in.append(f"past_key_values.{i}.{kind}")
                 axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
                 names_out.append(f"present.{i}.{kind}")
@@ -387,14 +390,15 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
 
         folder = Path(base).parent if Path(base).suffix == ".onnx" else Path(base)  # a slot model.onnx: its folder
         adapter = internal_adapter(load_config(folder), adapter)
+    else:
+        adapter = _slot_layout(adapter)
     if adapter.use_dora or adapter.modules_to_save or any(m.bias is not None for m in adapter.modules.values()):
         raise UnsupportedError("an ONNX Runtime adapter carries only A and B: DoRA, modules_to_save and lora_bias need a "
                                "merged export (loratools export onnx --adapter)", src)
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding" or not n.startswith("model.layers.")]
     if emb:
         raise UnsupportedError(f"module {emb[0]!r} has no LoRA slot in the exported model (slots are on the blocks' "
-                               "linear layers); use a merged export" + (", or give the base model (--base) to map its names"
-                                                                        if base is None and ".layers." in emb[0] else ""), src)
+                               "linear layers); use a merged export", src)
     np_dt = np.float32 if dtype == "fp32" else np.float16
     params = {}
     for name, m in sorted(adapter.modules.items()):
@@ -409,6 +413,26 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
     with atomic_file(out) as tmp:
         fmt.export_adapter(str(tmp))
     return {"out": str(out), "modules": len(adapter.modules), "parameters": len(params), "dtype": dtype}
+
+
+def _slot_layout(adapter: Adapter) -> Adapter:
+    """``adapter`` with block module names in the decoder's own layout (the slot names), read
+    from every family's on-disk and in-memory layouts (``model.language_model.layers.N...`` and
+    ``language_model.model.layers.N...`` -> ``model.layers.N...``): no base model needed."""
+    from dataclasses import replace
+
+    from ..arch.registry import FAMILIES
+
+    prefixes = sorted({p for spec in FAMILIES.values() for p, _ in spec.layouts() if p != "model."}, key=len, reverse=True)
+
+    def own(name: str) -> str:
+        for p in prefixes:
+            if name.startswith(p + "layers."):
+                return "model." + name[len(p):]
+        return name
+
+    mods = {own(n): m for n, m in adapter.modules.items()}
+    return adapter if list(mods) == list(adapter.modules) else replace(adapter, modules=mods)
 
 
 def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> None:
@@ -436,5 +460,14 @@ def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.Pat
                                     "(export the adapter with the model's --dtype)", adapter_path)
         shape = val.shape()
         want = inputs[name]
-        if any(w is not None and w != g for w, g in zip(want, shape)):
+        if len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape)):
             raise IncompatibleError(f"adapter parameter {name!r} is {tuple(shape)} but the slot is {tuple(want)}", adapter_path)
+    # each module's pair: both factors, one rank (A is r × in, B is out × r)
+    for name in params:
+        mod, _, part = name.rpartition(".lora_")
+        other = f"{mod}.lora_{'B' if part == 'A' else 'A'}"
+        if other not in params:
+            raise IncompatibleError(f"adapter parameter {name!r} has no {other!r}", adapter_path)
+        if part == "A" and params[name].shape()[0] != params[other].shape()[1]:
+            raise IncompatibleError(f"adapter parameters of {mod!r} disagree on the rank ({params[name].shape()[0]} "
+                                    f"vs {params[other].shape()[1]})", adapter_path)
