@@ -65,6 +65,9 @@ LLAMA_CPP_VARIANT = {
     "gemma3": ({"query_pre_attn_scalar": 32}, _GEMMA_SCALE),
     "phi3": ({"sliding_window": None}, "llama.cpp's phi3 graph ignores sliding windows (a warning says so)"),
     "mistral": ({"sliding_window": None}, "llama.cpp's llama graph ignores sliding windows (a warning says so)"),
+    # q8_0/q4_0 need rows that are multiples of 32: per-layer input table rows are layers x 8 = 40 here
+    # (Gemma 4 E2B: 35 x 256); f32/f16 run the unchanged fixture as well (test_gemma4_unchanged_fixture)
+    "gemma4_text": ({"hidden_size_per_layer_input": 32}, "quantized rows must be multiples of the 32-element block"),
 }
 TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama.cpp + LoRA GGUF) vs PEFT
     "llama": (1e-4, 3e-2, 1.0, 1e-4),
@@ -79,12 +82,25 @@ TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama
     "olmo2": (1e-4, 3e-2, 0.5, 1e-4),
     "granite": (1e-4, 3e-3, 0.06, 1e-4),
     "smollm3": (1e-4, 5e-2, 1.0, 1e-4),
+    "gemma4_text": (1e-2, 3e-2, 0.6, 1e-2),
+    "gemma4_kv": (1e-2, 3e-2, 0.6, 1e-2),
 }
 TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
 
 
-def _compare(ref, got):
-    return float(np.abs(ref - got).max()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+def _compare(ref, got, ties=False):
+    """(max |Δlogit|, top-1 agreement). With ``ties``: agreement over the positions whose reference
+    top-1/top-2 gap exceeds twice the measured max |Δlogit| (there no error that small can flip the
+    argmax); a near-tie within the kernels' error (Gemma's fp16 GELU table) is no disagreement, and
+    such ties must stay rare (at most one position in ten)."""
+    dmax = float(np.abs(ref - got).max())
+    same = ref.argmax(-1) == got.argmax(-1)
+    if ties:
+        top2 = np.sort(ref, -1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 2 * dmax
+        assert decisive.mean() >= 0.9, "too many near-ties to judge top-1"
+        same = same[decisive]
+    return dmax, float(same.mean())
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +158,7 @@ def test_models_in_llama_cpp_match_transformers(fam, tmp_path, name):
         out = tmp_path / f"{outtype}.gguf"
         rep = export_gguf(m, out, outtype=outtype)
         assert rep["arch"] == gguf_arch.FAMILIES[FIXTURES[name].family].arch
-        dmax, top1 = _compare(ref, llamacpp.logits(out, IDS))
+        dmax, top1 = _compare(ref, llamacpp.logits(out, IDS), ties=outtype == "f32")
         assert top1 >= TOP1_MIN[outtype] and dmax <= TOL[name][i], (outtype, dmax, top1)
 
 
@@ -197,7 +213,7 @@ def test_adapter_gguf_in_llama_cpp_matches_peft(fam, tmp_path, name):
     rep = export_gguf_adapter(a, m, tmp_path / "lora.gguf")
     assert rep["modules"] == len(a.modules) > 0
     got = llamacpp.logits(base, IDS, lora=tmp_path / "lora.gguf")
-    dmax, top1 = _compare(want, got)
+    dmax, top1 = _compare(want, got, ties=True)
     assert top1 == 1.0 and dmax <= TOL[name][3], (dmax, top1)
 
 
@@ -228,6 +244,17 @@ def test_import_gives_back_the_source_checkpoint(fam, tmp_path, name):
     assert back_cfg["architectures"] == [cls] and rep["tensors"] == len(src)
     model = getattr(transformers, cls).from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
     assert np.abs(hf_logits(model) - hf_logits(hf_model(name, m))).max() <= 1e-5
+
+
+def test_gemma4_unchanged_fixture_runs_in_f32_and_refuses_q8_0_in_one_line(fam, tmp_path):
+    m = fam("gemma4_text", variant=False)
+    ref = hf_logits(hf_model("gemma4_text", m))
+    export_gguf(m, tmp_path / "f32.gguf", outtype="f32")
+    dmax, top1 = _compare(ref, llamacpp.logits(tmp_path / "f32.gguf", IDS), ties=True)
+    assert top1 == 1.0 and dmax <= TOL["gemma4_text"][0]
+    with pytest.raises(IncompatibleError, match="embed_tokens_per_layer.*not a multiple of the 32-element block"):
+        export_gguf(m, tmp_path / "q8.gguf", outtype="q8_0")
+    assert not (tmp_path / "q8.gguf").exists()
 
 
 # -- what llama.cpp cannot compute: one line, nothing written -------------------------------------
