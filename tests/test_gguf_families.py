@@ -131,6 +131,21 @@ def hf_logits(model, ids=IDS):
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def test_fused_qkv_rows_on_a_norm_rope_architecture_permute_q_and_k_parts():
+    """No family has both today; the role transform handles it: Q and K parts permuted, V as is."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, q_size=4 * 8, kv_size=2 * 8, norm_offset=0.0)
+    w = torch.randn(32 + 16 + 16, 5)
+    q, k, v = w.split([32, 16, 16])
+    got = gguf_arch.to_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", w, cfg)
+    want = torch.cat([gguf_arch.permute_qk(q, 4), gguf_arch.permute_qk(k, 2), v])
+    assert torch.equal(got, want) and not torch.equal(got, w)
+    assert torch.equal(gguf_arch.from_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", got, cfg), w)
+    assert torch.equal(gguf_arch.lora_b_to_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", w, cfg), want)
+    assert torch.equal(gguf_arch.to_gguf(gguf_arch.FAMILIES["phi3"], "blk.0.attn_qkv.weight", w, cfg), w)
+
+
 def test_every_registry_family_has_a_gguf_path_or_a_stated_exclusion():
     for family in REGISTRY:
         assert family in gguf_arch.FAMILIES or gguf_arch.EXCLUDED.get(family), family
@@ -255,6 +270,40 @@ def test_gemma4_unchanged_fixture_runs_in_f32_and_refuses_q8_0_in_one_line(fam, 
     with pytest.raises(IncompatibleError, match="embed_tokens_per_layer.*not a multiple of the 32-element block"):
         export_gguf(m, tmp_path / "q8.gguf", outtype="q8_0")
     assert not (tmp_path / "q8.gguf").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in GGUF_NAMES
+                                  if gguf_arch.FAMILIES[FIXTURES[n].family].arch in gguf_arch.IMPORTS])
+def test_import_without_the_source_config_rebuilds_it_from_the_keys(fam, tmp_path, monkeypatch, name):
+    """A GGUF from another tool has no loratools.source_config: config.json comes from the keys
+    (gguf_arch.IMPORTS); transformers loads the result and computes what the source did."""
+    from loratools.formats import gguf_model
+
+    m = fam(name)
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf_model, "SOURCE_CONFIG_KEY", "other.tool.note")
+        export_gguf(m, tmp_path / "m.gguf", outtype="f32")
+    if load_config(m).rope_type == "llama3":  # rope_freqs keeps the divisors, not the four parameters
+        with pytest.raises(UnsupportedError, match="rope_freqs"):
+            import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+        return
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    cls = gguf_arch.IMPORTS[gguf_arch.FAMILIES[FIXTURES[name].family].arch][1]  # Mistral comes back as Llama
+    assert back["architectures"] == [cls]
+    model = getattr(transformers, cls).from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    assert np.abs(hf_logits(model.eval()) - hf_logits(hf_model(name, m))).max() <= 1e-5
+
+
+def test_import_of_a_family_whose_source_config_cannot_be_rebuilt_is_one_line(fam, tmp_path, monkeypatch, run_cli):
+    from loratools.formats import gguf_model
+
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf_model, "SOURCE_CONFIG_KEY", "other.tool.note")
+        export_gguf(fam("gemma2"), tmp_path / "g.gguf", outtype="f32")
+    code, _, err = run_cli("import", "gguf", tmp_path / "g.gguf", "-o", tmp_path / "back")
+    assert code == 4 and "gemma2" in err and "cannot be imported" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "back").exists()
 
 
 # -- what llama.cpp cannot compute: one line, nothing written -------------------------------------
