@@ -501,7 +501,7 @@ def export_onnx_adapter(adapter, output, base, slot_model, dtype, overwrite, as_
     """ONNX Runtime's adapter format, per-module scales folded into B."""
     from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
 
-    rep = run(api.load_adapter(adapter, base=base), output, dtype, overwrite)
+    rep = run(api.load_adapter(adapter, base=base), output, dtype, overwrite, base=base or slot_model)
     if slot_model:
         from pathlib import Path
 

@@ -23,8 +23,11 @@ LongRoPE original length) were measured on these fixtures; TOL keeps about 3x he
     granite       2.0         1.2e-6    1.3e-3   0.033 (1.00)   8.6e-7
     smollm3       3.9         3.9e-6    5.9e-3   0.18 (1.00)    4.7e-6
 
-(f32 and the adapter: top-1 100% wherever the reference's top-2 gap exceeds twice the max error --
-everywhere but that one gemma4_kv position; f16 top-1 >= 0.958; q8_0 >= 0.83.)
+(f32 and the adapter: top-1 100%, a flip at a near-tie -- reference top-2 gap within twice the max
+error -- counted as agreement, at most one per test: that gemma4_kv position; f16 top-1 >= 0.958;
+q8_0 >= 0.83. The gemma4 rows were measured before its fixtures changed (per-layer input 32,
+half-rotary full layers on gemma4_kv); on the current ones: f32 2.6e-3 / 2.3e-3, adapter
+1.9e-3 / 2.6e-3, no flips.)
 
 Why Gemma's f32 error is 1e-3, not 1e-6: ggml's CPU GELU reads an fp16 lookup table
 (ggml-cpu/vec.h, GGML_GELU_FP16), so every MLP activation carries fp16 rounding. SiLU families run
@@ -68,9 +71,6 @@ LLAMA_CPP_VARIANT = {
     "gemma3": ({"query_pre_attn_scalar": 32}, _GEMMA_SCALE),
     "phi3": ({"sliding_window": None}, "llama.cpp's phi3 graph ignores sliding windows (a warning says so)"),
     "mistral": ({"sliding_window": None}, "llama.cpp's llama graph ignores sliding windows (a warning says so)"),
-    # q8_0/q4_0 need rows that are multiples of 32: per-layer input table rows are layers x 8 = 40 here
-    # (Gemma 4 E2B: 35 x 256); f32/f16 run the unchanged fixture as well (test_gemma4_unchanged_fixture)
-    "gemma4_text": ({"hidden_size_per_layer_input": 32}, "quantized rows must be multiples of the 32-element block"),
 }
 TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama.cpp + LoRA GGUF) vs PEFT
     "llama": (1e-4, 3e-2, 1.0, 1e-4),
@@ -80,29 +80,28 @@ TOL = {  # max |Δlogit| allowed: f32, f16, q8_0 vs transformers; adapter (llama
     "gemma2": (1e-2, 2e-2, 0.4, 1e-2),
     "gemma3_text": (1e-2, 2e-2, 0.5, 1e-2),
     "gemma3": (1e-2, 3e-2, 0.6, 1e-2),
+    "gemma4_text": (1e-2, 5e-2, 0.6, 1e-2),
+    "gemma4_kv": (1e-2, 3e-2, 0.6, 1e-2),
     "phi3": (1e-4, 3e-2, 0.6, 1e-4),
     "phi4_mini": (1e-4, 3e-2, 1.0, 1e-4),
     "olmo2": (1e-4, 3e-2, 0.5, 1e-4),
     "granite": (1e-4, 3e-3, 0.06, 1e-4),
     "smollm3": (1e-4, 5e-2, 1.0, 1e-4),
-    "gemma4_text": (1e-2, 3e-2, 0.6, 1e-2),
-    "gemma4_kv": (1e-2, 3e-2, 0.6, 1e-2),
 }
 TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
 
 
 def _compare(ref, got, ties=False):
-    """(max |Δlogit|, top-1 agreement). With ``ties``: agreement over the positions whose reference
-    top-1/top-2 gap exceeds twice the measured max |Δlogit| (there no error that small can flip the
-    argmax); a near-tie within the kernels' error (Gemma's fp16 GELU table) is no disagreement, and
-    such ties must stay rare (at most one position in ten)."""
+    """(max |Δlogit|, top-1 agreement). With ``ties``: a disagreement where the reference's top-1/top-2
+    gap is within twice the measured max |Δlogit| (a near-tie the kernels' error can flip: Gemma's fp16
+    GELU table) counts as agreement -- at most one such position; any other disagreement counts."""
     dmax = float(np.abs(ref - got).max())
     same = ref.argmax(-1) == got.argmax(-1)
     if ties:
         top2 = np.sort(ref, -1)[:, -2:]
-        decisive = top2[:, 1] - top2[:, 0] > 2 * dmax
-        assert decisive.mean() >= 0.9, "too many near-ties to judge top-1"
-        same = same[decisive]
+        tie = top2[:, 1] - top2[:, 0] <= 2 * dmax
+        assert (~same & tie).sum() <= 1, "more than one near-tie flipped"
+        same = same | tie
     return dmax, float(same.mean())
 
 
@@ -264,8 +263,11 @@ def test_import_gives_back_the_source_checkpoint(fam, tmp_path, name):
     assert np.abs(hf_logits(model) - hf_logits(hf_model(name, m))).max() <= 1e-5
 
 
-def test_gemma4_unchanged_fixture_runs_in_f32_and_refuses_q8_0_in_one_line(fam, tmp_path):
-    m = fam("gemma4_text", variant=False)
+def test_gemma4_per_layer_rows_off_the_quant_block_run_in_f32_and_refuse_q8_0(fam, tmp_path):
+    """Per-layer input table rows are layers x per-layer size (5 x 8 = 40 here, Gemma 4 E2B 35 x 256):
+    f32 runs, q8_0 (32-element blocks) is refused in one line naming the tensor, nothing written."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        m = make_family(fam.root / "g4-ple8", "gemma4_text", seed=7, hidden_size_per_layer_input=8)
     ref = hf_logits(hf_model("gemma4_text", m))
     export_gguf(m, tmp_path / "f32.gguf", outtype="f32")
     dmax, top1 = _compare(ref, llamacpp.logits(tmp_path / "f32.gguf", IDS), ties=True)

@@ -311,84 +311,107 @@ GRANITE = GgufFamily(
            "logits_scaling": WRITTEN})
 SMOLLM3 = GgufFamily("smollm3", rope="norm", kvs=BASE + ROPE_DIM + LINEAR_ROPE, nope_step=4)  # its n_no_rope_layer_step
 
-# -- Gemma 4: per-layer head sizes, kv heads and MLP widths, proportional rope, per-layer inputs -----
-def _layers_of(c, kind):
+
+# -- Gemma 4 (llama.cpp's gemma4 graph: src/models/gemma4.cpp) ---------------------------------
+def _layers_of(c, kind: str):
     return [l for l in c.layers if l.layer_type == kind]
 
 
-def _per_layer(values, scalar):
-    """A per-layer value as llama.cpp reads it (get_key_or_arr): one number when all layers agree."""
-    return values[0] if len(set(values)) == 1 and values[0] == scalar else list(values)
+def _g4_dim(kind: str):
+    """head_dim of the full / sliding layers (one per type; the other type's when there are none)."""
+    def dim(c):
+        own = _layers_of(c, kind) or list(c.layers)
+        return own[0].head_dim or c.head_dim
+    return dim
 
 
-def _g4_head_dim(kind):
-    return lambda c: (_layers_of(c, kind) or _layers_of(c, "sliding_attention") or c.layers)[0].head_dim
+def _per_layer(get, scalar: bool):
+    """A per-layer value as llama.cpp's get_key_or_arr reads it: one number when every layer has the
+    same (``scalar``), else an array (``not scalar``); the other form is not written."""
+    def value(c):
+        vals = [int(get(c, l)) for l in c.layers]
+        same = len(set(vals)) == 1
+        return (vals[0] if same else None) if scalar else (None if same else vals)
+    return value
 
 
-def _g4_rot_swa(c):
-    r = _slide_rope(c)
-    return r.rotary_dim if r is not None else None
+_ff = lambda c, l: l.intermediate_size or c.intermediate_size  # noqa: E731
+_kvh = lambda c, l: l.kv_heads or c.num_key_value_heads  # noqa: E731
 
 
-def _proportional_freqs(cfg) -> torch.Tensor | None:
-    """Gemma 4's proportional rope on full layers: rotate only int(prf * head_dim / 2) frequencies of the
-    whole head (base^(-2i / head_dim)), the rest not at all. llama.cpp takes it as freq factors over a
-    full-head NeoX rope: 1 for the rotated frequencies, 1e30 (no rotation) for the others (the converter's
-    generate_extra_tensors)."""
-    r = next((l.rope for l in cfg.layers if l.layer_type == "full_attention" and l.rope is not None), None)
-    if r is None or r.rope_type != "proportional":
-        return None
-    d = _g4_head_dim("full_attention")(cfg)
-    n = int(float(r.get("partial_rotary_factor", 1.0)) * d // 2)
+def _proportional_freqs(c) -> torch.Tensor:
+    """Gemma 4's full-attention rope as llama.cpp takes it: a frequency divisor per pair (1 on the
+    rotated pairs, 1e30 on the rest, whose angle is then 0), like its converter writes."""
+    r = _full_rope(c)
+    d = _g4_dim("full_attention")(c)
+    n = d // 2
+    if r is not None and r.rope_type == "proportional":
+        n = int(float(r.get("partial_rotary_factor", 1.0)) * d // 2)
     return torch.tensor([1.0] * n + [1e30] * (d // 2 - n), dtype=torch.float32)
 
 
-def _g4_kv_sharing(c):
-    """llama.cpp's gemma4 KV cache reuses, for layer i >= n_kv (the first shared layer), layer n_kv - 2 if i
-    slides and n_kv - 1 if not; transformers the last earlier layer of the same type."""
-    n_kv = c.num_hidden_layers - c.kv_shared_layers
-    for i, l in enumerate(c.layers):
-        if l.kv_source is None:
-            continue
-        want = n_kv - (2 if l.layer_type == "sliding_attention" else 1)
-        if l.kv_source != want:
-            return (f"layer {i} reuses the K/V of layer {l.kv_source}; llama.cpp's KV sharing takes layer {want} "
-                    "(it needs the last two unshared layers to be sliding, then full)")
+def _g4_kv_reuse(c):
+    """llama.cpp gives KV-shared layer i the cache of layer n_own - 2 (sliding) or n_own - 1 (full);
+    transformers the last own layer of the same type: they agree only when the own layers end
+    [sliding, full]."""
+    own = sum(1 for l in c.layers if l.kv_source is None)
+    bad = [i for i, l in enumerate(c.layers) if l.kv_source is not None
+           and l.kv_source != own - (2 if l.layer_type == "sliding_attention" else 1)]
+    if bad:
+        return (f"KV-shared layers {bad} reuse layers {[c.layers[i].kv_source for i in bad]}, but llama.cpp takes "
+                f"layer {own - 2} for sliding and {own - 1} for full-attention ones")
     return None
 
 
-G4_KVS = (
-    KV("LLM.CONTEXT_LENGTH", "UINT32", lambda c: c.max_position_embeddings),
-    KV("LLM.EMBEDDING_LENGTH", "UINT32", lambda c: c.hidden_size),
-    KV("LLM.BLOCK_COUNT", "UINT32", lambda c: c.num_hidden_layers),
-    KV("LLM.FEED_FORWARD_LENGTH", "ARRAY", lambda c: [l.intermediate_size or c.intermediate_size for l in c.layers]),
-    KV("Attention.HEAD_COUNT", "UINT32", lambda c: c.num_attention_heads),
-    KV("Attention.HEAD_COUNT_KV", "ARRAY", lambda c: [l.kv_heads or c.num_key_value_heads for l in c.layers]),
-    KV("Rope.FREQ_BASE", "FLOAT32", lambda c: c.rope_theta),
-    KV("Attention.LAYERNORM_RMS_EPS", "FLOAT32", lambda c: c.rms_norm_eps),
-    KV("LLM.VOCAB_SIZE", "UINT32", lambda c: c.vocab_size),
-    KV("Attention.KEY_LENGTH", "UINT32", _g4_head_dim("full_attention")),
-    KV("Attention.VALUE_LENGTH", "UINT32", _g4_head_dim("full_attention")),
-    KV("Attention.KEY_LENGTH_SWA", "UINT32", _g4_head_dim("sliding_attention")),
-    KV("Attention.VALUE_LENGTH_SWA", "UINT32", _g4_head_dim("sliding_attention")),
-    KV("Rope.DIMENSION_COUNT", "UINT32", _g4_head_dim("full_attention")),  # full head; freq factors stop the rest
-    KV("Rope.DIMENSION_COUNT_SWA", "UINT32", _g4_rot_swa),
-    KV("Attention.SLIDING_WINDOW", "UINT32", lambda c: _window(c) or c.max_position_embeddings),
-    KV("Attention.SLIDING_WINDOW_PATTERN", "ARRAY", lambda c: [w is not None for w in c.layer_windows]),
-    KV("Rope.FREQ_BASE_SWA", "FLOAT32", lambda c: _slide_rope(c).theta if _slide_rope(c) else None),
-    KV("LLM.FINAL_LOGIT_SOFTCAPPING", "FLOAT32", lambda c: c.final_softcap),
-    KV("Attention.SHARED_KV_LAYERS", "UINT32", lambda c: c.kv_shared_layers),
-    KV("LLM.EMBD_LENGTH_PER_LAYER_INP", "UINT32", lambda c: c.per_layer_input_size),
-)
+def _g4_limits():
+    def ple_vocab(c):
+        if c.per_layer_input_size and c.per_layer_input_vocab != c.vocab_size:
+            return (f"vocab_size_per_layer_input {c.per_layer_input_vocab} != vocab_size {c.vocab_size} "
+                    "(its per-layer embedding table has one row per token)")
+        return None
+
+    def rope_factor(c):
+        r = _full_rope(c)
+        if r is not None and float(r.get("factor", 1.0)) != 1.0:
+            return f"proportional rope with factor {r.get('factor')} (llama.cpp's gemma4 reads no rope factor)"
+        return None
+    def sliding(c):
+        if not any(l.layer_type == "sliding_attention" for l in c.layers):
+            return "no sliding layer (llama.cpp's gemma4 graph always builds the sliding-window KV cache)"
+        return None
+    return (ple_vocab, rope_factor, _g4_kv_reuse, sliding)
+
+
 GEMMA4 = GgufFamily(
-    "gemma4", kvs=G4_KVS, swa=True, swa_rope=True, rope_types=("default", "proportional"),
+    "gemma4", swa=True, swa_rope=True, rope_types=("default", "proportional"),
+    kvs=(
+        KV("LLM.CONTEXT_LENGTH", "UINT32", lambda c: c.max_position_embeddings),
+        KV("LLM.EMBEDDING_LENGTH", "UINT32", lambda c: c.hidden_size),
+        KV("LLM.BLOCK_COUNT", "UINT32", lambda c: c.num_hidden_layers),
+        KV("LLM.FEED_FORWARD_LENGTH", "UINT32", _per_layer(_ff, True)),
+        KV("LLM.FEED_FORWARD_LENGTH", "ARRAY", _per_layer(_ff, False)),      # double-wide MLPs
+        KV("Attention.HEAD_COUNT", "UINT32", lambda c: c.num_attention_heads),
+        KV("Attention.HEAD_COUNT_KV", "UINT32", _per_layer(_kvh, True)),
+        KV("Attention.HEAD_COUNT_KV", "ARRAY", _per_layer(_kvh, False)),     # full layers' own kv heads
+        KV("Rope.FREQ_BASE", "FLOAT32", lambda c: c.rope_theta),
+        KV("Attention.LAYERNORM_RMS_EPS", "FLOAT32", lambda c: c.rms_norm_eps),
+        KV("LLM.VOCAB_SIZE", "UINT32", lambda c: c.vocab_size),
+        KV("Attention.KEY_LENGTH", "UINT32", _g4_dim("full_attention")),
+        KV("Attention.VALUE_LENGTH", "UINT32", _g4_dim("full_attention")),
+        KV("Attention.KEY_LENGTH_SWA", "UINT32", _g4_dim("sliding_attention")),
+        KV("Attention.VALUE_LENGTH_SWA", "UINT32", _g4_dim("sliding_attention")),
+        KV("Rope.DIMENSION_COUNT", "UINT32", _g4_dim("full_attention")),      # partial via rope_freqs
+        KV("Rope.DIMENSION_COUNT_SWA", "UINT32", _g4_dim("sliding_attention")),
+        KV("Attention.SLIDING_WINDOW", "UINT32", lambda c: _window(c) or c.max_position_embeddings),
+        SWA[1],
+        SWA_ROPE[0],
+        SOFTCAPS[1],
+        KV("Attention.SHARED_KV_LAYERS", "UINT32", lambda c: c.kv_shared_layers),
+        KV("LLM.EMBD_LENGTH_PER_LAYER_INP", "UINT32", lambda c: c.per_layer_input_size),
+    ),
     graph={"hidden_act": lambda c: "gelu_pytorch_tanh", "embedding_scale": lambda c: c.hidden_size ** 0.5,
            "attention_scale": lambda c: 1.0, "final_softcap": WRITTEN},
-    limits=(_g4_kv_sharing,
-            lambda c: (f"per-layer input vocabulary {c.per_layer_input_vocab} != vocab_size {c.vocab_size}"
-                       if c.per_layer_input_size and c.per_layer_input_vocab != c.vocab_size else None),
-            lambda c: None if any(l.layer_type == "sliding_attention" for l in c.layers) else
-            "no sliding layer (llama.cpp's gemma4 graph needs the sliding-window KV cache)"),
+    limits=_g4_limits(),
     extra=(("rope_freqs.weight", _proportional_freqs),))
 
 # registry family -> GGUF facts
@@ -400,11 +423,11 @@ FAMILIES: dict[str, GgufFamily] = {
     "gemma2": GEMMA2,
     "gemma3_text": GEMMA3,
     "gemma3": replace(GEMMA3, import_as=("gemma3_text", "Gemma3ForCausalLM")),
+    "gemma4_text": GEMMA4,
     "phi3": PHI3,
     "olmo2": OLMO2,
     "granite": GRANITE,
     "smollm3": SMOLLM3,
-    "gemma4_text": GEMMA4,
 }
 # registry families with no GGUF path, and why (tests read this: an exclusion is explicit, never a skip)
 EXCLUDED: dict[str, str] = {}

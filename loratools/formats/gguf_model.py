@@ -60,8 +60,8 @@ def name_map(cfg: ModelConfig) -> dict[str, str]:
             continue  # the architecture has no output tensor: the head is always token_embd
         if g is None:
             raise UnsupportedError(f"no GGUF name for tensor {n!r} ({fam.arch})")
-        if not g.endswith((".weight", ".bias")):
-            g += ".weight"  # a parameter without a suffix (Gemma 4's layer_scalar): llama.cpp names it .weight
+        if not n.endswith((".weight", ".bias")):
+            g += ".weight"  # a saved buffer (Gemma 4's layer_scalar): llama.cpp reads it as .weight, as its converter writes
         out[n] = g
     return out
 

@@ -417,7 +417,7 @@ class Body(nn.Module):
 
 class DecoderLM(nn.Module):
     """``forward(input_ids, attention_mask=None, position_ids=None, past=None)`` →
-    ``(logits (b, s, vocab) fp32, present: list of (k, v))``."""
+    ``(logits (b, s, vocab) fp32, present: list of (k, v), None for a KV-shared layer)``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -557,7 +557,7 @@ class DecoderLM(nn.Module):
                 x, pr = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, pr = layer(*args)
-            presents.append(pr)
+            presents.append(pr if src is None else None)  # a KV-shared layer keeps no cache of its own
         return self.model.norm(x), presents
 
     # -- weights -----------------------------------------------------------------------------
