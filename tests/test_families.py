@@ -195,6 +195,11 @@ def test_extract_error_is_optimal(families, tmp_path, name):
         mods = DecoderLM(load_config(d)).linear_modules()
     expected = {n.rsplit(".", 1)[1] for n, m in mods.items() if isinstance(m, Linear) and n != "lm_head"}
     assert {n.rsplit(".", 1)[1] for n in a.modules} == expected
+    # written as PEFT, it loads in PEFT on the base with the logits of our unmerged forward
+    out = tmp_path / "extracted"
+    a, _ = extract(d, tuned, out, RankRule("rank", 4), exact=True, embeddings="skip")
+    ours, _ = load_model(d, adapters=[api.load_adapter(out, base=d)])(IDS)
+    assert (ours - peft_logits(d, out)).abs().max().item() <= TOL
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -304,3 +309,28 @@ def test_both_config_generations_read_alike():
         new = parse_config({**base, "rope_parameters": {**rp, "rope_theta": theta}})
         old = parse_config({**base, "rope_theta": theta, **({"rope_scaling": rp} if rp.get("rope_type") != "default" else {})})
         assert new.layer_ropes == old.layer_ropes, name
+
+
+def test_fused_and_split_layouts_refused_in_one_line(families, tmp_path):
+    """A split checkpoint labelled phi3 (fused family), and a fused adapter on a split model (and
+    the reverse): one line each, naming what disagrees."""
+    from loratools import st
+    from loratools.errors import IncompatibleError
+
+    d = tmp_path / "phi3-split"
+    shutil.copytree(families / "phi3", d)
+    sd = st.load_file(d / "model.safetensors")
+    for k in [k for k in sd if k.endswith("qkv_proj.weight")]:
+        q, kk, v = sd.pop(k).split([64, 32, 32])
+        for leaf, t in (("q_proj", q), ("k_proj", kk), ("v_proj", v)):
+            sd[k.replace("qkv_proj", leaf)] = t
+    st.save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompatibleError) as e:
+        load_model(d)
+    assert "split projection" in str(e.value) and "qkv_proj" in str(e.value) and "\n" not in str(e.value)
+    fused = api.load_adapter(peft_saved(families / "phi3", tmp_path / "fused"))
+    split = api.load_adapter(peft_saved(families / "llama", tmp_path / "split"))
+    for base, a in ((families / "llama", fused), (families / "phi3", split)):
+        with pytest.raises(IncompatibleError) as e:
+            load_model(base, adapters=[a])
+        assert "does not have" in str(e.value) and "\n" not in str(e.value)

@@ -22,7 +22,7 @@ from .registry import get_spec
 from .spec import ACT_ALIASES, ArchSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ROPE_ALIASES = {"su": "longrope", "yarn_phi3": "longrope"}
+ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # Phi-3 4.x configs (transformers maps both)
 
 
 @dataclass(frozen=True, eq=True)
@@ -89,7 +89,8 @@ class ModelConfig:
     norm_layout: str = "pre"              # "pre" | "sandwich" | "post"
     qk_norm_kind: str | None = None       # None | "head" | "proj"
     v_norm: bool = False
-    embedding_scale: float = 1.0          # embeddings multiplied by it (rounded to the compute dtype)
+    embedding_scale: float = 1.0          # embeddings multiplied by it
+    embedding_scale_rounded: bool = False  # the factor is first rounded to the compute dtype (Gemma's √hidden)
     attention_scale: float = 0.0          # softmax(scale · q kᵀ): 1/√head_dim unless the family says
     attn_softcap: float | None = None
     final_softcap: float | None = None
@@ -287,6 +288,7 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
         norm_fp32_weight=spec.norm_fp32_weight or spec.norm_offset != 0.0,
         qk_norm_kind=spec.qk_norm, v_norm=spec.v_norm,
         embedding_scale=_embedding_scale(cfg, spec, hidden, path),
+        embedding_scale_rounded=spec.embedding_scale == "sqrt_hidden",
         attention_scale=_attention_scale(cfg, spec, head_dim, path),
         attn_softcap=_opt_pos_float(cfg, spec.attn_softcap, path),
         final_softcap=_opt_pos_float(cfg, spec.final_softcap, path),
@@ -424,14 +426,9 @@ def _attention_scale(cfg, spec: ArchSpec, head_dim: int, path) -> float:
 
 
 def _fused(cfg, spec: ArchSpec, path) -> tuple[bool, bool]:
-    """Fused projections are a family fact; a config that says otherwise contradicts itself."""
-    out = []
-    for key, fused in (("fused_qkv", spec.fused_qkv), ("fused_gate_up", spec.fused_gate_up)):
-        if key in cfg and cfg[key] is not None and bool(cfg[key]) != fused:
-            raise InputError(f"field {key!r}={cfg[key]!r} contradicts model_type {spec.family!r}, whose "
-                             f"{'fused' if fused else 'separate'} projections transformers builds", path)
-        out.append(fused)
-    return out[0], out[1]
+    """Fused projections are a family fact (transformers builds Phi-3 with qkv_proj and
+    gate_up_proj, whatever the checkpoint holds); check_fits refuses a checkpoint that disagrees."""
+    return spec.fused_qkv, spec.fused_gate_up
 
 
 def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:

@@ -55,3 +55,12 @@ def align_adapter(adapter, keys: Iterable[str]):
     if list(mods) == list(adapter.modules) and list(mts) == list(adapter.modules_to_save):
         return adapter
     return replace(adapter, modules=mods, modules_to_save=mts)
+
+
+def memory_adapter(adapter):
+    """``adapter`` with its names in the in-memory layout, as PEFT names modules."""
+    mods = {memory_name(n): m for n, m in adapter.modules.items()}
+    mts = {memory_name(n): t for n, t in adapter.modules_to_save.items()}
+    if list(mods) == list(adapter.modules) and list(mts) == list(adapter.modules_to_save):
+        return adapter
+    return replace(adapter, modules=mods, modules_to_save=mts)

@@ -191,6 +191,8 @@ def _target_modules(names: list[str], num_layers: int | None = None) -> list[str
         layer_sets.setdefault(n.rpartition(".")[2], set()).add(int(m.group(1)) if m else -1)
     layered = [s for s in layer_sets.values() if -1 not in s]
     mixed = any(-1 in s and len(s) > 1 for s in layer_sets.values())
+    if layered and not all(n.startswith("model.layers.") or not re.search(r"\.(\d+)\.", n) for n in names):
+        return sorted(names)  # a multimodal model (model.language_model.layers...): leaf names would reach its vision tower
     if layered and num_layers is None:
         return sorted(names)  # without the base's layer count, leaf names could reach layers we lack
     if layered:
@@ -282,6 +284,9 @@ def write_peft(adapter: Adapter, out: str | os.PathLike, base_model_name_or_path
     """Write ``adapter`` as a PEFT adapter folder, atomically. ``num_layers`` (of the base)
     lets target_modules use leaf names only when they cover every layer; ``extra_files``
     (name -> text) are written into the same folder (reports)."""
+    from ..arch.layout import memory_adapter
+
+    adapter = memory_adapter(adapter)  # PEFT names modules as transformers holds them (multimodal Gemma 3)
     cfg = peft_config_for(adapter, base_model_name_or_path, num_layers)
     sd = peft_state_dict(adapter)
     with atomic_dir(out) as tmp:

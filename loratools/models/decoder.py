@@ -515,8 +515,12 @@ class DecoderLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        if self.cfg.embedding_scale != 1.0:
-            x = x * torch.tensor(self.cfg.embedding_scale, dtype=x.dtype, device=x.device)
+        c = self.cfg
+        if c.embedding_scale != 1.0:
+            # Gemma rounds √hidden to the weight dtype first (sqrt(3072) is 55.5 in bf16); Granite's
+            # multiplier is a Python float applied in the op's own precision
+            x = x * (torch.tensor(c.embedding_scale, dtype=x.dtype, device=x.device) if c.embedding_scale_rounded
+                     else c.embedding_scale)
         return x
 
     def per_layer_inputs(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -612,6 +616,16 @@ def check_fits(cfg: ModelConfig, shapes: dict[str, tuple], path) -> None:
         if name not in expected:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
+            leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else name
+            fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                     "up_proj": "gate_up_proj"}
+            split = {"qkv_proj": "q_proj/k_proj/v_proj", "gate_up_proj": "gate_proj/up_proj"}
+            if leaf in fused and any(n.endswith(f".{fused[leaf]}.weight") for n in expected):
+                raise IncompatibleError(f"tensor {name!r} is a split projection, but a {cfg.model_type} model (config.json) "
+                                        f"has a fused {fused[leaf]}", path)
+            if leaf in split and not any(n.endswith(f".{leaf}.weight") for n in expected):
+                raise IncompatibleError(f"tensor {name!r} is a fused projection, but a {cfg.model_type} model (config.json) "
+                                        f"has separate {split[leaf]}", path)
             raise IncompatibleError(f"tensor {name!r} is not part of a {cfg.model_type} model with this config", path)
         if tuple(shape) != expected[name]:
             raise IncompatibleError(f"tensor {name!r} has shape {tuple(shape)} but config.json implies {expected[name]}", path)
