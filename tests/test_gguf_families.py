@@ -24,7 +24,10 @@ LongRoPE original length) were measured on these fixtures; TOL keeps about 3x he
     gemma4_kv     1.9         1.9e-3    7.6e-3   0.20 (0.92)    2.8e-3
     gemma4        1.4         1.9e-3    3.4e-3   0.14 (0.88)    2.1e-3
 
-(f32 and the adapter: top-1 100% everywhere; f16 top-1 >= 0.958; q8_0 >= 0.83.)
+(f32 and the adapter: top-1 100% on every row; f16 top-1 >= 0.958; q8_0 >= 0.83. Gemma logits are
+flat (soft-capped), so a flip where the reference's top-2 gap is within twice the max error -- a
+near-tie the fp16 GELU table can flip; seen once on an earlier gemma4_kv fixture, gap 3.6e-4 -- is
+counted as agreement, at most one per check.)
 
 Why Gemma's f32 error is 1e-3, not 1e-6: ggml's CPU GELU reads an fp16 lookup table
 (ggml-cpu/vec.h, GGML_GELU_FP16), so every MLP activation carries fp16 rounding. SiLU families run
@@ -93,8 +96,18 @@ TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
 LOW_BIT_MIN = {"gemma4_text": {"q5_1": 0.9, "q4_0": 0.7}}
 
 
-def _compare(ref, got):
-    return float(np.abs(ref - got).max()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+def _compare(ref, got, ties=False):
+    """(max |Δlogit|, top-1 agreement). With ``ties``: a disagreement where the reference's top-1/top-2
+    gap is within twice the measured max |Δlogit| (a near-tie the kernels' error can flip: Gemma's fp16
+    GELU table) counts as agreement -- at most one such position; any other disagreement counts."""
+    dmax = float(np.abs(ref - got).max())
+    same = ref.argmax(-1) == got.argmax(-1)
+    if ties:
+        top2 = np.sort(ref, -1)[:, -2:]
+        tie = top2[:, 1] - top2[:, 0] <= 2 * dmax
+        assert (~same & tie).sum() <= 1, "more than one near-tie flipped"
+        same = same | tie
+    return dmax, float(same.mean())
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +138,21 @@ def hf_logits(model, ids=IDS):
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
+def test_fused_qkv_rows_on_a_norm_rope_architecture_permute_q_and_k_parts():
+    """No family has both today; the role transform handles it: Q and K parts permuted, V as is."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, q_size=4 * 8, kv_size=2 * 8, norm_offset=0.0)
+    w = torch.randn(32 + 16 + 16, 5)
+    q, k, v = w.split([32, 16, 16])
+    got = gguf_arch.to_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", w, cfg)
+    want = torch.cat([gguf_arch.permute_qk(q, 4), gguf_arch.permute_qk(k, 2), v])
+    assert torch.equal(got, want) and not torch.equal(got, w)
+    assert torch.equal(gguf_arch.from_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", got, cfg), w)
+    assert torch.equal(gguf_arch.lora_b_to_gguf(gguf_arch.FAMILIES["llama"], "blk.0.attn_qkv.weight", w, cfg), want)
+    assert torch.equal(gguf_arch.to_gguf(gguf_arch.FAMILIES["phi3"], "blk.0.attn_qkv.weight", w, cfg), w)
+
+
 def test_every_registry_family_has_a_gguf_path_or_a_stated_exclusion():
     for family in REGISTRY:
         assert family in gguf_arch.FAMILIES or gguf_arch.EXCLUDED.get(family), family
@@ -152,7 +180,7 @@ def test_models_in_llama_cpp_match_transformers(fam, tmp_path, name):
         out = tmp_path / f"{outtype}.gguf"
         rep = export_gguf(m, out, outtype=outtype)
         assert rep["arch"] == gguf_arch.FAMILIES[FIXTURES[name].family].arch
-        dmax, top1 = _compare(ref, llamacpp.logits(out, IDS))
+        dmax, top1 = _compare(ref, llamacpp.logits(out, IDS), ties=outtype == "f32")
         assert top1 >= TOP1_MIN[outtype] and dmax <= TOL[name][i], (outtype, dmax, top1)
 
 
@@ -208,7 +236,7 @@ def test_adapter_gguf_in_llama_cpp_matches_peft(fam, tmp_path, name):
     rep = export_gguf_adapter(a, m, tmp_path / "lora.gguf")
     assert rep["modules"] == len(a.modules) > 0
     got = llamacpp.logits(base, IDS, lora=tmp_path / "lora.gguf")
-    dmax, top1 = _compare(want, got)
+    dmax, top1 = _compare(want, got, ties=True)
     assert top1 == 1.0 and dmax <= TOL[name][3], (dmax, top1)
 
 
@@ -239,6 +267,54 @@ def test_import_gives_back_the_source_checkpoint(fam, tmp_path, name):
     assert back_cfg["architectures"] == [cls] and rep["tensors"] == len(src)
     model = getattr(transformers, cls).from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
     assert np.abs(hf_logits(model) - hf_logits(hf_model(name, m))).max() <= 1e-5
+
+
+def test_gemma4_per_layer_rows_off_the_quant_block_run_in_f32_and_refuse_q8_0(fam, tmp_path):
+    """Per-layer input table rows are layers x per-layer size (5 x 8 = 40 here, Gemma 4 E2B 35 x 256):
+    f32 runs, q8_0 (32-element blocks) is refused in one line naming the tensor, nothing written."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        m = make_family(fam.root / "g4-ple8", "gemma4_text", seed=7, hidden_size_per_layer_input=8)
+    ref = hf_logits(hf_model("gemma4_text", m))
+    export_gguf(m, tmp_path / "f32.gguf", outtype="f32")
+    dmax, top1 = _compare(ref, llamacpp.logits(tmp_path / "f32.gguf", IDS), ties=True)
+    assert top1 == 1.0 and dmax <= TOL["gemma4_text"][0]
+    with pytest.raises(IncompatibleError, match="embed_tokens_per_layer.*not a multiple of the 32-element block"):
+        export_gguf(m, tmp_path / "q8.gguf", outtype="q8_0")
+    assert not (tmp_path / "q8.gguf").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in GGUF_NAMES
+                                  if gguf_arch.FAMILIES[FIXTURES[n].family].arch in gguf_arch.IMPORTS])
+def test_import_without_the_source_config_rebuilds_it_from_the_keys(fam, tmp_path, monkeypatch, name):
+    """A GGUF from another tool has no loratools.source_config: config.json comes from the keys
+    (gguf_arch.IMPORTS); transformers loads the result and computes what the source did."""
+    from loratools.formats import gguf_model
+
+    m = fam(name)
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf_model, "SOURCE_CONFIG_KEY", "other.tool.note")
+        export_gguf(m, tmp_path / "m.gguf", outtype="f32")
+    if load_config(m).rope_type == "llama3":  # rope_freqs keeps the divisors, not the four parameters
+        with pytest.raises(UnsupportedError, match="rope_freqs"):
+            import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+        return
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    cls = gguf_arch.IMPORTS[gguf_arch.FAMILIES[FIXTURES[name].family].arch][1]  # Mistral comes back as Llama
+    assert back["architectures"] == [cls]
+    model = getattr(transformers, cls).from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    assert np.abs(hf_logits(model.eval()) - hf_logits(hf_model(name, m))).max() <= 1e-5
+
+
+def test_import_of_a_family_whose_source_config_cannot_be_rebuilt_is_one_line(fam, tmp_path, monkeypatch, run_cli):
+    from loratools.formats import gguf_model
+
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf_model, "SOURCE_CONFIG_KEY", "other.tool.note")
+        export_gguf(fam("gemma2"), tmp_path / "g.gguf", outtype="f32")
+    code, _, err = run_cli("import", "gguf", tmp_path / "g.gguf", "-o", tmp_path / "back")
+    assert code == 4 and "gemma2" in err and "cannot be imported" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "back").exists()
 
 
 # -- what llama.cpp cannot compute: one line, nothing written -------------------------------------

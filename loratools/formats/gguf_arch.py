@@ -16,8 +16,18 @@ A ``GgufFamily`` says, for one registry family:
                 before writing: llama.cpp would stop at "wrong number of tensors")
     swa         llama.cpp applies the sliding windows (the pattern is written); False: it ignores
                 them (a warning says from which length results differ)
-    limits      what the family's llama.cpp graph cannot compute: (reason or None) from the config,
+    swa_rope    sliding layers have their own, unscaled rope (rope.freq_base_swa: Gemma 3/4)
+    rope_types  the rope types its GGUF can carry (linear: keys; llama3: rope_freqs; longrope:
+                rope_factors_long/short; proportional: rope_freqs of 1 / 1e30)
+    nope_step   llama.cpp's fixed NoPE layer step (SmolLM3: every 4th layer; 0: rope everywhere)
+    graph       what its graph computes with where no key says (GRAPH_DEFAULTS: SiLU, no embedding
+                scale, 1/sqrt(head_dim), no soft-caps, no multipliers), overridden per family or
+                WRITTEN (a key carries the config's value); a config that differs is refused
+    limits      what else the family's llama.cpp graph cannot compute: ModelConfig -> reason or None,
                 checked before anything is written
+    extra       generated tensors: (GGUF name, ModelConfig -> tensor or None)
+    import_as   (model_type, architecture) of the checkpoint ``import gguf`` writes (a multimodal
+                family's text model); None: the source's own
 
 Value transforms are by GGUF role (the name without ``blk.N.`` and suffix), in one place each:
 ``to_gguf`` / ``from_gguf`` (norm offset, Q/K permutation, on fused attn_qkv the Q and K parts)
@@ -36,7 +46,7 @@ from ..errors import UnsupportedError
 # GGUF roles of RMSNorm weights: llama.cpp multiplies by the stored weight, so a family whose norms
 # scale by (offset + w) (Gemma: 1 + w) is written w + offset
 NORM_ROLES = frozenset({"attn_norm", "ffn_norm", "output_norm", "post_attention_norm", "post_ffw_norm",
-                        "attn_q_norm", "attn_k_norm"})
+                        "attn_q_norm", "attn_k_norm", "post_norm", "per_layer_proj_norm"})
 QKV_BIASES = ("attn_q", "attn_k", "attn_v")  # create_tensor_qkv: optional on every architecture
 ALL_BIASES = QKV_BIASES + ("attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -365,7 +375,11 @@ def _g4_limits():
         if r is not None and float(r.get("factor", 1.0)) != 1.0:
             return f"proportional rope with factor {r.get('factor')} (llama.cpp's gemma4 reads no rope factor)"
         return None
-    return (ple_vocab, rope_factor, _g4_kv_reuse)
+    def sliding(c):
+        if not any(l.layer_type == "sliding_attention" for l in c.layers):
+            return "no sliding layer (llama.cpp's gemma4 graph always builds the sliding-window KV cache)"
+        return None
+    return (ple_vocab, rope_factor, _g4_kv_reuse, sliding)
 
 
 GEMMA4 = GgufFamily(
@@ -418,6 +432,39 @@ FAMILIES: dict[str, GgufFamily] = {
 }
 # registry families with no GGUF path, and why (tests read this: an exclusion is explicit, never a skip)
 EXCLUDED: dict[str, str] = {}
+
+
+# -- import of a GGUF without loratools' source config (llama.cpp's converter, other tools) --------
+# general.architecture -> (model_type, transformers class, extra config.json fields from the keys);
+# ``key(name, default)`` reads "{arch}.<name>", ``names`` is the file's tensor names. Families not
+# listed need fields no key carries (Gemma: query_pre_attn_scalar, layer types of the source;
+# Phi-3: LongRoPE's factors as the source wrote them) and are refused in one line.
+def _pad(meta):
+    # transformers' config classes default pad_token_id to the released vocabulary's id (SmolLM3: 128004),
+    # which an embedding of another size cannot take
+    return {"pad_token_id": meta("tokenizer.ggml.padding_token_id")}
+
+
+def _granite_import(key, names, meta):
+    return {"attention_multiplier": float(key("attention.scale", 1.0)),
+            "embedding_multiplier": float(key("embedding_scale", 1.0)),
+            "residual_multiplier": float(key("residual_scale", 1.0)),
+            "logits_scaling": float(key("logit_scale", 1.0)),
+            "attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": "blk.0.ffn_down.bias" in names, **_pad(meta)}
+
+
+IMPORTS: dict[str, tuple] = {
+    "llama": ("llama", "LlamaForCausalLM", None),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", lambda key, names, meta: {"use_sliding_window": False, "sliding_window": None}),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", None),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM", lambda key, names, meta: {"attention_bias": "blk.0.attn_q.bias" in names,
+                                                                     **_pad(meta)}),
+    "granite": ("granite", "GraniteForCausalLM", _granite_import),
+    # llama.cpp drops rope on every 4th layer whatever the source said: that is transformers' default interval
+    "smollm3": ("smollm3", "SmolLM3ForCausalLM",
+                lambda key, names, meta: {"no_rope_layer_interval": 4, "use_sliding_window": False,
+                                          "attention_bias": "blk.0.attn_q.bias" in names, **_pad(meta)}),
+}
 
 
 def family(cfg, path=None) -> GgufFamily:

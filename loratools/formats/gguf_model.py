@@ -228,7 +228,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
 # -- import --------------------------------------------------------------------------------
 _REQUIRED_INTS = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
 _OPTIONAL_INTS = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size")
-_OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+_OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor", "attention.scale",
+                    "embedding_scale", "residual_scale", "logit_scale")
 
 def field(reader, key: str, default=None):
     """A GGUF key's Python value (gguf_vocab's reader of fields), or ``default``."""
@@ -294,8 +295,10 @@ def config_from_gguf(reader, path) -> dict:
         if not isinstance(cfg, dict):
             raise InputError(f"{SOURCE_CONFIG_KEY} is not a JSON object", path)
         return cfg
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported (llama, qwen2, qwen3)", path)
+    if arch not in gguf_arch.IMPORTS:
+        raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported without loratools' source config "
+                               f"({', '.join(gguf_arch.IMPORTS)})", path)
+    model_type, hf_class, extra = gguf_arch.IMPORTS[arch]
 
     def g(k, d=None):
         v = field(reader, f"{arch}.{k}", d)
@@ -312,8 +315,7 @@ def config_from_gguf(reader, path) -> dict:
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
-    cfg = {"model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                                  "qwen3": "Qwen3ForCausalLM"}[arch]],
+    cfg = {"model_type": model_type, "architectures": [hf_class],
            "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
            "num_hidden_layers": int(g("block_count")), "num_attention_heads": heads,
            "num_key_value_heads": int(g("attention.head_count_kv", heads)),
@@ -325,8 +327,8 @@ def config_from_gguf(reader, path) -> dict:
            "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
            "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"), "dtype": "float32"}
-    if arch == "qwen2":
-        cfg.update(use_sliding_window=False, sliding_window=None)
+    if extra is not None:
+        cfg.update(extra(g, names, lambda k: field(reader, k)))
     if g("rope.scaling.type") == "linear":
         factor = g("rope.scaling.factor")
         if factor is None:
