@@ -153,6 +153,9 @@ def _greedy_match(a: list[int], b: list[int]) -> int:
 
 
 def _torch_run(model, ids, n_new, dev):
+    from .formats.onnx_model import longrope_switch
+
+    switch = longrope_switch(model.cfg)  # LongRoPE: recompute the cache once past the original length
     with torch.no_grad():
         logits, past = model(torch.tensor([ids], device=dev))
         out, nxt = [], int(logits[0, -1].argmax())
@@ -160,7 +163,11 @@ def _torch_run(model, ids, n_new, dev):
             out.append(nxt)
             if k + 1 == n_new:
                 break
-            lg, past = model(torch.tensor([[nxt]], device=dev), past=past)
+            seq = list(ids) + out
+            if switch is not None and len(seq) - 1 <= switch < len(seq):  # as transformers' generate
+                lg, past = model(torch.tensor([seq], device=dev))
+            else:
+                lg, past = model(torch.tensor([[nxt]], device=dev), past=past)
             nxt = int(lg[0, -1].argmax())
         return logits[0].float().cpu().numpy(), out
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loratools import api, st
-from loratools.formats import gguf_model
+from loratools.formats import gguf_arch, gguf_model
 from loratools.formats.gguf_adapter import export_gguf_adapter
 from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
 from loratools.ops.merge import merge
@@ -50,7 +50,7 @@ def test_every_candidate_kind_passes(art, run_cli):
 
 
 def _broken_qk_gguf(m, out, monkeypatch):
-    monkeypatch.setattr(gguf_model, "permute_qk", lambda w, n: w)  # forget llama.cpp's rope layout
+    monkeypatch.setattr(gguf_arch, "permute_qk", lambda w, n: w)  # forget llama.cpp's rope layout
     gguf_model.export_gguf(m, out, outtype="f32")
 
 

@@ -44,7 +44,8 @@ class RopeSpec:
 class LayerSpec:
     """What one layer is: its attention type, sliding window (None: full), rope (None: NoPE),
     head_dim and key/value heads (they differ per layer only in Gemma 4), and the earlier layer
-    whose K/V it reuses (None: its own)."""
+    whose K/V it reuses (None: its own), its MLP width (0: intermediate_size) and whether its
+    values are its key projection (Gemma 4 attention_k_eq_v: no v_proj)."""
 
     layer_type: str = "full_attention"
     window: int | None = None
@@ -52,6 +53,8 @@ class LayerSpec:
     head_dim: int = 0
     kv_heads: int = 0
     kv_source: int | None = None
+    intermediate_size: int = 0
+    v_from_k: bool = False
 
 
 @dataclass
@@ -97,6 +100,8 @@ class ModelConfig:
     fused_gate_up: bool = False
     layers: tuple = ()                    # LayerSpec per layer
     per_layer_input_size: int = 0         # Gemma 4 per-layer input embeddings (0: off)
+    per_layer_input_vocab: int = 0        # rows of its table (embed_tokens_per_layer)
+    layer_scalar: bool = False            # Gemma 4: each layer's output times model.layers.N.layer_scalar
     kv_shared_layers: int = 0             # Gemma 4: trailing layers reusing earlier K/V (0: off)
     text_config: bool = False             # the values came from config.json's text_config
 
@@ -231,7 +236,8 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
             raise InputError(f"a {mt} config needs a 'text_config' object, got {tc!r}", path)
         # tie_word_embeddings may sit at the top level of a multimodal config
         cfg = {**({"tie_word_embeddings": cfg["tie_word_embeddings"]} if "tie_word_embeddings" in cfg else {}), **tc}
-    cfg = {**spec.defaults, **{k: v for k, v in cfg.items() if not (v is None and k in ("head_dim",))}}
+    cfg = {**spec.defaults, **{k: v for k, v in cfg.items() if not (v is None and k in ("head_dim", "rope_parameters"))}}
+    _refuse(cfg, spec, path)
     pos = lambda k, d=...: _get(cfg, k, int, path, d)  # noqa: E731
     hidden, heads = pos("hidden_size"), pos("num_attention_heads")
     for k, v in (("hidden_size", hidden), ("num_attention_heads", heads)):
@@ -253,11 +259,19 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
     act = _activation(cfg, spec, path)
     types = _layer_types(cfg, spec, layers, path)
     windows = _windows(cfg, spec, types, layers, path)
-    ropes = _ropes(cfg, spec, types, head_dim, hidden, heads, path)
+    dims = _layer_dims(cfg, spec, types, head_dim, kv, heads, path)
+    ropes = _ropes(cfg, spec, types, _type_head_dims(types, dims, path), hidden, heads, path)
     full_rope = next((ropes[t] for t in ("full_attention", "sliding_attention") if ropes.get(t) is not None), None)
     nope = _nope(cfg, spec, layers, path)
-    layer_specs = tuple(LayerSpec(types[i], windows[i], None if nope[i] else ropes[types[i]], head_dim, kv)
+    sources = _kv_sources(cfg, spec, types, path)
+    inter = _get(cfg, "intermediate_size", int, path)
+    wide = spec.double_wide_mlp is not None and _flag(cfg, spec.double_wide_mlp, path)
+    k_eq_v = spec.kv_eq_v is not None and _flag(cfg, spec.kv_eq_v, path)
+    layer_specs = tuple(LayerSpec(types[i], windows[i], None if nope[i] else ropes[types[i]], dims[i][0], dims[i][1],
+                                  sources[i], 2 * inter if wide and sources[i] is not None else 0,
+                                  k_eq_v and types[i] == "full_attention")
                         for i in range(layers))
+    ple, ple_vocab = _per_layer_input(cfg, spec, path)
     fq, fg = _fused(cfg, spec, path)
     scaling = dict(full_rope.scaling) if full_rope is not None else {}
     scaling["rope_type"] = full_rope.rope_type if full_rope is not None else "default"
@@ -281,7 +295,104 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
         residual_multiplier=_pos_float(cfg, spec.residual_multiplier, path) if spec.residual_multiplier else 1.0,
         logits_scaling=_pos_float(cfg, spec.logits_scaling, path) if spec.logits_scaling else 1.0,
         fused_qkv=fq, fused_gate_up=fg, layers=layer_specs, text_config=spec.text_config,
+        per_layer_input_size=ple, per_layer_input_vocab=ple_vocab,
+        kv_shared_layers=sum(1 for x in sources if x is not None), layer_scalar=spec.layer_scalar,
     )
+
+
+# -- per-layer structure (Gemma 4) -------------------------------------------------------------
+def _refuse(cfg, spec: ArchSpec, path) -> None:
+    for key, value, what in spec.refuse:
+        v = cfg.get(key)
+        if v is not None and v == value and type(v) is type(value):
+            raise UnsupportedError(f"{what} is not supported for {spec.family}", path)
+
+
+LAYER_OVERRIDES = ("head_dim", "num_key_value_heads")
+
+
+def _layer_dims(cfg, spec: ArchSpec, types: list[str], head_dim: int, kv: int, heads: int, path) -> list[tuple]:
+    """(head_dim, kv_heads) per layer. transformers 5 writes per-layer overrides as
+    ``per_layer_config`` {"<layer index>": {"head_dim": ..., "num_key_value_heads": ...}}; a config
+    without it (Gemma 4 as published) gives full-attention layers ``global_head_dim`` (and, with
+    attention_k_eq_v, ``num_global_key_value_heads``), as transformers' config class does."""
+    layers = len(types)
+    over: dict[int, dict] = {}
+    plc = cfg.get("per_layer_config")
+    if plc is not None:
+        if not isinstance(plc, dict):
+            raise InputError(f"field 'per_layer_config' must be an object, got {plc!r}", path)
+        for k, v in plc.items():
+            idx = int(k) if isinstance(k, str) and k.isdigit() else None
+            if idx is None or idx >= layers or not isinstance(v, dict):
+                raise InputError(f"per_layer_config entry {k!r} must map a layer index below {layers} to an object", path)
+            bad = sorted(set(v) - set(LAYER_OVERRIDES))
+            if bad:
+                raise UnsupportedError(f"per_layer_config overrides {bad} are not supported "
+                                       f"(supported: {', '.join(LAYER_OVERRIDES)})", path)
+            over[idx] = v
+    elif spec.layer_head_dim is not None:
+        full = {}
+        g = cfg.get(spec.layer_head_dim)
+        if g is not None:
+            full["head_dim"] = g
+        if spec.layer_kv_heads is not None and cfg.get(spec.layer_kv_heads) is not None and \
+                (spec.kv_eq_v is None or _flag(cfg, spec.kv_eq_v, path)):
+            full["num_key_value_heads"] = cfg[spec.layer_kv_heads]
+        over = {i: full for i, t in enumerate(types) if t == "full_attention" and full}
+    out = []
+    for i in range(layers):
+        d, h = over.get(i, {}).get("head_dim", head_dim), over.get(i, {}).get("num_key_value_heads", kv)
+        for name, v in (("head_dim", d), ("num_key_value_heads", h)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"layer {i}: {name} must be a positive integer, got {v!r}", path)
+        if heads % h:
+            raise InputError(f"layer {i}: num_attention_heads={heads} is not a multiple of num_key_value_heads={h}", path)
+        out.append((d, h))
+    return out
+
+
+def _type_head_dims(types: list[str], dims: list[tuple], path) -> dict:
+    """Layer type -> head_dim of its layers (its rope is built for it); one per type."""
+    out: dict[str, int] = {}
+    for t, (d, _) in zip(types, dims):
+        if out.setdefault(t, d) != d:
+            raise UnsupportedError(f"{t} layers with different head_dim ({out[t]} and {d}) are not supported", path)
+    return out
+
+
+def _kv_sources(cfg, spec: ArchSpec, types: list[str], path) -> list:
+    """Per layer: None (it computes its own K/V) or the index of the layer whose K/V it reuses. The
+    last ``num_kv_shared_layers`` layers reuse the K/V of the last earlier layer of their own
+    attention type (transformers' kv_sharing_modes)."""
+    layers = len(types)
+    n = _get(cfg, spec.kv_shared, int, path, 0) if spec.kv_shared is not None else 0
+    if n == 0:
+        return [None] * layers
+    if n < 0 or n >= layers:
+        raise InputError(f"field {spec.kv_shared!r}={n} must lie in [0, {layers}): the shared layers reuse K/V of "
+                         "earlier layers", path)
+    first = layers - n
+    last = {t: i for i, t in enumerate(types[:first])}
+    missing = sorted(set(types[first:]) - set(last))
+    if missing:
+        raise InputError(f"{spec.kv_shared}={n}: no earlier {missing[0]} layer computes the K/V its shared layers "
+                         "reuse", path)
+    return [None if i < first else last[types[i]] for i in range(layers)]
+
+
+def _per_layer_input(cfg, spec: ArchSpec, path) -> tuple[int, int]:
+    if spec.per_layer_input is None:
+        return 0, 0
+    size = _get(cfg, spec.per_layer_input, int, path, 0)
+    if size < 0:
+        raise InputError(f"field {spec.per_layer_input!r} must be >= 0, got {size}", path)
+    if not size:
+        return 0, 0
+    vocab = _get(cfg, spec.per_layer_vocab, int, path) if spec.per_layer_vocab else _get(cfg, "vocab_size", int, path)
+    if vocab <= 0:
+        raise InputError(f"field {spec.per_layer_vocab!r} must be positive, got {vocab}", path)
+    return size, vocab
 
 
 def _activation(cfg, spec: ArchSpec, path) -> str:
@@ -328,13 +439,14 @@ def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:
         bad = sorted({repr(t) for t in types} - {repr(t) for t in LAYER_TYPES})
         if bad:
             raise UnsupportedError(f"layer types {bad} are not supported (supported: {', '.join(LAYER_TYPES)})", path)
-        return list(types)
+        return list(types[:-1]) + ["full_attention"] if spec.last_layer_full else list(types)
     window = cfg.get("sliding_window")
     if spec.sliding == "pattern":
         n = cfg.get("sliding_window_pattern", spec.default_pattern)
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise InputError(f"field 'sliding_window_pattern' must be a positive integer, got {n!r}", path)
-        return ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers)]
+        types = ["sliding_attention" if (i + 1) % n else "full_attention" for i in range(layers)]
+        return types[:-1] + ["full_attention"] if spec.last_layer_full else types
     if spec.sliding == "qwen":
         if not cfg.get(spec.sliding_flag or "use_sliding_window") or window is None:
             return ["full_attention"] * layers
@@ -416,7 +528,8 @@ def _ropes(cfg, spec: ArchSpec, types: list[str], head_dim: int, hidden: int, he
             else:
                 d["rope_theta"] = top_theta if top_theta is not None else 10000.0
         per_type[t] = d
-    return {t: _rope(cfg, spec, d, head_dim, hidden, heads, path) for t, d in per_type.items()}
+    dim = head_dim.get if isinstance(head_dim, dict) else (lambda t: head_dim)
+    return {t: _rope(cfg, spec, d, dim(t), hidden, heads, path) for t, d in per_type.items()}
 
 
 def _rope(cfg, spec: ArchSpec, d: dict, head_dim: int, hidden: int, heads: int, path) -> RopeSpec:
@@ -438,6 +551,13 @@ def _rope(cfg, spec: ArchSpec, d: dict, head_dim: int, hidden: int, heads: int, 
         prf = 1.0
     if not _num(prf) or not 0 < prf <= 1:
         raise InputError(f"partial_rotary_factor must be a number in (0, 1], got {prf!r}", path)
+    if rt == "proportional":
+        # Gemma 4: frequencies θ^(-2j/head_dim) on the first partial_rotary_factor·head_dim/2 pairs,
+        # zero (no rotation) on the rest, all head_dim dims through rotate_half
+        f = d.get("factor", 1.0)
+        if not _num(f) or not math.isfinite(f) or f <= 0:
+            raise InputError(f"rope scaling 'proportional' needs a positive number 'factor', got {f!r}", path)
+        d["partial_rotary_factor"], prf = prf, 1.0
     if prf != 1.0 and not spec.partial_rotary:
         raise UnsupportedError(f"partial_rotary_factor != 1 is not supported for {spec.family} "
                                "(transformers applies rope to the whole head there)", path)
@@ -518,6 +638,10 @@ def rope_inv_freq(cfg: ModelConfig, rope: RopeSpec | None = None, long: bool = F
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         inv = torch.where(medium, smoothed, scaled)
+    elif rope.rope_type == "proportional":
+        n = int(float(s.get("partial_rotary_factor", 1.0)) * d // 2)
+        inv = 1.0 / (rope.theta ** (torch.arange(0, 2 * n, 2, dtype=torch.int64).float() / d))
+        inv = torch.cat((inv, torch.zeros(d // 2 - n))) / float(s.get("factor", 1.0))
     elif rope.rope_type == "longrope":
         ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
         shape = torch.arange(0, d, 2, dtype=torch.int64).float() / d

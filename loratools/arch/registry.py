@@ -40,6 +40,33 @@ GEMMA3 = replace(
     prefix="model.language_model.", head="lm_head", alt_layouts=(("language_model.model.", "language_model.lm_head"),),
     foreign_prefixes=("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector."))
 
+# Gemma 4: plain w · x̂ norms (no 1 + w), q/k norms and a weightless v norm per head, attention scale 1,
+# head_dim and key/value heads per layer type (per_layer_config or global_head_dim), proportional rope
+# on the global layers, per-layer input embeddings, trailing layers that reuse earlier K/V, a stored
+# scalar per layer; mixture-of-experts blocks are refused (expert LoRA is a later issue)
+GEMMA4_TEXT = replace(
+    GEMMA3_TEXT, family="gemma4_text", hf_class="Gemma4ForCausalLM", norm_offset=0.0, norm_fp32_weight=True,
+    v_norm=True, attention_scale="one", rope_types=("default", "proportional"),
+    per_layer_input="hidden_size_per_layer_input", per_layer_vocab="vocab_size_per_layer_input",
+    kv_shared="num_kv_shared_layers", layer_head_dim="global_head_dim", layer_kv_heads="num_global_key_value_heads",
+    kv_eq_v="attention_k_eq_v", double_wide_mlp="use_double_wide_mlp", layer_scalar=True, last_layer_full=True,
+    refuse=(("enable_moe_block", True, "mixture-of-experts blocks (enable_moe_block; expert LoRA is a later issue)"),
+            ("use_bidirectional_attention", "all", "bidirectional attention (use_bidirectional_attention='all')")),
+    defaults={"head_dim": 256, "global_head_dim": 512, "sliding_window": 512, "final_logit_softcapping": None,
+              "attn_logit_softcapping": None, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+              "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144, "num_kv_shared_layers": 0,
+              "max_position_embeddings": 131072,
+              "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                  "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                     "rope_theta": 1000000.0}}})
+# the text part of a multimodal Gemma 4 checkpoint (Gemma4ForConditionalGeneration: how google/gemma-4-*
+# are published): hyper-parameters in text_config, weights under model.language_model.* (in memory and on
+# disk alike), the vision / audio towers and their embedders skipped; final soft-capping as in the text model
+GEMMA4 = replace(
+    GEMMA4_TEXT, family="gemma4", hf_class="Gemma4ForConditionalGeneration", text_config=True,
+    prefix="model.language_model.", head="lm_head",
+    foreign_prefixes=("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))
+
 PHI3 = ArchSpec(
     "phi3", "Phi3ForCausalLM", qkv_bias=False, o_bias=False, fused_qkv=True, fused_gate_up=True,
     rope_types=("default", "longrope"), partial_rotary=True,
@@ -57,7 +84,7 @@ SMOLLM3 = ArchSpec(
     sliding_flag="use_sliding_window", defaults={"tie_word_embeddings": True, "no_rope_layer_interval": 4})
 
 FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, PHI3, OLMO2, GRANITE, SMOLLM3)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, GEMMA4, PHI3, OLMO2, GRANITE, SMOLLM3)}
 
 
 def get_spec(model_type: str, path=None) -> ArchSpec:

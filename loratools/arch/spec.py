@@ -67,7 +67,21 @@ decoder reads the resolved switches, never a family name.
     kv_shared             config field: number of trailing layers that reuse an earlier layer's
                           K/V (Gemma 4's num_kv_shared_layers; 0 = off)
     layer_head_dim        config field: head_dim of full-attention layers when it differs
-                          (Gemma 4 global_head_dim)
+                          (Gemma 4 global_head_dim; transformers 5 writes per_layer_config instead)
+    layer_kv_heads        config field: key/value heads of full-attention layers when they differ
+                          (Gemma 4 num_global_key_value_heads, honoured with kv_eq_v)
+    kv_eq_v               config field: full-attention layers have no v_proj, V is the k_proj
+                          output before k_norm (Gemma 4 attention_k_eq_v)
+    double_wide_mlp       config field: the KV-shared layers' MLP is twice intermediate_size wide
+                          (Gemma 4 use_double_wide_mlp)
+    per_layer_vocab       config field: rows of the per-layer input embedding table
+                          (Gemma 4 vocab_size_per_layer_input)
+    layer_scalar          each layer's output is multiplied by a stored (1,) tensor
+                          ``model.layers.N.layer_scalar`` (Gemma 4)
+    last_layer_full       the last layer is full attention whatever layer_types says (Gemma 4:
+                          transformers forces it)
+    refuse                ((config field, value, what), ...): values the decoder does not run,
+                          refused in one line (Gemma 4 MoE blocks, bidirectional attention)
     defaults              values transformers' config class uses for fields config.json may
                           omit (e.g. Gemma 2 query_pre_attn_scalar 256)
     implemented           the reference decoder runs this family (False: known to the registry,
@@ -116,6 +130,13 @@ class ArchSpec:
     per_layer_input: str | None = None
     kv_shared: str | None = None
     layer_head_dim: str | None = None
+    layer_kv_heads: str | None = None
+    kv_eq_v: str | None = None
+    double_wide_mlp: str | None = None
+    per_layer_vocab: str | None = None
+    layer_scalar: bool = False
+    last_layer_full: bool = False
+    refuse: tuple = ()
     defaults: dict = field(default_factory=dict)
     implemented: bool = True
 

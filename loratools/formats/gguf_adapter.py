@@ -7,8 +7,10 @@ llama.cpp's ``alpha / r`` times that factor gives back exactly PEFT's scale ``s`
 value most modules already use, so for a plain adapter B is written unchanged.
 
 Tensors: ``<gguf tensor>.lora_a`` = A (r × in) and ``.lora_b`` = B (out × r) in numpy order;
-for ``token_embd`` llama.cpp wants A transposed (vocab × r). On the ``llama`` architecture B's
-rows of attn_q / attn_k get the same per-head permutation as the model's weights.
+for ``token_embd`` llama.cpp wants A transposed (vocab × r). B's rows get the same row transform
+as the weight they update (``gguf_arch.lora_b_to_gguf``: on a "norm"-rope architecture the per-head
+Q/K permutation, on a fused attn_qkv its Q and K parts). A LoRA on a fused HF module (qkv_proj,
+gate_up_proj) maps onto llama.cpp's fused tensor of the same rows (attn_qkv, Phi-3's ffn_up).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from ..adapter import Adapter
 from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_file, check_output
 from ..models.config import load_config
-from .gguf_model import ARCHS, name_map, permute_qk
+from . import gguf_arch
+from .gguf_model import name_map
 
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
@@ -38,35 +41,33 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     if adapter.use_dora:
         raise UnsupportedError("llama.cpp cannot apply DoRA (its magnitude vector rescales whole rows of W + ΔW); "
                                "merge the adapter and export the merged model instead", src)
-    if adapter.modules_to_save:
-        from ..checkpoint import Checkpoint
-        from ..ops.merge import equals_base
+    from ..checkpoint import Checkpoint
+    from ..models.decoder import internal_adapter
+    from ..ops.merge import equals_base
 
-        with Checkpoint.open(base_dir) as ck:  # PEFT saves an unchanged embedding whole: that replaces nothing
-            from ..modelinfo import tied_pair
-
-            tied = tied_pair(load_config(base_dir), ck.keys())
-            changed = sorted(k for k, t in adapter.modules_to_save.items() if not equals_base(ck, k, t, tied))
-        if changed:
-            raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
-                                   "they replace whole tensors; merge the adapter and export the merged model instead", src)
+    cfg = load_config(base_dir)
+    fam = gguf_arch.family(cfg, base_dir)
+    fam.check(cfg, base_dir)
+    names = name_map(cfg)
+    adapter = internal_adapter(cfg, adapter)  # module names as the decoder has them (multimodal prefix dropped)
+    with Checkpoint.open(base_dir) as ck:
+        disk = {cfg.to_internal(k): k for k in ck.keys() if cfg.to_internal(k) is not None}  # decoder name -> stored
+        shapes = {own: ck.info(k).shape for own, k in disk.items()}
+        if adapter.modules_to_save:  # PEFT saves an unchanged embedding whole: that replaces nothing
+            tied = cfg.tie_word_embeddings
+            changed = sorted(k for k, t in adapter.modules_to_save.items()
+                             if not equals_base(ck, disk.get(k, k), t, tied))
+            if changed:
+                raise UnsupportedError(f"llama.cpp adapters cannot carry modules_to_save ({', '.join(changed)}): "
+                                       "they replace whole tensors; merge the adapter and export the merged model instead", src)
     biased = [n for n, m in adapter.modules.items() if m.bias is not None]
     if biased:
         raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
-    cfg = load_config(base_dir)
-    if cfg.model_type not in ARCHS:
-        raise UnsupportedError(f"no GGUF export for model_type {cfg.model_type!r}", base_dir)
-    arch = ARCHS[cfg.model_type]
-    names = name_map(cfg)
     if "lm_head" in adapter.modules and cfg.tie_word_embeddings:
         raise UnsupportedError("the adapter targets lm_head, but the base model ties it to the embeddings: llama.cpp has "
                                "no separate output tensor to apply it to; merge the adapter instead", src)
-    from ..checkpoint import Checkpoint
-    with Checkpoint.open(base_dir) as ck:
-        shapes = {k: ck.info(k).shape for k in ck.keys()}
-    from ..modelinfo import tied_pair, with_tied_head
-
-    shapes = with_tied_head(shapes, tied_pair(cfg, shapes))
+    if cfg.tie_word_embeddings:
+        shapes.setdefault("lm_head.weight", shapes.get("model.embed_tokens.weight"))
     adapter.check_against(shapes, f"base model {base_dir}")
     emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
     if emb and cfg.tie_word_embeddings:
@@ -79,7 +80,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     alpha = float(implied.most_common(1)[0][0]) if implied else 1.0
     if alpha <= 0:
         alpha = 1.0
-    w = gguf.GGUFWriter(None, arch.name)
+    w = gguf.GGUFWriter(None, fam.arch)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -88,7 +89,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     for name, m in sorted(adapter.modules.items()):
         key = f"{name}.weight"
         if key not in names:
-            raise IncompatibleError(f"module {name!r} has no GGUF tensor in a {arch.name} model", src)
+            raise IncompatibleError(f"module {name!r} has no GGUF tensor in a {fam.arch} model", src)
         gname = names[key]
         factor = m.scale * m.rank / alpha
         folded += factor != 1.0
@@ -97,11 +98,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         if m.kind == "embedding":
             a, b = A.T, B  # llama.cpp: token_embd's lora_a is transposed
         else:
-            a, b = A, B
-            if arch.permute_qk and name.endswith(".self_attn.q_proj"):
-                b = permute_qk(b, cfg.num_attention_heads)
-            elif arch.permute_qk and name.endswith(".self_attn.k_proj"):
-                b = permute_qk(b, cfg.num_key_value_heads)
+            a, b = A, gguf_arch.lora_b_to_gguf(fam, gname, B, cfg)
         for suffix, t in ((".lora_a", a), (".lora_b", b)):
             arr = np.ascontiguousarray(t.to(torch.float32).numpy().astype(DTYPES[outtype]))
             plan.append((gname + suffix, arr))
@@ -114,5 +111,5 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         for _, arr in plan:
             w.write_tensor_data(arr)
         w.close()
-    return {"out": str(out), "arch": arch.name, "alpha": alpha, "modules": len(adapter.modules),
+    return {"out": str(out), "arch": fam.arch, "alpha": alpha, "modules": len(adapter.modules),
             "scales_folded": folded, "outtype": outtype}

@@ -5,16 +5,16 @@ Export is a plain sequence: hyper-parameter and tokenizer key-values, the tensor
 known from the checkpoint headers), then the tensor data, one tensor at a time — read, merged
 (``MergedView``), permuted, quantized, written. Peak memory is a few copies of one tensor.
 
-Per-architecture facts live in ARCHS. llama.cpp's ``llama`` architecture uses the interleaved
-rope layout, so Q and K rows are permuted per head (``permute_qk``); qwen2/qwen3 use the NeoX
-layout and are written as they are. Norms, biases and other 1-D tensors stay F32.
+Per-family facts (architecture name, hyper-parameter keys, the value transforms: Q/K
+permutation, norm offset; tied or written output; generated rope tensors; what llama.cpp cannot
+compute) are the tables of ``gguf_arch``; this module only runs them. Norms, biases and other 1-D
+tensors stay F32.
 """
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,18 +27,12 @@ from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedE
 from ..fsutil import atomic_file, check_output, check_space
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
+from . import gguf_arch
+from .gguf_arch import permute_qk, unpermute_qk  # noqa: F401 - re-exported (tests, validate)
 
 SOURCE_CONFIG_KEY = "loratools.source_config"
 
 
-@dataclass(frozen=True)
-class GgufArch:
-    name: str          # general.architecture
-    permute_qk: bool   # llama.cpp's rope layout differs from HF's: permute Q/K rows
-
-
-ARCHS = {"llama": GgufArch("llama", True), "mistral": GgufArch("llama", True),
-         "qwen2": GgufArch("qwen2", False), "qwen3": GgufArch("qwen3", False)}
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
             "q5_0": "Q5_0", "q5_1": "Q5_1"}
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
@@ -51,29 +45,23 @@ def _gguf():
     return gguf
 
 
-def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF rotate-half layout → llama.cpp interleaved layout: within each head, rows
-    [0..d/2) and [d/2..d) are interleaved (row i of the first half, then row i of the second)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def name_map(cfg: ModelConfig) -> dict[str, str]:
     """HF tensor name → GGUF tensor name (``model.layers.0.self_attn.q_proj.weight`` →
     ``blk.0.attn_q.weight``) for every parameter of this config's model."""
     gguf = _gguf()
-    arch = ARCHS[cfg.model_type]
-    tmap = gguf.get_tensor_name_map(_arch_enum(arch.name), cfg.num_hidden_layers)
+    fam = gguf_arch.family(cfg)
+    tmap = gguf.get_tensor_name_map(_arch_enum(fam.arch), cfg.num_hidden_layers)
     with torch.device("meta"):
         names = [n for n, _ in DecoderLM(cfg).named_parameters(remove_duplicate=False)]
     out = {}
     for n in names:
         g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        if g is None and n == "lm_head.weight" and fam.output == "never":
+            continue  # the architecture has no output tensor: the head is always token_embd
         if g is None:
-            raise UnsupportedError(f"no GGUF name for tensor {n!r} ({arch.name})")
+            raise UnsupportedError(f"no GGUF name for tensor {n!r} ({fam.arch})")
+        if not n.endswith((".weight", ".bias")):
+            g += ".weight"  # a saved buffer (Gemma 4's layer_scalar): llama.cpp reads it as .weight, as its converter writes
         out[n] = g
     return out
 
@@ -119,89 +107,101 @@ def _encode(t: torch.Tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(a, qtype).view(np.uint8)
 
 
-def write_hparams(w, cfg: ModelConfig, arch: GgufArch) -> None:
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    if cfg.raw.get("head_dim") is not None or cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-    if arch.name == "llama":
-        w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.rope_type == "linear":
-        gguf = _gguf()
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+# llama.cpp sets token attributes by general.name: a name containing one of these words makes it look
+# these tokens up, and a vocabulary without them stops the load (unordered_map::at, llama-vocab.cpp)
+NAME_RULES = ((("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>")),)
 
 
-def rope_freqs(cfg: ModelConfig) -> torch.Tensor | None:
-    """Llama-3 rope scaling as llama.cpp takes it: a per-frequency divisor tensor."""
-    if cfg.rope_type != "llama3":
-        return None
-    from ..models.config import rope_inv_freq
-
-    d = cfg.head_dim
-    base = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    return (base / rope_inv_freq(cfg)).float()
+def _check_name(w, report: dict) -> None:
+    gguf = _gguf()
+    key = gguf.Keys.General.NAME
+    kv = w.kv_data[0]
+    name = kv[key].value
+    tokens = set(kv[gguf.Keys.Tokenizer.LIST].value)
+    for words, needed in NAME_RULES:
+        missing = [t for t in needed if t not in tokens]
+        if any(x in name.lower() for x in words) and missing:
+            safe = name.lower()
+            for x in words:
+                safe = safe.replace(x, "")
+            safe = safe.strip("-_ .") or "model"
+            kv[key] = gguf.GGUFValue(value=safe, type=gguf.GGUFValueType.STRING)
+            report["warnings"].append(f"general.name {name!r} written as {safe!r}: llama.cpp treats a name with "
+                                      f"{words[0]!r} as that model and looks up tokens this vocabulary lacks "
+                                      f"({', '.join(missing)})")
 
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, outtype: str = "f16", pre: str | None = None,
                 overwrite: bool = False, quiet: bool = True) -> dict:
-    """Write ``model_dir`` (with ``adapters`` merged) as a llama.cpp GGUF model."""
+    """Write ``model_dir`` (with ``adapters`` merged) as a llama.cpp GGUF model.
+
+    An adapter that changes one side of tied embeddings unties them, as merge does: output.weight
+    is written and the stored source config says tie_word_embeddings=false."""
     from ..ops.common import progress
     from ..ops.merge import MergedView
     from . import gguf_vocab
 
     gguf = _gguf()
+    F32 = gguf.GGMLQuantizationType.F32
     if outtype not in OUTTYPES:
         raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(OUTTYPES)})")
     qname = OUTTYPES[outtype]
     check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
     cfg = load_config(model_dir)
-    if cfg.model_type not in ARCHS:
-        raise UnsupportedError(f"no GGUF export for model_type {cfg.model_type!r}", model_dir)
-    arch = ARCHS[cfg.model_type]
-    report = {"model": str(model_dir), "out": str(out), "arch": arch.name, "outtype": outtype, "warnings": []}
+    fam = gguf_arch.family(cfg, model_dir)
+    fam.check(cfg, model_dir)
+    report = {"model": str(model_dir), "out": str(out), "arch": fam.arch, "outtype": outtype, "warnings": []}
     windows = {w for w in cfg.layer_windows if w is not None}
-    if windows:
-        report["warnings"].append(f"llama.cpp's {arch.name} architecture ignores sliding_window={min(windows)}: "
+    if windows and not fam.swa:
+        report["warnings"].append(f"llama.cpp's {fam.arch} architecture ignores sliding_window={min(windows)}: "
                                   f"its results differ from the source beyond {min(windows)} tokens")
     with Checkpoint.open(model_dir) as ck:
         view = MergedView(ck, adapters, weights)
         cfg = view.merged_cfg  # what is written: a lora_bias merge turns the family's bias switch on
         names = name_map(cfg)
         check_fits(cfg, {n: tuple(view.info(n).shape) for n in view.names()}, ck.path)  # llama.cpp would refuse the file
-        if view.untie:
-            raise UnsupportedError("the adapter changes only one side of tied embeddings; export the merged checkpoint "
-                                   "(loratools merge) and convert that", model_dir)
-        plan = []  # (gguf name, hf name or None, shape, qtype)
+        if view.untie and fam.output == "never":
+            raise UnsupportedError(f"the adapter changes only one side of tied embeddings, and llama.cpp's {fam.arch} "
+                                   "architecture always uses token_embd as its output layer: the untied model cannot be "
+                                   "written as GGUF", model_dir)
+        tied = cfg.tie_word_embeddings and not view.untie
+        disk = {cfg.to_internal(n): n for n in view.names() if cfg.to_internal(n) is not None}  # decoder name -> stored
+        plan = []  # (gguf name, hf name or None, shape, qtype, fp32 tensor getter)
+        skipped = 0
         for n in view.names():
-            if view.tied is not None and n == view.tied[1]:
+            own = cfg.to_internal(n)  # the decoder's name (a multimodal checkpoint's text prefix dropped)
+            if own is None or own.endswith("rotary_emb.inv_freq"):
+                skipped += own is None  # not part of the text decoder (a vision tower): llama.cpp runs text
+                continue
+            if own == "lm_head.weight" and tied:
                 continue  # llama.cpp uses token_embd when output.weight is absent
-            if n not in names:
-                raise UnsupportedError(f"tensor {n!r} has no place in a GGUF {arch.name} model", ck.path)
+            if own not in names:
+                raise UnsupportedError(f"tensor {n!r} has no place in a GGUF {fam.arch} model", ck.path)
+            if own.endswith(".bias") and gguf_arch.role(names[own]) not in fam.biases:
+                raise UnsupportedError(f"llama.cpp's {fam.arch} architecture has no {gguf_arch.role(names[own])} bias "
+                                       f"(tensor {n!r})", ck.path)
             shape = view.info(n).shape
-            plan.append((names[n], n, shape, _qtype_for(n, shape, qname)))
-        rf = rope_freqs(cfg)
-        if rf is not None:
-            plan.append(("rope_freqs.weight", None, tuple(rf.shape), gguf.GGMLQuantizationType.F32))
-        w = gguf.GGUFWriter(None, arch.name)
+            plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n).float()))
+        if tied and fam.output == "required":  # the tied head written as its own tensor
+            emb = disk["model.embed_tokens.weight"]
+            shape = view.info(emb).shape
+            plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb).float()))
+        for gname, make in fam.extra:
+            t = make(cfg)
+            if t is not None:
+                plan.append((gname, None, tuple(t.shape), F32, lambda t=t: t))
+        w = gguf.GGUFWriter(None, fam.arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(Path(model_dir).resolve().name)
-        write_hparams(w, cfg, arch)
+        gguf_arch.write_kvs(w, fam, cfg)
         w.add_file_type(gguf.LlamaFileType[FILE_TYPES[qname]])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         report["tokenizer"] = gguf_vocab.add_tokenizer(w, Path(model_dir), cfg.vocab_size, pre)
-        w.add_string(SOURCE_CONFIG_KEY, json.dumps(cfg.raw, sort_keys=True))
+        _check_name(w, report)
+        w.add_string(SOURCE_CONFIG_KEY, json.dumps(view.config(), sort_keys=True))
         nbytes = 0
-        for gname, _, shape, q in plan:
+        for gname, _, shape, q, _ in plan:
             ishape, idtype, n, raw = _info_args(shape, q)
             w.add_tensor_info(gname, ishape, idtype, n, raw_dtype=raw)
             nbytes += n
@@ -210,15 +210,17 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             w.write_header_to_file(tmp)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for gname, hf, shape, q in progress(plan, "gguf", quiet=quiet):
-                t = rf if hf is None else view.tensor(hf).float()
-                if arch.permute_qk and hf and ".self_attn.q_proj." in hf:
-                    t = permute_qk(t, cfg.num_attention_heads)
-                elif arch.permute_qk and hf and ".self_attn.k_proj." in hf:
-                    t = permute_qk(t, cfg.num_key_value_heads)
+            for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
+                t = get()
+                if hf is not None:
+                    t = gguf_arch.to_gguf(fam, gname, t, cfg)
                 w.write_tensor_data(_encode(t, q))
             w.close()
     report["tensors"] = len(plan)
+    if skipped:
+        report["skipped_non_text_tensors"] = skipped
+    if view.untie:
+        report["untied_embeddings"] = True
     for msg in report["warnings"]:
         warnings.warn(msg, stacklevel=2)
     return report
@@ -227,7 +229,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
 # -- import --------------------------------------------------------------------------------
 _REQUIRED_INTS = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
 _OPTIONAL_INTS = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size")
-_OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+_OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor", "attention.scale",
+                    "embedding_scale", "residual_scale", "logit_scale")
 
 def field(reader, key: str, default=None):
     """A GGUF key's Python value (gguf_vocab's reader of fields), or ``default``."""
@@ -279,8 +282,10 @@ def config_from_gguf(reader, path) -> dict:
         if not isinstance(cfg, dict):
             raise InputError(f"{SOURCE_CONFIG_KEY} is not a JSON object", path)
         return cfg
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported (llama, qwen2, qwen3)", path)
+    if arch not in gguf_arch.IMPORTS:
+        raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported without loratools' source config "
+                               f"({', '.join(gguf_arch.IMPORTS)})", path)
+    model_type, hf_class, extra = gguf_arch.IMPORTS[arch]
 
     def g(k, d=None):
         v = field(reader, f"{arch}.{k}", d)
@@ -297,8 +302,7 @@ def config_from_gguf(reader, path) -> dict:
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
-    cfg = {"model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                                  "qwen3": "Qwen3ForCausalLM"}[arch]],
+    cfg = {"model_type": model_type, "architectures": [hf_class],
            "hidden_size": hidden, "intermediate_size": int(g("feed_forward_length")),
            "num_hidden_layers": int(g("block_count")), "num_attention_heads": heads,
            "num_key_value_heads": int(g("attention.head_count_kv", heads)),
@@ -310,14 +314,24 @@ def config_from_gguf(reader, path) -> dict:
            "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
            "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"), "dtype": "float32"}
-    if arch == "qwen2":
-        cfg.update(use_sliding_window=False, sliding_window=None)
+    if extra is not None:
+        cfg.update(extra(g, names, lambda k: field(reader, k)))
     if g("rope.scaling.type") == "linear":
         factor = g("rope.scaling.factor")
         if factor is None:
             raise InputError(f"GGUF key {arch}.rope.scaling.type is linear but {arch}.rope.scaling.factor is missing", path)
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
     return cfg
+
+
+def text_only_config(cfgd: dict, model_type: str, architecture: str) -> dict:
+    """The text model's own config.json from a multimodal one (hyper-parameters under text_config)."""
+    out = {k: v for k, v in cfgd["text_config"].items()}
+    for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        if k in cfgd and k not in out:
+            out[k] = cfgd[k]
+    out.update(model_type=model_type, architectures=[architecture])
+    return out
 
 
 def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto", overwrite: bool = False,
@@ -333,8 +347,14 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     reader = open_gguf(path)
     cfgd = config_from_gguf(reader, path)
     cfg = parse_config(cfgd, path)
-    arch = ARCHS[cfg.model_type]
+    fam = gguf_arch.family(cfg, path)
+    if fam.import_as is not None:  # a multimodal source: the GGUF holds its text model, imported as that
+        cfgd = text_only_config(cfgd, *fam.import_as)
+        cfg = parse_config(cfgd, path)
     inverse = {v: k for k, v in name_map(cfg).items()}
+    generated = {g for g, _ in fam.extra}
+    if cfg.tie_word_embeddings and fam.output == "required":
+        generated.add("output.weight")  # the tied head, written twice for llama.cpp
     tensors = {t.name: t for t in reader.tensors}
     kinds = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
     if dtype == "auto":
@@ -344,11 +364,11 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
         dt = parse_dtype(dtype, allow_keep=False)
     plan = []
     for gname, t in tensors.items():
-        if gname == "rope_freqs.weight":
+        if gname in generated:
             continue
         hf = inverse.get(gname)
         if hf is None:
-            raise UnsupportedError(f"unexpected tensor {gname!r} for a {arch.name} model", path)
+            raise UnsupportedError(f"unexpected tensor {gname!r} for a {fam.arch} model", path)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         plan.append((hf, t, shape))
     check_fits(cfg, {hf: shape for hf, _, shape in plan}, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
@@ -363,14 +383,10 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
             except (NotImplementedError, ValueError) as e:
                 raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
             x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).reshape(shape)
-            if arch.permute_qk and ".self_attn.q_proj." in hf:
-                x = unpermute_qk(x, cfg.num_attention_heads)
-            elif arch.permute_qk and ".self_attn.k_proj." in hf:
-                x = unpermute_qk(x, cfg.num_key_value_heads)
-            wr.write(hf, x.to(spec.dtype))
+            wr.write(hf, gguf_arch.from_gguf(fam, t.name, x, cfg).to(spec.dtype))
         for name, text in files.items():
             (wr.tmp / name).write_text(text)
         gen = {k: v for k, v in (("bos_token_id", cfgd.get("bos_token_id")), ("eos_token_id", cfgd.get("eos_token_id"))) if v is not None}
         (wr.tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return {"gguf": str(path), "out": str(out), "arch": arch.name, "tensors": len(plan), "dtype": str(dt),
+    return {"gguf": str(path), "out": str(out), "arch": fam.arch, "tensors": len(plan), "dtype": str(dt),
             "quant_types": sorted(k.name for k in kinds)}

@@ -9,6 +9,20 @@ LoRA slots (``lora_slots``): every targeted linear layer computes ``W x + B (A x
 ``{module}.lora_A`` (r × in) and ``{module}.lora_B`` (out × r) are graph inputs with an empty
 default initializer (r = 0) and a dynamic rank axis: fed nothing, the model is the base model;
 fed an adapter (``.onnx_adapter``, scales folded into B) through RunOptions, it is base + adapter.
+A fused ``qkv_proj`` / ``gate_up_proj`` is one slot, as in the checkpoint and in PEFT.
+
+The graph is the reference decoder traced with plain-op attention, so every family switch is in
+it as the decoder computes it: soft-capping (tanh), GELU-tanh, embedding scaling, the attention
+scale, sandwich / post norms and the (1 + w) offset, Granite's multipliers, a rope table per
+distinct rope (per layer type; none on NoPE layers; partial rotary), an additive mask per
+distinct sliding window, and a KV cache for each layer (kv heads and head_dim per layer; the
+caches hold every position, the window is in the mask).
+
+LongRoPE: the graph holds both factor sets and chooses per call, from the furthest position
+(max(position_ids) + 1 > original_max_position_embeddings: long), as transformers' forward does.
+Keys cached under the short factors stay so; transformers' generate recomputes the cache once
+when the sequence grows past the original length, and so does ``runtimes.onnxruntime.Runner``
+(the switch point is in the model's metadata, ``longrope_original_max_position_embeddings``).
 """
 from __future__ import annotations
 
@@ -29,7 +43,6 @@ from ..models.config import load_config
 from ..models.decoder import LoraSlot
 
 TWO_GB = 2 * 1024**3
-LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def slot_names(module: str) -> tuple[str, str]:
@@ -37,23 +50,41 @@ def slot_names(module: str) -> tuple[str, str]:
 
 
 class _Exportable(torch.nn.Module):
-    def __init__(self, model, cache: bool, slots: list[str]):
+    """The traced function: (input_ids, attention_mask, position_ids, *past, *slots) ->
+    (logits, *presents). ``cached``: the layers that keep their own KV cache, in order (a
+    layer that reuses another layer's keys and values has no cache of its own)."""
+
+    def __init__(self, model, cached: list[int] | None, slots: list[str]):
         super().__init__()
-        self.model, self.cache, self.slots = model, cache, slots
+        self.model, self.cached, self.slots = model, cached, slots
         self.n = model.cfg.num_hidden_layers
         self.mods = model.linear_modules()
 
     def forward(self, input_ids, attention_mask, position_ids, *rest):
         past = None
-        if self.cache:
-            past = [(rest[2 * i], rest[2 * i + 1]) for i in range(self.n)]
-            rest = rest[2 * self.n:]
+        if self.cached is not None:
+            past = [None] * self.n
+            for j, i in enumerate(self.cached):
+                past[i] = (rest[2 * j], rest[2 * j + 1])
+            rest = rest[2 * len(self.cached):]
         for i, name in enumerate(self.slots):
             self.mods[name].loras = [LoraSlot(rest[2 * i], rest[2 * i + 1], 1.0)]
         logits, presents = self.model(input_ids, attention_mask, position_ids, past)
-        if not self.cache:
+        if self.cached is None:
             return logits
-        return (logits, *[t for kv in presents for t in kv])
+        return (logits, *[t for i in self.cached for t in presents[i]])
+
+
+def _cache_layout(model) -> list[tuple[int, int, int]]:
+    """(layer, kv heads, head_dim) of each layer that keeps a KV cache of its own, as its
+    attention module is built (kv heads and head_dim may differ per layer type; a layer that
+    attends to an earlier layer's keys and values, ``kv_source``, has none)."""
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        att = layer.self_attn
+        if getattr(att, "kv_source", None) is None:
+            out.append((i, att.kv_heads, att.head_dim))
+    return out
 
 
 def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +99,9 @@ def _placeholder(k: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 def _placeholder_model(cfg, view, tdt: torch.dtype):
     """The reference decoder with the shapes and ties of ``view``'s tensors and no weights: what
-    the exporter traces. The weights are written afterwards, tensor by tensor."""
+    the exporter traces. The weights are written afterwards, tensor by tensor. Returns the model
+    and the on-disk name of each of its tensors (a multimodal checkpoint keeps the text decoder
+    under another prefix; tensors outside the decoder are left out)."""
     from ..models.config import rope_inv_freq
     from ..models.decoder import DecoderLM, check_fits
 
@@ -76,14 +109,17 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     check_fits(cfg, {n: tuple(view.info(n).shape) for n in names}, view.ck.path)
     with torch.device("meta"):
         model = DecoderLM(cfg)
+    disk = {}
     for k, name in enumerate(names):
-        if not name.endswith("rotary_emb.inv_freq"):
-            model._set(name, _placeholder(k, tuple(view.info(name).shape), tdt))
-    if view.tied is not None and not view.untie:  # loratools.modelinfo's tied-head rule
+        own = cfg.to_internal(name)
+        if own is not None and not name.endswith("rotary_emb.inv_freq"):
+            disk[own] = name
+            model._set(own, _placeholder(k, tuple(view.info(name).shape), tdt))
+    if "lm_head.weight" not in disk or (cfg.tie_word_embeddings and not view.untie):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).float()
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval(), disk
 
 
 def _weight_plan(proto, declared: set[str]) -> list[tuple[str, str, bool]]:
@@ -220,7 +256,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     import onnx
 
     from ..checkpoint import Checkpoint
-    from ..models.config import rope_inv_freq
     from ..ops.merge import MergedView
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -231,12 +266,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
     tdt = torch.float32 if dtype == "fp32" else torch.float16
     with Checkpoint.open(model_dir) as ck:
         check_space(out_dir, ck.num_parameters * (4 if dtype == "fp32" else 2) * 5 // 4, "the ONNX model")
-        view = MergedView(ck, adapters, weights)
-        model = _placeholder_model(view.merged_cfg, view, tdt)  # a lora_bias merge turns bias switches on
+        view = MergedView(ck, adapters, weights)  # it aligns PEFT names to the saved layout (multimodal Gemma 3)
+        model, disk = _placeholder_model(view.merged_cfg, view, tdt)  # a lora_bias merge turns bias switches on
         model.set_explicit_attention(True)
         slots = _slot_modules(model, lora_slots)
-        wrapper = _Exportable(model, cache, slots).eval()
-        L, kvh, hd = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        layout = _cache_layout(model) if cache else []
+        wrapper = _Exportable(model, [i for i, _, _ in layout] if cache else None, slots).eval()
+        L = cfg.num_hidden_layers
         b, s, p = 2, 3, 2
         args = [torch.ones(b, s, dtype=torch.long), torch.ones(b, (p if cache else 0) + s, dtype=torch.long),
                 torch.arange(p if cache else 0, (p if cache else 0) + s)[None].expand(b, s).contiguous()]
@@ -244,14 +280,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
                 "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
         names_out = ["logits"]
-        if cache:
-            for i in range(L):
-                for kind in ("key", "value"):
-                    args.append(torch.zeros(b, kvh, p, hd, dtype=tdt))
-                    names_in.append(f"past_key_values.{i}.{kind}")
-                    axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
-                    names_out.append(f"present.{i}.{kind}")
-                    axes[names_out[-1]] = {0: "batch", 2: "total_sequence"}
+        for i, kv_heads, head_dim in layout:
+            for kind in ("key", "value"):
+                args.append(torch.zeros(b, kv_heads, p, head_dim, dtype=tdt))
+                names_in.append(f"past_key_values.{i}.{kind}")
+                axes[names_in[-1]] = {0: "batch", 2: "past_sequence"}
+                names_out.append(f"present.{i}.{kind}")
+                axes[names_out[-1]] = {0: "batch", 2: "total_sequence"}
         mods = model.linear_modules()
         for j, name in enumerate(slots):
             out_f, in_f = mods[name].weight.shape
@@ -272,16 +307,21 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         if slots:
             _add_slot_defaults(proto, slots, mods, tdt)
         proto.producer_name = "loratools"
-        inv_freq = rope_inv_freq(cfg).float()
+        switch = longrope_switch(cfg)
+        if switch is not None:
+            e = proto.metadata_props.add()
+            e.key, e.value = "longrope_original_max_position_embeddings", str(switch)
+        # tensors the model computes itself (rope tables): written from its buffers, as they are
+        buffers = {n: t.detach().contiguous() for n, t in model.named_buffers()}
 
         def get(key: str, transposed: bool) -> torch.Tensor:
-            t = inv_freq if key == "inv_freq" else view.tensor(key).to(tdt)  # fp32 math, rounded once
+            t = buffers[key] if key in buffers else view.tensor(disk[key]).to(tdt)  # fp32 math, rounded once
             return (t.T if transposed else t).contiguous()
 
         specs = []  # (initializer name, tensor, transposed, stored shape, dtype)
         for name, key, tr in plan:
-            shape = tuple(inv_freq.shape) if key == "inv_freq" else tuple(view.info(key).shape)
-            specs.append((name, key, tr, shape[::-1] if tr else shape, torch.float32 if key == "inv_freq" else tdt))
+            shape = tuple(buffers[key].shape) if key in buffers else tuple(view.info(disk[key]).shape)
+            specs.append((name, key, tr, shape[::-1] if tr else shape, buffers[key].dtype if key in buffers else tdt))
         big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
@@ -296,12 +336,24 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
             "layers": L, "lora_slots": slots, "external_data": big}
 
 
+def longrope_switch(cfg) -> int | None:
+    """The length past which LongRoPE takes its long factors (None: no LongRoPE layer)."""
+    for r in cfg.layer_ropes if cfg.layers else ():
+        if r is not None and r.rope_type == "longrope":
+            return int(r.get("original_max_position_embeddings"))
+    return None
+
+
 def _slot_modules(model, spec) -> list[str]:
+    """The blocks' linear layers that get LoRA inputs: "all-linear" (every one, fused qkv_proj /
+    gate_up_proj included, as PEFT's all-linear) or a list of leaf or module names."""
+    from ..models.decoder import Linear
+
     if not spec:
         return []
-    leaves = LEAVES if spec == "all-linear" else tuple(spec) if not isinstance(spec, str) else tuple(spec.split(","))
-    names = [n for n in model.linear_modules() if n.startswith("model.layers.")
-             and (n.rsplit(".", 1)[1] in leaves or n in leaves)]
+    wanted = None if spec == "all-linear" else set(spec) if not isinstance(spec, str) else set(spec.split(","))
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear) and n.startswith("model.layers.")
+             and (wanted is None or n.rsplit(".", 1)[1] in wanted or n in wanted)]
     if not names:
         raise LoratoolsError(f"--lora-slots {spec!r} matched no linear layer")
     return names
@@ -319,12 +371,24 @@ def _add_slot_defaults(proto, slots, mods, tdt) -> None:
         proto.graph.initializer.append(numpy_helper.from_array(np.zeros((out_f, 0), np_dt), b_name))
 
 
-def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "fp32", overwrite: bool = False) -> dict:
-    """ONNX Runtime's adapter format: ``{module}.lora_A`` = A, ``{module}.lora_B`` = s·B."""
+def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "fp32", overwrite: bool = False,
+                        base: str | os.PathLike | None = None) -> dict:
+    """ONNX Runtime's adapter format: ``{module}.lora_A`` = A, ``{module}.lora_B`` = s·B, under
+    the slot names of the decoder's own layout (``model.layers.N...``; a fused ``qkv_proj`` /
+    ``gate_up_proj`` is one slot, as in the checkpoint). ``base``: the base checkpoint or the
+    slot model's folder (its config.json maps an on-disk layout such as a multimodal
+    ``model.language_model.`` prefix to the slot names)."""
     import onnxruntime as ort
 
     check_output(out, [adapter.source or None], overwrite)
     src = adapter.source or None
+    if base is not None:
+        from ..models.decoder import internal_adapter
+
+        folder = Path(base).parent if Path(base).suffix == ".onnx" else Path(base)  # a slot model.onnx: its folder
+        adapter = internal_adapter(load_config(folder), adapter)
+    else:
+        adapter = _slot_layout(adapter)
     if adapter.use_dora or adapter.modules_to_save or any(m.bias is not None for m in adapter.modules.values()):
         raise UnsupportedError("an ONNX Runtime adapter carries only A and B: DoRA, modules_to_save and lora_bias need a "
                                "merged export (loratools export onnx --adapter)", src)
@@ -346,6 +410,26 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
     with atomic_file(out) as tmp:
         fmt.export_adapter(str(tmp))
     return {"out": str(out), "modules": len(adapter.modules), "parameters": len(params), "dtype": dtype}
+
+
+def _slot_layout(adapter: Adapter) -> Adapter:
+    """``adapter`` with block module names in the decoder's own layout (the slot names), read
+    from every family's on-disk and in-memory layouts (``model.language_model.layers.N...`` and
+    ``language_model.model.layers.N...`` -> ``model.layers.N...``): no base model needed."""
+    from dataclasses import replace
+
+    from ..arch.registry import FAMILIES
+
+    prefixes = sorted({p for spec in FAMILIES.values() for p, _ in spec.layouts() if p != "model."}, key=len, reverse=True)
+
+    def own(name: str) -> str:
+        for p in prefixes:
+            if name.startswith(p + "layers."):
+                return "model." + name[len(p):]
+        return name
+
+    mods = {own(n): m for n, m in adapter.modules.items()}
+    return adapter if list(mods) == list(adapter.modules) else replace(adapter, modules=mods)
 
 
 def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> None:
@@ -373,5 +457,14 @@ def check_adapter_fits(model_path: str | os.PathLike, adapter_path: str | os.Pat
                                     "(export the adapter with the model's --dtype)", adapter_path)
         shape = val.shape()
         want = inputs[name]
-        if any(w is not None and w != g for w, g in zip(want, shape)):
+        if len(shape) != len(want) or any(w is not None and w != g for w, g in zip(want, shape)):
             raise IncompatibleError(f"adapter parameter {name!r} is {tuple(shape)} but the slot is {tuple(want)}", adapter_path)
+    # each module's pair: both factors, one rank (A is r × in, B is out × r)
+    for name in params:
+        mod, _, part = name.rpartition(".lora_")
+        other = f"{mod}.lora_{'B' if part == 'A' else 'A'}"
+        if other not in params:
+            raise IncompatibleError(f"adapter parameter {name!r} has no {other!r}", adapter_path)
+        if part == "A" and params[name].shape()[0] != params[other].shape()[1]:
+            raise IncompatibleError(f"adapter parameters of {mod!r} disagree on the rank ({params[name].shape()[0]} "
+                                    f"vs {params[other].shape()[1]})", adapter_path)

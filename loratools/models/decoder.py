@@ -231,12 +231,18 @@ class Attention(nn.Module):
         q, kv = self.heads * d, kvh * d
         self.sizes = (q, kv, kv)
         self.fused = cfg.fused_qkv
+        # Gemma 4: a KV-shared layer has no k/v projections (it attends to layer kv_source's K/V);
+        # v_from_k: no v_proj, the values are the key projection (before k_norm)
+        self.kv_source = lay.kv_source if lay is not None else None
+        self.v_from_k = lay is not None and lay.v_from_k
         if self.fused:
             self.qkv_proj = Linear(h, q + 2 * kv, cfg.qkv_bias)
         else:
             self.q_proj = Linear(h, q, cfg.qkv_bias)
-            self.k_proj = Linear(h, kv, cfg.qkv_bias)
-            self.v_proj = Linear(h, kv, cfg.qkv_bias)
+            if self.kv_source is None:
+                self.k_proj = Linear(h, kv, cfg.qkv_bias)
+                if not self.v_from_k:
+                    self.v_proj = Linear(h, kv, cfg.qkv_bias)
         self.o_proj = Linear(q, h, cfg.o_bias)
         self.qk_norm = cfg.qk_norm_kind if cfg.qk_norm else None
         if self.qk_norm is None and cfg.qk_norm:
@@ -245,7 +251,8 @@ class Attention(nn.Module):
             per_head = self.qk_norm == "head"
             norm = lambda n: RMSNorm(n, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_weight)  # noqa: E731
             self.q_norm = norm(d if per_head else q)
-            self.k_norm = norm(d if per_head else kv)
+            if self.kv_source is None:
+                self.k_norm = norm(d if per_head else kv)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, weight=False) if cfg.v_norm else None
         # None: PyTorch's default 1/√head_dim (bit-for-bit what the four original families use)
         default = not cfg.attention_scale or cfg.spec is None or cfg.spec.attention_scale == "head_dim"
@@ -253,27 +260,43 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.explicit = False  # plain-op attention (set for ONNX export)
 
-    def forward(self, x, cos, sin, mask, past: tuple | None, rows: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask, past: tuple | None, rows: torch.Tensor | None = None,
+                shared: tuple | None = None):
+        """``shared``: for a KV-shared layer, the (k, v) of layer ``kv_source`` (its cache included),
+        returned again as this layer's present."""
         b, s, _ = x.shape
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        elif self.kv_source is not None:
+            q, k, v = self.q_proj(x), None, None
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k = self.q_proj(x), self.k_proj(x)
+            v = k if self.v_from_k else self.v_proj(x)
         if self.qk_norm == "proj":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         q = q.view(b, s, self.heads, self.head_dim)
-        k = k.view(b, s, self.kv_heads, self.head_dim)
-        v = v.view(b, s, self.kv_heads, self.head_dim)
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.v_norm is not None:
-            v = self.v_norm(v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = self.q_norm(q)
+        q = q.transpose(1, 2)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+            q = apply_rope(q, cos, sin)
+        if k is None:
+            k, v = shared
+        else:
+            if self.qk_norm == "proj":
+                k = self.k_norm(k)
+            k = k.view(b, s, self.kv_heads, self.head_dim)
+            v = v.view(b, s, self.kv_heads, self.head_dim)
+            if self.qk_norm == "head":
+                k = self.k_norm(k)
+            if self.v_norm is not None:
+                v = self.v_norm(v)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if cos is not None:
+                k = apply_rope(k, cos, sin)
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)
+                v = torch.cat([past[1], v], dim=2)
         present = (k, v)
         if self.explicit or self.softcap is not None:
             # the same computation spelled out in plain ops (what ONNX export traces; soft-capping
@@ -301,9 +324,9 @@ class MLP(nn.Module):
     """down_proj(act(gate) · up), gate and up from one fused ``gate_up_proj`` (rows: gate, then
     up) or two projections."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int = 0):
         super().__init__()
-        h, i = cfg.hidden_size, cfg.intermediate_size
+        h, i = cfg.hidden_size, width or cfg.intermediate_size
         self.fused = cfg.fused_gate_up
         if self.fused:
             self.gate_up_proj = Linear(h, 2 * i, cfg.mlp_bias)
@@ -339,22 +362,43 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if self.layout in ("sandwich", "post"):
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.layers[i].intermediate_size if cfg.layers else 0)
         self.m = cfg.residual_multiplier
+        # Gemma 4: the per-layer input branch and a stored output scalar
+        self.per_layer_input = cfg.per_layer_input_size
+        if self.per_layer_input:
+            h, p = cfg.hidden_size, cfg.per_layer_input_size
+            self.per_layer_input_gate = Linear(h, p, False)
+            self.per_layer_projection = Linear(p, h, False)
+            self.post_per_layer_input_norm = norm()
+            self.act = ACTIVATIONS[cfg.hidden_act]
+        self.layer_scalar = nn.Parameter(torch.empty(1)) if cfg.layer_scalar else None
 
-    def forward(self, x, ropes, masks, past, rows=None):
+    def forward(self, x, ropes, masks, past, rows=None, per_layer=None, shared=None):
+        """``per_layer``: this layer's per-layer input (b, s, P) (Gemma 4); ``shared``: the K/V
+        this layer reuses (Attention.forward)."""
         cos, sin = ropes[self.self_attn.rope] if self.self_attn.rope is not None else (None, None)
         attn_in = self.input_layernorm(x) if self.layout != "post" else x
-        a, present = self.self_attn(attn_in, cos, sin, masks[self.self_attn.window], past, rows)
+        a, present = self.self_attn(attn_in, cos, sin, masks[self.self_attn.window], past, rows, shared)
         if rows is not None:
             x = x.reshape(-1, x.shape[-1])[rows]
         if self.layout == "pre":
             x = x + (a if self.m == 1.0 else a * self.m)
             f = self.mlp(self.post_attention_layernorm(x))
-            return x + (f if self.m == 1.0 else f * self.m), present
-        x = x + self.post_attention_layernorm(a)
-        f = self.mlp(self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x)
-        return x + self.post_feedforward_layernorm(f), present
+            x = x + (f if self.m == 1.0 else f * self.m)
+        else:
+            x = x + self.post_attention_layernorm(a)
+            f = self.mlp(self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x)
+            x = x + self.post_feedforward_layernorm(f)
+        if self.per_layer_input:
+            # x + norm(per_layer_projection(act(per_layer_input_gate(x)) · per_layer_input))
+            if rows is not None:
+                per_layer = per_layer.reshape(-1, per_layer.shape[-1])[rows]
+            g = self.act(self.per_layer_input_gate(x)) * per_layer
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        if self.layer_scalar is not None:
+            x = x * self.layer_scalar
+        return x, present
 
 
 class Body(nn.Module):
@@ -363,11 +407,17 @@ class Body(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_fp32_weight)
+        if cfg.per_layer_input_size:  # Gemma 4 per-layer input embeddings: one table for every layer
+            lp = cfg.num_hidden_layers * cfg.per_layer_input_size
+            self.embed_tokens_per_layer = Embedding(cfg.per_layer_input_vocab, lp)
+            self.per_layer_model_projection = Linear(cfg.hidden_size, lp, False)
+            self.per_layer_projection_norm = RMSNorm(cfg.per_layer_input_size, cfg.rms_norm_eps, cfg.norm_offset,
+                                                     cfg.norm_fp32_weight)
 
 
 class DecoderLM(nn.Module):
     """``forward(input_ids, attention_mask=None, position_ids=None, past=None)`` →
-    ``(logits (b, s, vocab) fp32, present: list of (k, v))``."""
+    ``(logits (b, s, vocab) fp32, present: list of (k, v), None for a KV-shared layer)``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -473,6 +523,17 @@ class DecoderLM(nn.Module):
                      else c.embedding_scale)
         return x
 
+    def per_layer_inputs(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's per-layer inputs (b, s, layers, P) from the token ids and the scaled embeddings x:
+        (norm(per_layer_model_projection(x) / √hidden) + embed_tokens_per_layer(ids) · √P) / √2."""
+        b, s = input_ids.shape
+        n, p = self.cfg.num_hidden_layers, self.cfg.per_layer_input_size
+        tok = self.model.embed_tokens_per_layer(input_ids)
+        tok = (tok * torch.tensor(p ** 0.5, dtype=tok.dtype, device=tok.device)).reshape(b, s, n, p)
+        proj = self.model.per_layer_model_projection(x) * self.cfg.hidden_size ** -0.5
+        proj = self.model.per_layer_projection_norm(proj.reshape(b, s, n, p))
+        return (proj + tok) * 2.0 ** -0.5
+
     def hidden(self, input_ids, attention_mask=None, position_ids=None, past=None, rows=None):
         """The final normed hidden states (b, s, hidden) and the KV cache; ``forward`` is this plus
         lm_head (training applies the head only at positions that carry loss).
@@ -485,19 +546,22 @@ class DecoderLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + s, device=input_ids.device)[None].expand(b, s)
         x = self.embed(input_ids)
+        per_layer = self.per_layer_inputs(input_ids, x) if self.cfg.per_layer_input_size else None
         ropes = self.ropes_for(position_ids, x.dtype)
         masks = self.masks(b, s, past_len, attention_mask, x.dtype, x.device)
         presents = []
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            args = (x, ropes, masks, past[i] if past else None, rows if i == last else None)
+            src = layer.self_attn.kv_source  # a KV-shared layer: no cache of its own
+            args = (x, ropes, masks, past[i] if past and src is None else None, rows if i == last else None,
+                    None if per_layer is None else per_layer[:, :, i], None if src is None else presents[src])
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 from torch.utils.checkpoint import checkpoint
 
                 x, pr = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, pr = layer(*args)
-            presents.append(pr)
+            presents.append(pr if src is None else None)  # a KV-shared layer keeps no cache of its own
         return self.model.norm(x), presents
 
     # -- weights -----------------------------------------------------------------------------

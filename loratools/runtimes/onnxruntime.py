@@ -29,21 +29,25 @@ class Runner:
         self.sess = session(model_dir, device)
         self.provider = self.sess.get_providers()[0]
         self.inputs = {i.name: i for i in self.sess.get_inputs()}
-        self.layers = sum(1 for n in self.inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        # past_key_values.{layer}.key/.value; a layer that reuses another's keys and values has none
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.layers = sum(1 for n in self.past_names if n.endswith(".key"))
         self.run_options = None
         if adapter is not None:
             self.adapter = ort.LoraAdapter()
             self.adapter.Load(str(adapter))
             self.run_options = ort.RunOptions()
             self.run_options.add_active_adapter(self.adapter)
+        meta = self.sess.get_modelmeta().custom_metadata_map
+        # LongRoPE: past this length the long factors apply; the cache is recomputed once on crossing
+        self.longrope = int(meta["longrope_original_max_position_embeddings"]) if "longrope_original_max_position_embeddings" in meta else None
         self.np_dtype = np.float16 if "float16" in self.inputs.get("past_key_values.0.key", self.sess.get_outputs()[0]).type else np.float32
 
     def _empty_past(self, b: int):
         feeds = {}
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                shape = self.inputs[f"past_key_values.{i}.{kind}"].shape
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros((b, shape[1], 0, shape[3]), dtype=self.np_dtype)
+        for name in self.past_names:
+            shape = self.inputs[name].shape
+            feeds[name] = np.zeros((b, shape[1], 0, shape[3]), dtype=self.np_dtype)
         return feeds
 
     def run(self, ids: Sequence[int], past: dict | None = None, start: int = 0):
@@ -71,5 +75,10 @@ class Runner:
         for _ in range(n):
             nxt = int(logits[-1].argmax())
             out.append(nxt)
-            logits, past = self.run([nxt], past, len(out) - 1)
+            if self.longrope is not None and len(out) - 1 <= self.longrope < len(out):
+                # the sequence grows past LongRoPE's original length: keys cached under the short
+                # factors are recomputed with the long ones (as transformers' generate does)
+                logits, past = self.run(out)
+            else:
+                logits, past = self.run([nxt], past, len(out) - 1)
         return out[len(ids):]
