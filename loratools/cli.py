@@ -337,7 +337,7 @@ def export():
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def export_gguf(model, adapters, weights, output, outtype, pre, overwrite, quiet, as_json):
-    """A llama.cpp GGUF model (Llama, Mistral, Qwen2, Qwen3), adapters merged, tensors streamed."""
+    """A llama.cpp GGUF model (every family of the architecture registry), adapters merged, tensors streamed."""
     rep, warned = api.export_gguf(model, adapters, output, _weights(weights, len(adapters)), outtype, pre, overwrite,
                                   quiet or as_json)
     if not as_json:
