@@ -22,7 +22,7 @@ from .registry import get_spec
 from .spec import ACT_ALIASES, ArchSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ROPE_ALIASES = {"su": "longrope", "yarn_phi3": "longrope"}
+ROPE_ALIASES = {"su": "longrope", "yarn": "longrope"}  # Phi-3 4.x configs (transformers maps both)
 
 
 @dataclass(frozen=True, eq=True)
