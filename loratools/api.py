@@ -22,7 +22,7 @@ from .formats import kohya, peft
 from .fsutil import check_output
 from .modelinfo import read_model_info, tied_pair, with_tied_head
 from .models.decoder import load_model
-from .ops.extract import REPORT as EXTRACT_REPORT
+from .ops.extract import REPORT as EXTRACT_REPORT  # noqa: F401 - the CLI names the report file
 
 __all__ = ["load_adapter", "save_adapter", "inspect", "forward", "convert_adapter", "Checkpoint", "load_model",
            "Adapter", "RankRule", "extract", "resize", "combine", "scale", "subtract", "merge", "unmerge",

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fixtures.families import FIXTURES, make_family
+from fixtures.families import FIXTURES
 from loratools import api
 from loratools.arch import FAMILIES, load_config, parse_config
 from loratools.checkpoint import Checkpoint
@@ -255,8 +255,9 @@ def test_gemma3_transformers4_config_and_both_layouts(families, tmp_path):
 
 
 # -- bad input -----------------------------------------------------------------------------------
-def _bad(families, tmp_path, name, edit):
-    d = tmp_path / f"{name}-bad"
+def edited_copy(families, tmp_path, name, edit, tag="bad"):
+    """A copy of fixture ``name`` whose config.json ``edit`` (a function of the dict) changed."""
+    d = tmp_path / f"{name}-{tag}"
     shutil.copytree(families / name, d)
     cfg = json.loads((d / "config.json").read_text())
     edit(cfg)
@@ -278,7 +279,7 @@ CONTRADICTIONS = {
 @pytest.mark.parametrize("case", sorted(CONTRADICTIONS))
 def test_contradicting_config_is_refused_in_one_line(families, tmp_path, case):
     name, edit, word = CONTRADICTIONS[case]
-    d = _bad(families, tmp_path, name, edit)
+    d = edited_copy(families, tmp_path, name, edit)
     with pytest.raises(InputError) as e:
         load_model(d)
     msg = str(e.value)
@@ -286,7 +287,7 @@ def test_contradicting_config_is_refused_in_one_line(families, tmp_path, case):
 
 
 def test_unknown_family_is_named_in_one_line(families, tmp_path):
-    d = _bad(families, tmp_path, "llama", lambda c: c.update(model_type="my_decoder"))
+    d = edited_copy(families, tmp_path, "llama", lambda c: c.update(model_type="my_decoder"))
     with pytest.raises(UnsupportedError) as e:
         load_model(d)
     msg = str(e.value)
