@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/gguf_bench.py
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/onnx_bench.py
+	$(BIN)/python benchmarks/family_cut.py
 
 clean:
 	rm -rf build .pytest_cache
