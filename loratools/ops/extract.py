@@ -26,7 +26,7 @@ from ..device import pick_device
 from ..fsutil import check_output, check_space
 from ..modelinfo import EMBED, embed_name, head_name, read_model_info, tied_pair
 from . import factor
-from .common import check_finite, progress, sum_sq
+from .common import check_finite, delta_sq, progress, sum_sq
 
 EMBED_NAMES = ("model.embed_tokens", "lm_head")  # the usual layout; the checkpoint's own names are found by modelinfo
 REPORT = "extract_report.json"
@@ -114,15 +114,17 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             mod, _, leaf = name.rpartition(".")
             if not info.dtype.is_floating_point:
                 continue
-            wb, wt = kb.get(name), kt.get(name)
+            # as stored, without a private copy (a file-backed map for safetensors): the fp32 delta is
+            # the one whole-tensor buffer of a module
+            wb, wt = kb.get_mapped(name), kt.get_mapped(name)
             check_finite(wb, name, kb.path)
             check_finite(wt, name, kt.path)
             if torch.equal(wb, wt):
                 report["unchanged"].append(name)
                 continue
-            delta = wt.to(dev, torch.float32, copy=True)  # never an alias of wt, which may be kept (embeddings=full)
-            delta -= wb.to(dev)  # in fp32 (bf16/fp16 operands are promoted element by element)
-            e = sum_sq(delta)
+            # the embedding is factored as ΔWᵀ (PEFT's orientation): its delta is built in that layout,
+            # so that the products of the SVD read it in place
+            delta, e = delta_sq(wb, wt, dev, transposed=mod == emb_mod and len(info.shape) == 2)
             energy_total += e
             if e == 0.0:
                 report["unchanged"].append(name)
@@ -144,7 +146,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 if embeddings == "skip":
                     continue
                 if embeddings == "full":
-                    full[name] = wt  # modules_to_save: the tuned tensor itself, in its own dtype
+                    wt = kt.get(name)  # modules_to_save: the tuned tensor itself, in its own dtype (a copy, not the map)
+                    full[name] = wt
                     report["embeddings"][mod] = {"mode": "full", "params": wt.numel()}
                     continue
                 del embed_energy[name]
