@@ -530,6 +530,12 @@ def to_gguf(fam: GgufFamily, gguf_name: str, t: torch.Tensor, cfg) -> torch.Tens
     return rows(t) if rows else t
 
 
+def changes(fam: GgufFamily, gguf_name: str, cfg) -> bool:
+    """Whether ``to_gguf`` changes the tensor ``gguf_name`` (else llama.cpp takes it as stored)."""
+    r = role(gguf_name)
+    return bool(norm_offset(cfg) and r in NORM_ROLES) or _rows(fam, r, cfg, inverse=False) is not None
+
+
 def from_gguf(fam: GgufFamily, gguf_name: str, t: torch.Tensor, cfg) -> torch.Tensor:
     """Inverse of ``to_gguf``. (1 + w) - 1 gives back w' with fp32 1 + w' == 1 + w: the norm computes
     the same; bit-exact w needs |w| within the range where the subtraction is exact.)"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -107,6 +108,38 @@ def _encode(t: torch.Tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(a, qtype).view(np.uint8)
 
 
+BLOCK_BYTES = 64 << 20  # float32 bytes of a tensor converted and written at a time (a module constant: tests lower it)
+
+
+def _write_rows(w, t: torch.Tensor, qtype) -> None:
+    """``w.write_tensor_data(_encode(t.float(), qtype))`` a block of rows at a time: the same bytes (a
+    row-major tensor's bytes are its row blocks' bytes, for F32/F16/BF16 and the block quants, whose blocks
+    run along rows), without a whole float32 copy and a whole encoded copy beside ``t``. Alignment padding
+    as GGUFWriter.write_tensor_data writes it: before the tensor to the file offset, after it to its size."""
+    gguf = _gguf()
+    native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
+    if t.dim() < 2 or w.endianess != native:
+        w.write_tensor_data(_encode(t.float(), qtype))
+        return
+    if w.state is not gguf.gguf_writer.WriterState.TI_DATA and w.state is not gguf.gguf_writer.WriterState.WEIGHTS:
+        raise ValueError(f"Expected output file to contain tensor info or weights, got {w.state}")
+    file_id = next(i for i, ts in enumerate(w.tensors) if len(ts) > 0)
+    fout = w.fout[file_id]
+    ti = w.tensors[file_id].pop(next(iter(w.tensors[file_id])))
+    rows = t.reshape(-1, t.shape[-1])
+    step = max(1, BLOCK_BYTES // (4 * rows.shape[1]))
+    w.write_padding(fout, fout.tell())
+    written = 0
+    for i in range(0, rows.shape[0], step):
+        a = _encode(rows[i:i + step].float(), qtype)
+        a.tofile(fout)
+        written += a.nbytes
+    if written != ti.nbytes:
+        raise AssertionError(f"wrote {written} bytes of a {ti.nbytes}-byte tensor")
+    w.write_padding(fout, written)
+    w.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
 # llama.cpp sets token attributes by general.name: a name containing one of these words makes it look
 # these tokens up, and a vocabulary without them stops the load (unordered_map::at, llama-vocab.cpp)
 NAME_RULES = ((("phi-3", "phi3"), ("</s>", "<unk>", "<s>", "<|endoftext|>")),)
@@ -182,11 +215,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                 raise UnsupportedError(f"llama.cpp's {fam.arch} architecture has no {gguf_arch.role(names[own])} bias "
                                        f"(tensor {n!r})", ck.path)
             shape = view.info(n).shape
-            plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n).float()))
+            plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n, mapped=True)))
         if tied and fam.output == "required":  # the tied head written as its own tensor
             emb = disk["model.embed_tokens.weight"]
             shape = view.info(emb).shape
-            plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb).float()))
+            plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb, mapped=True)))
         for gname, make in fam.extra:
             t = make(cfg)
             if t is not None:
@@ -211,10 +244,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
-                t = get()
-                if hf is not None:
-                    t = gguf_arch.to_gguf(fam, gname, t, cfg)
-                w.write_tensor_data(_encode(t, q))
+                t = get()  # as stored (mapped) when no adapter changes it, else the merged fp32 tensor
+                if hf is not None and gguf_arch.changes(fam, gname, cfg):
+                    w.write_tensor_data(_encode(gguf_arch.to_gguf(fam, gname, t.float(), cfg), q))
+                else:
+                    _write_rows(w, t, q)
             w.close()
     report["tensors"] = len(plan)
     if skipped:

@@ -51,3 +51,34 @@ def sum_sq(t: torch.Tensor, chunk: int = 1 << 22) -> float:
     rows = t if t.dim() == 2 else t.reshape(t.shape[0], -1) if t.dim() > 2 else t.reshape(-1, 1)
     step = max(1, chunk // max(1, rows.shape[1]))
     return sum(float(c.double().pow(2).sum()) for c in rows.split(step))
+
+
+def delta_sq(wb: torch.Tensor, wt: torch.Tensor, device, transposed: bool = False,
+             chunk: int = 1 << 22) -> tuple[torch.Tensor, float]:
+    """(ΔW = wt − wb in float32 on ``device``, ‖ΔW‖²_F), built a block of rows at a time: no whole-tensor
+    temporary beside the result (``delta -= wb`` with a bf16 ``wb`` would promote it to a whole float32
+    copy). ``transposed``: ΔW (2-D) is returned as the transpose of a contiguous ΔWᵀ. Element by element
+    the same fp32 arithmetic as ``wt.float() - wb.float()``, and the norm is ``sum_sq(ΔW)`` exactly (the
+    same row blocks, summed in the same order)."""
+    if wt.dim() == 0:
+        d = wt.to(device, torch.float32, copy=True)
+        d -= wb.to(device)
+        return d, sum_sq(d, chunk)
+    if transposed:
+        assert wt.dim() == 2
+        delta = torch.empty(wt.shape[1], wt.shape[0], dtype=torch.float32, device=device).T
+    else:
+        delta = torch.empty(wt.shape, dtype=torch.float32, device=device)
+
+    def rows(t):  # the row view sum_sq uses
+        return t if t.dim() == 2 else t.reshape(t.shape[0], -1) if t.dim() > 2 else t.reshape(-1, 1)
+
+    rb, rt, rd = rows(wb), rows(wt), rows(delta)
+    step = max(1, chunk // max(1, rd.shape[1]))
+    e = 0
+    for i in range(0, rd.shape[0], step):
+        blk = rt[i:i + step].to(device, torch.float32, copy=True)
+        blk -= rb[i:i + step].to(device)
+        e += float(blk.double().pow(2).sum())
+        rd[i:i + step].copy_(blk)
+    return delta, e

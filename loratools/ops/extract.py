@@ -1,6 +1,7 @@
 """Extract a LoRA from a full fine-tune: ΔW = W_tuned − W_base, tensor by tensor, factored.
 
-Streaming: one module's two weights, their delta and its factors are in memory at a time.
+Streaming: one module's delta (fp32) and its factors are in memory at a time; its two weights are
+read through file-backed maps and the delta built from them a block of rows at a time.
 With ``budget``, each module's factors at the cap rank (256 or --max-rank) go to a scratch file
 beside the output until the global allocation is known, then each is read back and cut to its
 rank: memory stays at one module's factors (a 7B model's cap-rank factors are ~3.5 GB).
@@ -26,7 +27,7 @@ from ..device import pick_device
 from ..fsutil import check_output, check_space
 from ..modelinfo import EMBED, embed_name, head_name, read_model_info, tied_pair
 from . import factor
-from .common import check_finite, progress, sum_sq
+from .common import check_finite, delta_sq, progress, sum_sq
 
 EMBED_NAMES = ("model.embed_tokens", "lm_head")  # the usual layout; the checkpoint's own names are found by modelinfo
 REPORT = "extract_report.json"
@@ -114,15 +115,17 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             mod, _, leaf = name.rpartition(".")
             if not info.dtype.is_floating_point:
                 continue
-            wb, wt = kb.get(name), kt.get(name)
+            # as stored, without a private copy (a file-backed map for safetensors): the fp32 delta is
+            # the one whole-tensor buffer of a module
+            wb, wt = kb.get_mapped(name), kt.get_mapped(name)
             check_finite(wb, name, kb.path)
             check_finite(wt, name, kt.path)
             if torch.equal(wb, wt):
                 report["unchanged"].append(name)
                 continue
-            delta = wt.to(dev, torch.float32, copy=True)  # never an alias of wt, which may be kept (embeddings=full)
-            delta -= wb.to(dev)  # in fp32 (bf16/fp16 operands are promoted element by element)
-            e = sum_sq(delta)
+            # the embedding is factored as ΔWᵀ (PEFT's orientation): its delta is built in that layout,
+            # so that the products of the SVD read it in place
+            delta, e = delta_sq(wb, wt, dev, transposed=mod == emb_mod and len(info.shape) == 2)
             energy_total += e
             if e == 0.0:
                 report["unchanged"].append(name)
@@ -144,7 +147,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 if embeddings == "skip":
                     continue
                 if embeddings == "full":
-                    full[name] = wt  # modules_to_save: the tuned tensor itself, in its own dtype
+                    wt = kt.get(name)  # modules_to_save: the tuned tensor itself, in its own dtype (a copy, not the map)
+                    full[name] = wt
                     report["embeddings"][mod] = {"mode": "full", "params": wt.numel()}
                     continue
                 del embed_energy[name]

@@ -165,14 +165,18 @@ class MergedView:
     def changed(self, name: str) -> bool:
         return name in self.saved or name in self.updates or name in self.added
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, mapped: bool = False) -> torch.Tensor:
+        """The merged tensor: an unchanged one as stored (``mapped``: a file-backed map where the shard
+        is safetensors, no private copy), a changed one in float32."""
         src = self.source(name)
         # a full tensor saved with the adapter (modules_to_save, save_embedding_layers) replaces the
         # base tensor; LoRA updates on the same module then apply on top of it, as in PEFT
         if name in self.added:
             t = torch.zeros(self.added[name].shape, dtype=self.added[name].dtype)
         else:
-            t = self.saved[name] if name in self.saved else self.ck.get(src)
+            # (a map only when nothing is added in place below: writes to it would show in later reads)
+            t = self.saved[name] if name in self.saved else \
+                self.ck.get_mapped(src) if mapped and name not in self.updates else self.ck.get(src)
         ups = self.updates.get(name, [])
         if not ups:
             if name in self.saved:
