@@ -45,6 +45,15 @@ def families(tmp_path_factory) -> Path:
     return make_families(tmp_path_factory.mktemp("families"))
 
 
+@pytest.fixture(scope="session")
+def moe_families(tmp_path_factory) -> Path:
+    """The mixture-of-experts fixtures (fixtures.families.MOE_FIXTURES), built by transformers:
+    moe_families / name."""
+    from fixtures.families import MOE_FIXTURES, make_families
+
+    return make_families(tmp_path_factory.mktemp("moe_families"), list(MOE_FIXTURES))
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the CLI in-process: returns (exit_code, stdout, stderr)."""

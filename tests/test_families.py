@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from fixtures.families import FIXTURES
+from fixtures.families import FIXTURES, MOE_FIXTURES
 from loratools import api
 from loratools.arch import FAMILIES, load_config, parse_config
 from loratools.checkpoint import Checkpoint
@@ -53,7 +53,7 @@ def peft_saved(d, out, seed=0, **cfg):
 
 
 def test_every_registry_family_has_a_fixture():
-    assert set(FAMILIES) <= {f.family for f in FIXTURES.values()}
+    assert set(FAMILIES) <= {f.family for f in [*FIXTURES.values(), *MOE_FIXTURES.values()]}
 
 
 # -- reference decoder -------------------------------------------------------------------------

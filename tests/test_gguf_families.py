@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures.families import FIXTURES, make_family
+from fixtures.families import FIXTURES, MOE_FIXTURES, make_family
 from loratools import api
 from loratools.arch import FAMILIES as REGISTRY, load_config
 from loratools.checkpoint import Checkpoint
@@ -156,7 +156,7 @@ def test_fused_qkv_rows_on_a_norm_rope_architecture_permute_q_and_k_parts():
 def test_every_registry_family_has_a_gguf_path_or_a_stated_exclusion():
     for family in REGISTRY:
         assert family in gguf_arch.FAMILIES or gguf_arch.EXCLUDED.get(family), family
-    assert set(REGISTRY) <= {f.family for f in FIXTURES.values()}
+    assert set(REGISTRY) <= {f.family for f in [*FIXTURES.values(), *MOE_FIXTURES.values()]}
 
 
 @pytest.mark.parametrize("name", EXCLUDED_NAMES or ["(none)"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import UnsupportedError
-from .spec import ArchSpec
+from .spec import ArchSpec, MoeSpec
 
 LLAMA = ArchSpec("llama", "LlamaForCausalLM", mlp_bias="mlp_bias")
 MISTRAL = replace(LLAMA, family="mistral", hf_class="MistralForCausalLM", qkv_bias=False, o_bias=False, mlp_bias=False)
@@ -83,8 +83,28 @@ SMOLLM3 = ArchSpec(
     "smollm3", "SmolLM3ForCausalLM", mlp_bias="mlp_bias", nope_field="no_rope_layers", sliding="nope_layers",
     sliding_flag="use_sliding_window", defaults={"tie_word_embeddings": True, "no_rope_layer_interval": 4})
 
+# -- mixture of experts (expert LoRA: arch/spec.py MoeSpec) -------------------------------------
+# implemented=False until the reference decoder runs the family (tensor operations need no spec)
+MIXTRAL = replace(MISTRAL, family="mixtral", hf_class="MixtralForCausalLM", implemented=False,
+                  moe=MoeSpec(experts="num_local_experts", intermediate="intermediate_size", renorm=True,
+                              block="block_sparse_moe", leaves=("w1", "w3", "w2")))
+QWEN2_MOE = replace(QWEN2, family="qwen2_moe", hf_class="Qwen2MoeForCausalLM", implemented=False,
+                    moe=MoeSpec(shared="shared_expert_intermediate_size", dense_rule="sparse_step"))
+QWEN3_MOE = replace(QWEN3, family="qwen3_moe", hf_class="Qwen3MoeForCausalLM", implemented=False,
+                    moe=MoeSpec(dense_rule="sparse_step"))
+OLMOE = replace(LLAMA, family="olmoe", hf_class="OlmoeForCausalLM", qk_norm="proj", mlp_bias=False, sliding="none",
+                implemented=False, moe=MoeSpec(intermediate="intermediate_size"))
+GPT_OSS = replace(LLAMA, family="gpt_oss", hf_class="GptOssForCausalLM", mlp_bias=False, attn_sinks=True,
+                  rope_types=("default", "yarn"), implemented=False,
+                  moe=MoeSpec(experts="num_local_experts", intermediate="intermediate_size", scoring="topk_softmax",
+                              renorm=False, router="router", router_bias=True, disk_layout="gpt_oss",
+                              expert_bias=True, act_clamp="swiglu_limit"),
+                  defaults={"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True})
+
 FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, GEMMA4, PHI3, OLMO2, GRANITE, SMOLLM3)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, GEMMA4, PHI3, OLMO2, GRANITE, SMOLLM3,
+    MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GPT_OSS)}
+MOE_FAMILIES = tuple(k for k, s in FAMILIES.items() if s.moe is not None)
 
 
 def get_spec(model_type: str, path=None) -> ArchSpec:

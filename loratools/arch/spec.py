@@ -82,6 +82,10 @@ decoder reads the resolved switches, never a family name.
                           transformers forces it)
     refuse                ((config field, value, what), ...): values the decoder does not run,
                           refused in one line (Gemma 4 MoE blocks, bidirectional attention)
+    moe                   the MLP of (some) layers is a mixture of experts: a MoeSpec (below), None
+                          for dense families
+    attn_sinks            each head has a learned sink logit ``self_attn.sinks`` (heads,) that joins
+                          the softmax and takes probability mass but adds no value (gpt-oss)
     defaults              values transformers' config class uses for fields config.json may
                           omit (e.g. Gemma 2 query_pre_attn_scalar 256)
     implemented           the reference decoder runs this family (False: known to the registry,
@@ -137,6 +141,8 @@ class ArchSpec:
     layer_scalar: bool = False
     last_layer_full: bool = False
     refuse: tuple = ()
+    moe: "MoeSpec | None" = None
+    attn_sinks: bool = False
     defaults: dict = field(default_factory=dict)
     implemented: bool = True
 
@@ -151,3 +157,73 @@ QK_NORMS = (None, "head", "proj")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "silu": "silu"}
 SLIDING_RULES = ("all", "qwen", "pattern", "nope_layers", "none")
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """A mixture-of-experts MLP: a router picks top-k of E experts per token; each expert is a
+    gated MLP (gate, up, down); the outputs are summed with the routing weights.
+
+    Names. In memory (transformers 5) and in PEFT the block is ``mlp``: router ``mlp.<router>``,
+    experts fused as 3-D parameters ``mlp.experts.gate_up_proj`` / ``mlp.experts.down_proj``. On
+    disk the layout is ``disk_layout``:
+
+      "per_expert"   one 2-D tensor per expert and matrix, as transformers saves them:
+                     ``<block>.experts.<e>.<leaf>.weight`` with leaves ``leaves`` (gate, up, down)
+                     and the router ``<block>.<router>.weight`` (Mixtral: block
+                     "block_sparse_moe", leaves w1 / w3 / w2). The same tensors in the
+                     in-memory fused layout (``mlp.experts.gate_up_proj`` (E, 2I, H), gate rows
+                     then up rows; ``mlp.experts.down_proj`` (E, H, I)) are read too.
+      "gpt_oss"      fused 3-D tensors on disk as in memory, transposed to (E, in, out):
+                     ``mlp.experts.gate_up_proj`` (E, H, 2I) with gate and up *interleaved*
+                     (columns 0::2 gate, 1::2 up), ``gate_up_proj_bias`` (E, 2I),
+                     ``down_proj`` (E, I, H), ``down_proj_bias`` (E, H); or MXFP4
+                     ``*_blocks`` / ``*_scales`` (dequantized on read).
+
+    loratools' canonical expert LoRA is per expert and matrix, 2-D, named as the per-expert
+    tensors are (``model.layers.L.mlp.experts.<e>.gate_proj``; Mixtral
+    ``model.layers.L.block_sparse_moe.experts.<e>.w1``; gpt-oss uses the gate_proj / up_proj /
+    down_proj names for its virtual per-expert matrices).
+
+    field           meaning
+    experts         config field: number of routed experts
+    top_k           config field: experts per token
+    intermediate    config field: width I of one routed expert
+    scoring         "softmax_topk": softmax over all E logits (fp32), then top-k (Mixtral, Qwen,
+                    OLMoE); "topk_softmax": top-k logits, softmax over those k (gpt-oss)
+    renorm          True, False, or the config field (norm_topk_prob) that says whether the k
+                    weights are divided by their sum ("topk_softmax" sums to 1 anyway)
+    router          leaf name of the router linear under the block ("gate"; gpt-oss "router")
+    router_bias     the router has a bias (gpt-oss)
+    block           module name of the MoE block on disk ("mlp"; Mixtral "block_sparse_moe")
+    leaves          per-expert leaf names on disk for (gate, up, down)
+    disk_layout     "per_expert" or "gpt_oss" (above)
+    expert_bias     experts have biases (gpt-oss gate_up_proj_bias / down_proj_bias)
+    shared          config field: width of the always-on shared expert (Qwen2-MoE
+                    shared_expert_intermediate_size; its output is scaled by
+                    sigmoid(shared_expert_gate(x))); None: no shared expert
+    dense_rule      which layers are dense MLPs: None (every layer is MoE) or "sparse_step"
+                    (layer i is MoE unless i in mlp_only_layers or (i + 1) % decoder_sparse_step)
+    act_clamp       config field of gpt-oss's clamped SwiGLU limit (swiglu_limit; with
+                    swiglu_alpha): gate = min(gate, limit), up = clamp(up, -limit, limit),
+                    out = (up + 1) · gate · sigmoid(alpha · gate); None: act(gate) · up
+    """
+
+    experts: str = "num_experts"
+    top_k: str = "num_experts_per_tok"
+    intermediate: str = "moe_intermediate_size"
+    scoring: str = "softmax_topk"
+    renorm: str | bool = "norm_topk_prob"
+    router: str = "gate"
+    router_bias: bool = False
+    block: str = "mlp"
+    leaves: tuple = ("gate_proj", "up_proj", "down_proj")
+    disk_layout: str = "per_expert"
+    expert_bias: bool = False
+    shared: str | None = None
+    dense_rule: str | None = None
+    act_clamp: str | None = None
+
+
+MOE_SCORING = ("softmax_topk", "topk_softmax")
+MOE_DISK_LAYOUTS = ("per_expert", "gpt_oss")

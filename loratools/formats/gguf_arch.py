@@ -431,7 +431,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "smollm3": SMOLLM3,
 }
 # registry families with no GGUF path, and why (tests read this: an exclusion is explicit, never a skip)
-EXCLUDED: dict[str, str] = {}
+EXCLUDED: dict[str, str] = {f: "mixture-of-experts GGUF export is not written yet" for f in
+                             ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")}
 
 
 # -- import of a GGUF without loratools' source config (llama.cpp's converter, other tools) --------
