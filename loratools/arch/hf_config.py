@@ -220,7 +220,7 @@ def _pos_float(cfg: dict, key: str, path, default: float = 1.0) -> float:
     return float(v)
 
 
-def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelConfig:
+def parse_config(cfg: dict, path: str | os.PathLike = "config.json", tensors_only: bool = False) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise InputError("config.json must hold a JSON object", path)
     mt = cfg.get("model_type")
@@ -228,7 +228,7 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
         raise InputError("missing field 'model_type'", path)
     if not isinstance(mt, str):
         raise InputError(f"field 'model_type' must be a string, got {mt!r}", path)
-    spec = get_spec(mt, path)
+    spec = get_spec(mt, path, tensors_only)
     raw = dict(cfg)
     if spec.text_config:
         tc = cfg.get("text_config")
@@ -465,6 +465,8 @@ def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:
 
 def _windows(cfg, spec: ArchSpec, types: list[str], layers: int, path) -> list:
     window = cfg.get("sliding_window")
+    if window == 0 and spec.sliding_flag is not None and not cfg.get(spec.sliding_flag):
+        window = None  # transformers 5 Qwen2-MoE saves sliding_window 0 when use_sliding_window is false
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise InputError(f"field 'sliding_window' must be a positive integer or null, got {window!r}", path)
     if spec.sliding == "none":
@@ -604,13 +606,13 @@ def _rope(cfg, spec: ArchSpec, d: dict, head_dim: int, hidden: int, heads: int, 
     return RopeSpec(float(theta), rt, rotary, scaling, attention_factor)
 
 
-def load_config(path: str | os.PathLike) -> ModelConfig:
+def load_config(path: str | os.PathLike, tensors_only: bool = False) -> ModelConfig:
     p = Path(path)
     if not p.exists():
         raise InputError("no such file or directory", p)
     if p.is_dir():
         p = p / "config.json"
-    return parse_config(read_json(p, "config.json"), p)
+    return parse_config(read_json(p, "config.json"), p, tensors_only)
 
 
 def rope_inv_freq(cfg: ModelConfig, rope: RopeSpec | None = None, long: bool = False):

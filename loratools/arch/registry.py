@@ -107,10 +107,12 @@ FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
 MOE_FAMILIES = tuple(k for k, s in FAMILIES.items() if s.moe is not None)
 
 
-def get_spec(model_type: str, path=None) -> ArchSpec:
-    """The spec of ``model_type``; an unknown one is refused in one line naming the family."""
+def get_spec(model_type: str, path=None, tensors_only: bool = False) -> ArchSpec:
+    """The spec of ``model_type``; an unknown one is refused in one line naming the family.
+    ``tensors_only``: a family the reference decoder does not run yet (implemented=False) is given
+    too, for paths that only move tensors (GGUF export / import of mixture-of-experts models)."""
     spec = FAMILIES.get(model_type)
-    if spec is None or not spec.implemented:
+    if spec is None or not (spec.implemented or tensors_only):
         known = ", ".join(k for k, s in FAMILIES.items() if s.implemented)
         raise UnsupportedError(f"unsupported architecture model_type={model_type!r}: no architecture spec for this "
                                f"family (supported: {known})", path)
