@@ -457,11 +457,11 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     check_output(out, [path], overwrite)
     reader = open_gguf(path)
     cfgd = config_from_gguf(reader, path)
-    cfg = parse_config(cfgd, path)
+    cfg = parse_config(cfgd, path, tensors_only=True)
     fam = gguf_arch.family(cfg, path)
     if fam.import_as is not None:  # a multimodal source: the GGUF holds its text model, imported as that
         cfgd = text_only_config(cfgd, *fam.import_as)
-        cfg = parse_config(cfgd, path)
+        cfg = parse_config(cfgd, path, tensors_only=True)
     inverse = {v: k for k, v in name_map(cfg).items()}
     generated = {g for g, _ in fam.extra}
     if cfg.tie_word_embeddings and fam.output == "required":
@@ -473,28 +473,42 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     else:
         from ..ops.common import parse_dtype
         dt = parse_dtype(dtype, allow_keep=False)
-    plan = []
+
+    def deq(t, data=None, shape=None):
+        try:
+            a = gguf.quants.dequantize(t.data if data is None else data, t.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
+        x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+        return x.reshape(shape) if shape is not None else x
+
+    mv = gguf_moe.moe_values(cfg, path)
+    stacked = gguf_moe.unstack_plan(cfg, mv, tensors, deq, path) if mv is not None else []
+    taken = {g for _, _, _, used in stacked for g in used}
+    plan = []  # (hf name, shape, fp32 producer)
     for gname, t in tensors.items():
-        if gname in generated:
+        if gname in generated or gname in taken:
             continue
         hf = inverse.get(gname)
         if hf is None:
             raise UnsupportedError(f"unexpected tensor {gname!r} for a {fam.arch} model", path)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        plan.append((hf, t, shape))
-    check_fits(cfg, {hf: shape for hf, _, shape in plan}, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
+        if gname.endswith("ffn_gate_inp_shexp.weight"):  # a vector in llama.cpp, (1, H) in transformers
+            shape = (1,) + shape
+        plan.append((hf, shape, lambda t=t, shape=shape: gguf_arch.from_gguf(fam, t.name, deq(t, shape=shape), cfg)))
+    plan += [(hf, shape, make) for hf, shape, make, _ in stacked]
+    shapes = {hf: shape for hf, shape, _ in plan}
+    if mv is None:
+        check_fits(cfg, shapes, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
+    else:
+        _check_moe(cfg, mv, shapes, path)
     cfgd["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
-    specs = [st.TensorInfo(hf, dt, shape) for hf, _, shape in plan]
+    specs = [st.TensorInfo(hf, dt, shape) for hf, shape, _ in plan]
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)
     check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
     with CheckpointWriter(out, specs, config=cfgd) as wr:
-        for (hf, t, shape), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
-            try:
-                a = gguf.quants.dequantize(t.data, t.tensor_type)
-            except (NotImplementedError, ValueError) as e:
-                raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
-            x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).reshape(shape)
-            wr.write(hf, gguf_arch.from_gguf(fam, t.name, x, cfg).to(spec.dtype))
+        for (hf, shape, make), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
+            wr.write(hf, make().to(spec.dtype))
         for name, text in files.items():
             (wr.tmp / name).write_text(text)
         gen = {k: v for k, v in (("bos_token_id", cfgd.get("bos_token_id")), ("eos_token_id", cfgd.get("eos_token_id"))) if v is not None}

@@ -231,3 +231,58 @@ def check_experts(cfg, mv: MoeValues, shapes: dict, path) -> None:
             raise IncompatibleError(f"checkpoint lacks expert tensor {n!r}", path)
         if tuple(shapes[n]) != tuple(s):
             raise IncompatibleError(f"tensor {n!r} has shape {tuple(shapes[n])} but config.json implies {tuple(s)}", path)
+
+
+# -- import: stacked GGUF tensors -> the checkpoint layout transformers writes ------------------
+def unstack_plan(cfg, mv: MoeValues, tensors: dict, deq, path) -> list[tuple[str, tuple, Callable, tuple]]:
+    """(checkpoint name, shape, fp32 producer, GGUF tensors used) of every expert tensor. Per-expert
+    layouts: one producer per expert and matrix (its slab of the stacked tensor, dequantized alone);
+    gpt-oss: the fused (E, H, 2I) gate_up_proj (gate and up interleaved), down_proj (E, I, H) and
+    their biases, as transformers saves them."""
+    out = []
+    for layer, is_moe in enumerate(mv.moe_layers):
+        if not is_moe:
+            continue
+        names = {r: stacked_name(layer, r) for r in ROLES}
+        missing = [n for n in names.values() if n not in tensors]
+        if missing:
+            raise IncompatibleError(f"GGUF lacks expert tensor {missing[0]!r}", path)
+        for r, g in names.items():
+            want = (mv.experts, *expert_shape(cfg, mv, r))
+            have = tuple(int(x) for x in reversed(tensors[g].shape.tolist()))
+            if have != want:
+                raise IncompatibleError(f"tensor {g!r} has shape {have} but the config implies {want}", path)
+        if mv.disk_layout == "gpt_oss":
+            b = f"{block(mv, layer)}.experts."
+            h, i, n = cfg.hidden_size, mv.inter, mv.experts
+            bias = {r: f"blk.{layer}.{EXPS[r]}.bias" for r in ROLES}
+            if any(x not in tensors for x in bias.values()):
+                raise IncompatibleError(f"GGUF lacks the expert biases of layer {layer} ({bias['gate']!r})", path)
+
+            def gate_up(gt=tensors[names["gate"]], ut=tensors[names["up"]], n=n, i=i, h=h):
+                fused = torch.empty(n, h, 2 * i)
+                fused[..., 0::2] = deq(gt, shape=(n, i, h)).transpose(1, 2)
+                fused[..., 1::2] = deq(ut, shape=(n, i, h)).transpose(1, 2)
+                return fused
+
+            def gate_up_bias(gt=tensors[bias["gate"]], ut=tensors[bias["up"]], n=n, i=i):
+                fused = torch.empty(n, 2 * i)
+                fused[:, 0::2], fused[:, 1::2] = deq(gt, shape=(n, i)), deq(ut, shape=(n, i))
+                return fused
+            out += [
+                (b + "gate_up_proj", (n, h, 2 * i), gate_up, (names["gate"], names["up"])),
+                (b + "gate_up_proj_bias", (n, 2 * i), gate_up_bias, (bias["gate"], bias["up"])),
+                (b + "down_proj", (n, i, h),
+                 lambda t=tensors[names["down"]], n=n, i=i, h=h: deq(t, shape=(n, h, i)).transpose(1, 2).contiguous(),
+                 (names["down"],)),
+                (b + "down_proj_bias", (n, h), lambda t=tensors[bias["down"]], n=n, h=h: deq(t, shape=(n, h)),
+                 (bias["down"],)),
+            ]
+            continue
+        for r, g in names.items():
+            t = tensors[g]
+            shape = expert_shape(cfg, mv, r)
+            for e in range(mv.experts):
+                out.append((expert_module(mv, layer, e, r) + ".weight", shape,
+                            lambda t=t, e=e, shape=shape: deq(t, t.data[e], shape), (g,)))
+    return out
