@@ -2,6 +2,13 @@
 conversion_mapping): a multimodal Gemma 3 is saved as ``language_model.model.*`` /
 ``language_model.lm_head`` but held in memory (and named by PEFT) as ``model.language_model.*`` /
 ``lm_head``. Needs no family: the pairs come from every spec's layouts.
+
+Mixture-of-experts blocks: transformers 5 holds (and PEFT names) every MoE block as ``mlp`` while
+Mixtral saves it as ``block_sparse_moe`` (MoeSpec.block): the router ``model.layers.L.mlp.gate``
+is ``model.layers.L.block_sparse_moe.gate`` on disk. ``disk_name`` maps either spelling to the one
+the checkpoint has; ``memory_name`` maps the router (and any non-expert name under the block) to
+``mlp``, and leaves per-expert names (``block_sparse_moe.experts.E.w1``: loratools' canonical
+expert modules, as transformers 4.x named them) alone.
 """
 from __future__ import annotations
 
@@ -21,6 +28,12 @@ def _pairs() -> list[tuple[str, str]]:
     return list(dict.fromkeys(p for p in out if p[0] != p[1]))
 
 
+def _block_pairs() -> list[tuple[str, str]]:
+    """(in-memory, on-disk) infixes of MoE blocks saved under another name (".mlp.", ".block_sparse_moe.")."""
+    return list(dict.fromkeys((".mlp.", f".{s.moe.block}.") for s in FAMILIES.values()
+                              if s.moe is not None and s.moe.block != "mlp"))
+
+
 def disk_name(name: str, keys: Iterable[str]) -> str:
     """``name`` (a module or tensor name in any known layout) as the checkpoint with tensor
     names ``keys`` spells it; unchanged when it already matches or no layout pair fits."""
@@ -34,6 +47,12 @@ def disk_name(name: str, keys: Iterable[str]) -> str:
                 cand = cand[:-1] if cand.endswith(".") else cand
                 if cand in keys or f"{cand}.weight" in keys:
                     return cand
+    for mem, disk in _block_pairs():
+        for a, b in ((mem, disk), (disk, mem)):
+            if a in name:
+                cand = name.replace(a, b, 1)
+                if cand in keys or f"{cand}.weight" in keys:
+                    return cand
     return name
 
 
@@ -43,6 +62,9 @@ def memory_name(name: str) -> str:
         if name.startswith(disk) or name + "." == disk:
             out = mem + (name + ".")[len(disk):]
             return out[:-1] if out.endswith(".") else out
+    for mem, disk in _block_pairs():
+        if disk in name and f"{disk}experts." not in name:
+            return name.replace(disk, mem, 1)
     return name
 
 
