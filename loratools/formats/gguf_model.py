@@ -238,9 +238,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         if mv is None:
             check_fits(cfg, shapes, ck.path)  # llama.cpp would refuse the file
         else:
-            _check_moe(cfg, mv, shapes, ck.path)
             reader = gguf_moe.ExpertReader(view, cfg, mv, ck.path)
             stacked, consumed = gguf_moe.stacked_plan(cfg, mv, reader), reader.consumed()
+            _check_moe(cfg, mv, shapes, ck.path, stored=consumed)
             report["experts"] = {"count": mv.experts, "used": mv.top_k, "layers": sum(mv.moe_layers)}
         if view.untie and fam.output == "never":
             raise UnsupportedError(f"the adapter changes only one side of tied embeddings, and llama.cpp's {fam.arch} "
@@ -318,13 +318,16 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     return report
 
 
-def _check_moe(cfg, mv, shapes: dict, path) -> None:
+def _check_moe(cfg, mv, shapes: dict, path, stored=None) -> None:
     """check_fits for a mixture of experts: the 1:1 tensors and every expert tensor, with the shapes
-    config.json implies, nothing else and nothing missing (``lm_head.weight`` may be absent)."""
+    config.json implies, nothing else and nothing missing (``lm_head.weight`` may be absent).
+    ``stored``: the expert tensors of a checkpoint (an ExpertReader checked them), else the layout
+    import writes."""
     expected = expected_shapes(cfg)
-    experts = gguf_moe.disk_expert_shapes(cfg, mv)
+    experts = set(stored) if stored is not None else set(gguf_moe.disk_expert_shapes(cfg, mv))
     own = {cfg.to_internal(n): s for n, s in shapes.items() if cfg.to_internal(n) is not None}
-    gguf_moe.check_experts(cfg, mv, own, path)
+    if stored is None:
+        gguf_moe.check_experts(cfg, mv, own, path)
     for n, s in own.items():
         if n in experts or n.endswith("rotary_emb.inv_freq"):
             continue

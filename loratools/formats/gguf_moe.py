@@ -160,42 +160,54 @@ def _half(role: str) -> slice:
 
 
 class ExpertReader:
-    """Canonical per-expert weights of an open checkpoint (through a MergedView: adapters merged),
-    one expert at a time, fp32."""
+    """Canonical per-expert weights of an open checkpoint through a MergedView (adapters merged), one
+    expert at a time, fp32, whatever layout stores them (``arch.experts.ExpertView``: per-expert,
+    transformers-5 fused, gpt-oss fused, MXFP4 dequantized)."""
 
     def __init__(self, view, cfg, mv: MoeValues, path=None):
-        self.view, self.cfg, self.mv, self.path = view, cfg, mv, path
-        if mv.disk_layout == "gpt_oss":
-            touched = [n for n in getattr(view, "updates", {}) if ".experts." in n]
-            if touched:
-                raise UnsupportedError(f"merging expert LoRA into gpt-oss's fused expert tensors is not written yet "
-                                       f"(adapter tensor {touched[0]!r})", path)
+        from ..arch.experts import ExpertView
 
-    def _disk(self, name: str) -> str:
-        names = getattr(self.view, "_disk_of", None)
-        return names[name] if names else name
+        self.view, self.cfg, self.mv, self.path = view, cfg, mv, path
+        self.ev = ExpertView.of(view.ck)
+        self.index = {(w.layer, w.expert, w.part): w.name for w in self.ev.weights.values()}
+        for layer, is_moe in enumerate(mv.moe_layers):
+            for e in range(mv.experts if is_moe else 0):
+                for role in ROLES:
+                    name = self.index.get((layer, e, role))
+                    if name is None:
+                        raise IncompatibleError(f"checkpoint lacks the {role} weight of expert {e} in layer {layer}", path)
+                    want = expert_shape(cfg, mv, role)
+                    if tuple(self.ev.weights[name].shape) != want:
+                        raise IncompatibleError(f"expert weight {name!r} is {tuple(self.ev.weights[name].shape)} but "
+                                                f"config.json implies {want}", path)
+        extra = sorted({w.layer for w in self.ev.weights.values()} - {i for i, m in enumerate(mv.moe_layers) if m})
+        if extra:
+            raise IncompatibleError(f"layer {extra[0]} stores experts but config.json makes it a dense MLP", path)
 
     def weight(self, layer: int, e: int, role: str) -> torch.Tensor:
-        mv = self.mv
-        if mv.disk_layout == "gpt_oss":
-            b = f"{block(mv, layer)}.experts."
-            if role == "down":
-                return self.view.ck.get_mapped(self._disk(b + "down_proj"))[e].float().T  # (I, H) -> (H, I)
-            fused = self.view.ck.get_mapped(self._disk(b + "gate_up_proj"))[e]  # (H, 2I)
-            return fused[:, _half(role)].float().T
-        return self.view.tensor(self._disk(expert_module(mv, layer, e, role) + ".weight")).float()
+        name = self.index[(layer, e, role)]
+        slot = self.ev.weights[name].slot
+        if slot.expert is None and slot.stored == "plain":  # a per-expert tensor: the view merges it
+            return self.view.tensor(slot.tensor).float()
+        w = self.ev.read(self.view.ck, name)
+        for m, k in getattr(self.view, "updates", {}).get(name, ()):  # expert LoRA on a fused layout
+            w += k * m.delta()
+        return w
 
     def bias(self, layer: int, role: str) -> torch.Tensor:
-        """(E, out) expert biases (gpt-oss)."""
+        """(E, out) expert biases (gpt-oss, de-interleaved)."""
         b = f"{block(self.mv, layer)}.experts."
         if role == "down":
-            return self.view.ck.get(self._disk(b + "down_proj_bias")).float()
-        t = self.view.ck.get(self._disk(b + "gate_up_proj_bias")).float()
-        return t[:, _half(role)].contiguous()
+            return self.view.ck.get(b + "down_proj_bias").float()
+        return self.view.ck.get(b + "gate_up_proj_bias").float()[:, _half(role)].contiguous()
 
     def consumed(self) -> set[str]:
         """The checkpoint tensors the stacked GGUF tensors are made of."""
-        return {self._disk(n) for n in disk_expert_shapes(self.cfg, self.mv)}
+        out = set(self.ev.stored)
+        if self.mv.expert_bias:
+            out |= {f"{block(self.mv, i)}.experts.{t}_bias" for i, m in enumerate(self.mv.moe_layers) if m
+                    for t in ("gate_up_proj", "down_proj")}
+        return out
 
 
 def stacked_plan(cfg, mv: MoeValues, reader: ExpertReader) -> list[tuple[str, tuple, bool, Callable]]:
