@@ -146,7 +146,7 @@ def canonical_adapter(pm, cfg, name) -> Adapter:
     gate_leaf, up_leaf, down_leaf = cfg.moe.leaves
     for qual, m in pm.base_model.model.named_modules():
         if isinstance(m, ParamWrapper):
-            delta = m.get_delta_weight("default").float()  # the parameter's own layout
+            delta = m.get_delta_weight("default").detach().float()  # the parameter's own layout
             pname = m.parameter_name
             if delta.dim() == 2:  # a router: PEFT wraps its weight parameter (the router is no nn.Linear)
                 own = qual.replace(".mlp.", f".{block}.")

@@ -757,33 +757,54 @@ def expert_bias_slices(cfg: ModelConfig, name: str, shape: tuple) -> list[tuple[
     return [(f"{base}.{e}.{leaf}.bias", e, sel) for e in range(shape[0]) for leaf, sel in parts]
 
 
-def model_tensors(cfg: ModelConfig, ck) -> dict:
+def model_tensors(cfg: ModelConfig, ck, merged=None) -> dict:
     """The decoder's own tensor name -> (shape, read(dtype or None) -> tensor) for an open
     checkpoint: its tensors by name (a multimodal layout mapped, a vision tower left out), and a
     mixture-of-experts model's experts as canonical per-expert weights (arch/experts.py reads
-    every stored layout, one expert at a time) and biases."""
+    every stored layout, one expert at a time) and biases.
+
+    ``merged``: an ``ops.merge.MergedView`` of ``ck``: its tensors (adapters applied) are read
+    instead; an expert tensor an adapter changes is taken from the merged stored tensor (one
+    stored tensor held at a time, each expert's slab cut from it)."""
     from ..arch.experts import ExpertView
 
     view = ExpertView.of(ck) if cfg.moe is not None else None
+    names = merged.names() if merged is not None else ck.keys()
+    shape_of = (lambda n: tuple(merged.info(n).shape)) if merged is not None else (lambda n: tuple(ck.info(n).shape))
+    full = (lambda n: merged.tensor(n)) if merged is not None else (lambda n: ck.get(n))
+    last: dict = {}
+
+    def stored(name):  # the last whole stored tensor read (experts are read in order)
+        if name not in last:
+            last.clear()
+            last[name] = full(name)
+        return last[name]
+
     out: dict = {}
-    for name in ck.keys():
+    for name in names:
         if view is not None and view.covers(name):
             continue
-        shape = tuple(ck.info(name).shape)
+        shape = shape_of(name)
         bias = expert_bias_slices(cfg, name, shape)
         if bias is not None:
             for cname, e, sel in bias:
-                own = cfg.to_internal(cname)
                 n = len(range(shape[1])[sel])
-                out[own] = ((n,), lambda dt, name=name, e=e, sel=sel: _cast(ck.get_mapped(name)[e, sel], dt))
+                out[cfg.to_internal(cname)] = ((n,), lambda dt, name=name, e=e, sel=sel: _cast(stored(name)[e, sel], dt))
             continue
         own = cfg.to_internal(name)
         if own is None or name.endswith("rotary_emb.inv_freq"):
             continue
-        out[own] = (shape, lambda dt, name=name: _cast(ck.get(name), dt))
+        out[own] = (shape, lambda dt, name=name: _cast(full(name), dt))
+
+    def expert(cname, dt):
+        slot = view.weights[cname].slot
+        if merged is not None and merged.changed(slot.tensor):
+            t = stored(slot.tensor)
+            return _cast(slot.take(t if slot.expert is None else t[slot.expert]), dt)
+        return _cast(view.read(ck, cname, dtype=None), dt)
+
     for cname, w in (view.weights.items() if view else ()):
-        own = cfg.to_internal(cname)
-        out[own] = (tuple(w.shape), lambda dt, cname=cname: _cast(view.read(ck, cname, dtype=None), dt))
+        out[cfg.to_internal(cname)] = (tuple(w.shape), lambda dt, cname=cname: expert(cname, dt))
     return out
 
 
