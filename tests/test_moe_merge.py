@@ -237,3 +237,15 @@ def test_nowhere_is_an_error(moe_families, tmp_path):
         api.merge(dense, [ad2], tmp_path / "o2")
     assert "no mixture-of-experts layers" in str(e.value) and "mlp.experts.0.gate_proj" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_cli_merge_mxfp4(moe_families, tmp_path, run_cli):
+    from fixtures.mxfp4 import make_mxfp4
+
+    q = make_mxfp4(moe_families / "gpt_oss", tmp_path / "q")
+    ad = per_expert_adapter(q, tmp_path / "ad", "gpt_oss")
+    code, out, err = run_cli("merge", "--base", q, "-a", ad, "-o", tmp_path / "m", "--quiet")
+    assert code == 0, err
+    assert "(16 experts changed)" in out and "quantization_config dropped" in out
+    code, out, err = run_cli("merge", "--base", moe_families / "olmoe", "-a", ad, "-o", tmp_path / "bad")
+    assert code == 3 and "does not have" in err and "8 experts in each of layers 0, 1" in err
