@@ -60,11 +60,19 @@ def _module_names(base: str | os.PathLike | None) -> list[str] | None:
         return [k.rsplit(".", 1)[0] for k in ck.keys() if k.endswith(".weight")]
 
 
+def _base_family(base) -> str | None:
+    """model_type of a base model folder (the expert layout of MoE adapters), if any."""
+    if base is None or not Path(base).is_dir() or not (Path(base) / "config.json").is_file():
+        return None
+    return read_model_info(base).model_type
+
+
 def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT folder or a kohya file. With ``base``, check that it fits the base model."""
     kind = detect(path)
+    family = _base_family(base)
     if kind == "peft":
-        a = peft.read_peft(path, allow_pickle=allow_pickle)
+        a = peft.read_peft(path, allow_pickle=allow_pickle, family=family)
     elif kind == "kohya":
         a = kohya.read_kohya(path, _module_names(base))
     else:
@@ -76,8 +84,25 @@ def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None,
         with Checkpoint.open(base) as ck:
             shapes = {k: ck.info(k).shape for k in ck.keys()}
         shapes = with_tied_head(shapes, tied_pair(info, shapes))
+        shapes = _with_expert_shapes(shapes, info, a)
         align_adapter(a, shapes).check_against(shapes, f"base model {base}")  # PEFT names vs the saved layout
     return a
+
+
+def _with_expert_shapes(shapes: dict, info, a: Adapter | None = None) -> dict:
+    """``shapes`` plus the canonical per-expert weights of an MoE base (whatever its stored layout);
+    the adapter learns the base's expert count (fused expert LoRA is written for all experts)."""
+    if info is None:
+        return shapes
+    from .arch.experts import ExpertView
+
+    view = ExpertView.from_shapes(shapes, info.raw)
+    if not view:
+        return shapes
+    if a is not None and view.num_experts:
+        a.num_experts = a.num_experts or max(view.num_experts.values())
+        a.family = a.family or info.model_type
+    return {**shapes, **{n: w.shape for n, w in view.weights.items()}}
 
 
 def _num_layers(base) -> int | None:
