@@ -111,18 +111,23 @@ def _num_layers(base) -> int | None:
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", overwrite: bool = False,
-                 inputs: Iterable = (), num_layers: int | None = None) -> Path:
+                 inputs: Iterable = (), num_layers: int | None = None, expert_form: str | None = None) -> Path:
+    """Write ``adapter``; ``expert_form`` ("fused", the default, or "per_expert"): how PEFT expert LoRA is written."""
     check_output(out, inputs, overwrite)
     if fmt == "peft":
-        return peft.write_peft(adapter, out, num_layers=num_layers)
+        return peft.write_peft(adapter, out, num_layers=num_layers, expert_form=expert_form)
+    if expert_form is not None and any(peft.px.is_expert_name(n) for n in adapter.modules):
+        raise InputError(f"--expert-form applies to PEFT output, not {fmt}")
     if fmt == "kohya":
         return kohya.write_kohya(adapter, out)
     raise InputError(f"unknown adapter format {fmt!r} (peft or kohya)")
 
 
-def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False) -> Path:
+def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False,
+                    expert_form: str | None = None) -> Path:
     a = load_adapter(src, base)
-    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base))
+    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base),
+                        expert_form=expert_form)
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ def RankRule(kind: str = "rank", value: float = 16, max_rank: int | None = None)
 def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, include: str | None = None,
             exclude: str | None = None, embeddings: str = "lora", device: str = "auto", seed: int = 0,
             oversample: int = 16, power_iters: int = 4, dtype: str | torch.dtype = "fp32", overwrite: bool = False,
-            quiet: bool = True, plot=None) -> tuple[Adapter, dict]:
+            quiet: bool = True, plot=None, expert_form: str | None = None) -> tuple[Adapter, dict]:
     """Extract a LoRA from a full fine-tune (written as PEFT to ``out``); ``plot``: draw the spectra."""
     from .ops.common import parse_dtype
     from .ops.extract import extract as run
@@ -329,7 +334,7 @@ def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, in
         check_plot(plot, [base, tuned], overwrite, out)
     a, rep = run(base, tuned, out, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                  embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
-                 dtype=dt, overwrite=overwrite, quiet=quiet)
+                 dtype=dt, overwrite=overwrite, quiet=quiet, expert_form=expert_form)
     spectra = rep.pop("_spectra", {})
     if plot:
         from .plot import plot_spectra
@@ -344,7 +349,7 @@ def _itemsize(dt) -> int:
 
 
 def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt: str | None = None,
-           dtype: str = "keep", overwrite: bool = False) -> tuple[Adapter, dict]:
+           dtype: str = "keep", overwrite: bool = False, expert_form: str | None = None) -> tuple[Adapter, dict]:
     """Shrink an adapter's ranks optimally and write it (format: the input's unless ``fmt``)."""
     from .ops.common import parse_dtype
     from .ops.factor import parse_budget
@@ -356,13 +361,14 @@ def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt
     bp = parse_budget(budget, _itemsize(dt or a.dtype())) if budget else None
     res, rep = run(a, rule, bp, dt)
     rep["format"] = fmt or a.format
-    save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base))
+    save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base),
+                 expert_form=expert_form)
     return res, rep
 
 
 def combine(adapters: Sequence, out, weights: Sequence[float] | None = None, method: str = "linear",
             rank: int | None = None, density: float = 1.0, seed: int = 0, base=None, fmt: str = "peft",
-            overwrite: bool = False) -> tuple[Adapter, dict, list[str]]:
+            overwrite: bool = False, expert_form: str | None = None) -> tuple[Adapter, dict, list[str]]:
     """Combine adapters and write the result: (adapter, report, the warnings the inputs raised)."""
     import warnings
 
@@ -376,7 +382,8 @@ def combine(adapters: Sequence, out, weights: Sequence[float] | None = None, met
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = run(loaded, weights, method, rank, density, seed)
-    save_adapter(res, out, fmt, overwrite=overwrite, inputs=list(adapters) + [base], num_layers=_num_layers(base))
+    save_adapter(res, out, fmt, overwrite=overwrite, inputs=list(adapters) + [base], num_layers=_num_layers(base),
+                 expert_form=expert_form)
     rep = {"inputs": list(adapters), "out": out, "method": method, "modules": len(res.modules),
            "ranks": res.ranks, "parameters": res.num_parameters()}
     return res, rep, [str(w.message) for w in caught]
