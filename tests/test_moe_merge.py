@@ -18,7 +18,6 @@ from loratools import api
 from loratools.arch.experts import ExpertView
 from loratools.checkpoint import Checkpoint
 from loratools.errors import IncompatibleError
-from loratools.formats.peft import read_peft
 
 MOE = list(MOE_FIXTURES)
 # PEFT 0.21 converts transformers-4.x per-expert adapters to the fused form for these families
@@ -77,6 +76,27 @@ def per_expert_adapter(path, out, name: str, seed: int = 0, r: int = 4, num_expe
     return out
 
 
+def target_parameters_adapter(path, out, name: str, seed: int = 0, r: int = 4):
+    """PEFT's transformers-5 form, made by PEFT on the transformers model: target_parameters on the
+    fused experts and the router weight, target_modules q_proj (and Qwen2-MoE's shared expert)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(path)
+    router = f"mlp.{ROUTER.get(name, 'gate')}.weight"
+    mods = ["q_proj"] + (["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                          "shared_expert_gate"] if name == "qwen2_moe" else [])
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=mods, init_lora_weights=False,
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", router])
+    pm = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(0.1)
+    pm.save_pretrained(str(out))
+    return out
+
+
 def _model(path, dtype=torch.float32):
     import transformers
 
@@ -90,7 +110,7 @@ def _sd(model) -> dict:
 
 def _f64_reference(base, adapter_dir) -> dict:
     """{canonical / tensor name: (W + s·B·A) in float64, rounded once to the base dtype}."""
-    a = read_peft(adapter_dir)
+    a = api.load_adapter(adapter_dir, base)
     ck = Checkpoint.open(base)
     view = ExpertView.of(ck)
     out = {}
@@ -158,6 +178,42 @@ def test_merge_per_expert_adapter(moe_families, tmp_path, name):
     api.unmerge(out, [ad], back)
     b, o = _merged_weights(base), _merged_weights(back)
     assert b.keys() == o.keys()
+    assert max((b[k] - o[k]).abs().max().item() for k in b) <= 1e-6
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_merge_target_parameters_adapter(moe_families, tmp_path, name):
+    """PEFT's target_parameters adapter (experts, router, q_proj, shared expert): merged checkpoint
+    reloaded by transformers == PeftModel(...).merge_and_unload() == float64 W + s·B·A."""
+    import peft
+
+    base = moe_families / name
+    ad = target_parameters_adapter(base, tmp_path / "ad", name)
+    out = tmp_path / "merged"
+    rep = api.merge(base, [ad], out)
+    view = ExpertView.of(Checkpoint.open(base))
+    assert rep["experts_changed"] == sum(view.num_experts.values())
+    assert sorted(Checkpoint.open(out).keys()) == sorted(Checkpoint.open(base).keys())
+    mods = rep["modified"]
+    assert sum(m.endswith(f".{ROUTER.get(name, 'gate')}.weight") for m in mods) == len(view.num_experts)
+    if name == "qwen2_moe":
+        assert sum("shared_expert" in m for m in mods) == 4 * len(view.num_experts)
+    ref = _f64_reference(base, ad)
+    got = _merged_weights(out)
+    worst = max((got[k].double() - v.double()).abs().max().item() / v.abs().max().item() for k, v in ref.items())
+    assert worst <= 2 ** -22, worst
+    mine = _sd(_model(out))
+    theirs = _sd(peft.PeftModel.from_pretrained(_model(base), str(ad)).merge_and_unload())
+    base_sd = _sd(_model(base))
+    assert mine.keys() == theirs.keys()
+    diff = max((mine[k] - theirs[k]).abs().max().item() for k in mine)
+    changed = sorted(k for k in mine if not torch.equal(theirs[k], base_sd[k]))
+    assert diff <= 1e-6, diff
+    assert changed == sorted(k for k in mine if not torch.equal(mine[k], base_sd[k]))
+    assert sum(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in changed) == 2 * len(view.num_experts)
+    back = tmp_path / "back"
+    api.unmerge(out, [ad], back)
+    b, o = _merged_weights(base), _merged_weights(back)
     assert max((b[k] - o[k]).abs().max().item() for k in b) <= 1e-6
 
 
