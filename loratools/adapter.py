@@ -82,6 +82,8 @@ class Adapter:
     config: dict = field(default_factory=dict)
     source: str = ""       # the path it was read from
     format: str = "peft"   # "peft" | "kohya"
+    family: str | None = None       # the base's model_type when known (expert layout of MoE adapters)
+    num_experts: int | None = None  # routed experts per MoE layer when known (fused expert LoRA)
 
     @property
     def use_dora(self) -> bool:

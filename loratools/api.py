@@ -60,24 +60,53 @@ def _module_names(base: str | os.PathLike | None) -> list[str] | None:
         return [k.rsplit(".", 1)[0] for k in ck.keys() if k.endswith(".weight")]
 
 
+def _base_family(base) -> str | None:
+    """model_type of a base model folder (the expert layout of MoE adapters), if any."""
+    if base is None or not Path(base).is_dir() or not (Path(base) / "config.json").is_file():
+        return None
+    return read_model_info(base).model_type
+
+
 def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT folder or a kohya file. With ``base``, check that it fits the base model."""
     kind = detect(path)
+    family = _base_family(base)
     if kind == "peft":
-        a = peft.read_peft(path, allow_pickle=allow_pickle)
+        a = peft.read_peft(path, allow_pickle=allow_pickle, family=family)
     elif kind == "kohya":
         a = kohya.read_kohya(path, _module_names(base))
     else:
         raise InputError("this is a model checkpoint, not an adapter", path)
     if base is not None:
+        from .arch.experts import ExpertView, check_targets
         from .arch.layout import align_adapter
 
         info = read_model_info(base) if Path(base).is_dir() else None
         with Checkpoint.open(base) as ck:
             shapes = {k: ck.info(k).shape for k in ck.keys()}
+            experts = ExpertView.of(ck)
         shapes = with_tied_head(shapes, tied_pair(info, shapes))
-        align_adapter(a, shapes).check_against(shapes, f"base model {base}")  # PEFT names vs the saved layout
+        shapes = _with_expert_shapes(shapes, info, a)  # canonical per-expert weights, whatever the stored layout
+        aligned = experts.align(align_adapter(a, shapes))  # PEFT names vs the saved layout
+        check_targets([aligned], shapes, experts, f"base model {base}")
+        aligned.check_against(shapes, f"base model {base}")
     return a
+
+
+def _with_expert_shapes(shapes: dict, info, a: Adapter | None = None) -> dict:
+    """``shapes`` plus the canonical per-expert weights of an MoE base (whatever its stored layout);
+    the adapter learns the base's expert count (fused expert LoRA is written for all experts)."""
+    if info is None:
+        return shapes
+    from .arch.experts import ExpertView
+
+    view = ExpertView.from_shapes(shapes, info.raw)
+    if not view:
+        return shapes
+    if a is not None and view.num_experts:
+        a.num_experts = a.num_experts or max(view.num_experts.values())
+        a.family = a.family or info.model_type
+    return {**shapes, **{n: w.shape for n, w in view.weights.items()}}
 
 
 def _num_layers(base) -> int | None:
@@ -86,18 +115,23 @@ def _num_layers(base) -> int | None:
 
 
 def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", overwrite: bool = False,
-                 inputs: Iterable = (), num_layers: int | None = None) -> Path:
+                 inputs: Iterable = (), num_layers: int | None = None, expert_form: str | None = None) -> Path:
+    """Write ``adapter``; ``expert_form`` ("fused", the default, or "per_expert"): how PEFT expert LoRA is written."""
     check_output(out, inputs, overwrite)
     if fmt == "peft":
-        return peft.write_peft(adapter, out, num_layers=num_layers)
+        return peft.write_peft(adapter, out, num_layers=num_layers, expert_form=expert_form)
+    if expert_form is not None and any(peft.px.is_expert_name(n) for n in adapter.modules):
+        raise InputError(f"--expert-form applies to PEFT output, not {fmt}")
     if fmt == "kohya":
         return kohya.write_kohya(adapter, out)
     raise InputError(f"unknown adapter format {fmt!r} (peft or kohya)")
 
 
-def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False) -> Path:
+def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False,
+                    expert_form: str | None = None) -> Path:
     a = load_adapter(src, base)
-    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base))
+    return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base),
+                        expert_form=expert_form)
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -293,7 +327,7 @@ def RankRule(kind: str = "rank", value: float = 16, max_rank: int | None = None)
 def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, include: str | None = None,
             exclude: str | None = None, embeddings: str = "lora", device: str = "auto", seed: int = 0,
             oversample: int = 16, power_iters: int = 4, dtype: str | torch.dtype = "fp32", overwrite: bool = False,
-            quiet: bool = True, plot=None) -> tuple[Adapter, dict]:
+            quiet: bool = True, plot=None, expert_form: str | None = None) -> tuple[Adapter, dict]:
     """Extract a LoRA from a full fine-tune (written as PEFT to ``out``); ``plot``: draw the spectra."""
     from .ops.common import parse_dtype
     from .ops.extract import extract as run
@@ -304,7 +338,7 @@ def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, in
         check_plot(plot, [base, tuned], overwrite, out)
     a, rep = run(base, tuned, out, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                  embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
-                 dtype=dt, overwrite=overwrite, quiet=quiet)
+                 dtype=dt, overwrite=overwrite, quiet=quiet, expert_form=expert_form)
     spectra = rep.pop("_spectra", {})
     if plot:
         from .plot import plot_spectra
@@ -319,7 +353,7 @@ def _itemsize(dt) -> int:
 
 
 def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt: str | None = None,
-           dtype: str = "keep", overwrite: bool = False) -> tuple[Adapter, dict]:
+           dtype: str = "keep", overwrite: bool = False, expert_form: str | None = None) -> tuple[Adapter, dict]:
     """Shrink an adapter's ranks optimally and write it (format: the input's unless ``fmt``)."""
     from .ops.common import parse_dtype
     from .ops.factor import parse_budget
@@ -331,13 +365,14 @@ def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt
     bp = parse_budget(budget, _itemsize(dt or a.dtype())) if budget else None
     res, rep = run(a, rule, bp, dt)
     rep["format"] = fmt or a.format
-    save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base))
+    save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base),
+                 expert_form=expert_form)
     return res, rep
 
 
 def combine(adapters: Sequence, out, weights: Sequence[float] | None = None, method: str = "linear",
             rank: int | None = None, density: float = 1.0, seed: int = 0, base=None, fmt: str = "peft",
-            overwrite: bool = False) -> tuple[Adapter, dict, list[str]]:
+            overwrite: bool = False, expert_form: str | None = None) -> tuple[Adapter, dict, list[str]]:
     """Combine adapters and write the result: (adapter, report, the warnings the inputs raised)."""
     import warnings
 
@@ -351,7 +386,8 @@ def combine(adapters: Sequence, out, weights: Sequence[float] | None = None, met
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = run(loaded, weights, method, rank, density, seed)
-    save_adapter(res, out, fmt, overwrite=overwrite, inputs=list(adapters) + [base], num_layers=_num_layers(base))
+    save_adapter(res, out, fmt, overwrite=overwrite, inputs=list(adapters) + [base], num_layers=_num_layers(base),
+                 expert_form=expert_form)
     rep = {"inputs": list(adapters), "out": out, "method": method, "modules": len(res.modules),
            "ranks": res.ranks, "parameters": res.num_parameters()}
     return res, rep, [str(w.message) for w in caught]

@@ -94,11 +94,12 @@ def inspect(path, base, as_json, allow_pickle, plot, overwrite):
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (peft) or .safetensors file (kohya).")
 @click.option("--to", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
 @click.option("--base", type=click.Path(), help="Base model (checks shapes; resolves kohya names exactly).")
+@click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True)
-def convert(adapter, output, fmt, base, overwrite, as_json):
-    """Convert an adapter between PEFT and kohya formats (scales folded exactly)."""
-    out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite)
+def convert(adapter, output, fmt, base, expert_form, overwrite, as_json):
+    """Convert an adapter between PEFT and kohya formats (scales folded exactly), or between PEFT's two forms of expert LoRA."""
+    out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite, expert_form=expert_form)
     _done(f"{fmt} adapter", out, {"input": adapter, "out": str(out), "format": fmt}, as_json)
 
 
@@ -187,13 +188,15 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 @click.option("--json", "as_json", is_flag=True, help="Print the per-module report as JSON.")
 @click.option("--quiet", is_flag=True)
 @click.option("--plot", type=click.Path(), help="Write each module's delta spectrum and retained energy vs rank (.png, .svg, .pdf).")
+@click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
 def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, max_rank, exact, include, exclude,
-            embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet, plot):
+            embeddings, device, seed, oversample, power_iters, dtype, overwrite, as_json, quiet, plot, expert_form):
     """Extract a LoRA from a full fine-tune (ΔW = tuned − base, factored per module)."""
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
     _, rep = api.extract(base, tuned, output, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                          embeddings=embeddings, device=device, seed=seed, oversample=oversample,
-                         power_iters=power_iters, dtype=dtype, overwrite=overwrite, quiet=quiet or as_json, plot=plot)
+                         power_iters=power_iters, dtype=dtype, overwrite=overwrite, quiet=quiet or as_json, plot=plot,
+                         expert_form=expert_form)
     if not as_json:
         for w in rep["warnings"]:
             click.echo(f"warning: {w}", err=True)
@@ -211,12 +214,14 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
 @click.option("--base", type=click.Path(), help="Base model (checks shapes; exact kohya names).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output format (default: the input's).")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
+@click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, overwrite, as_json):
+def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, expert_form, overwrite, as_json):
     """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix)."""
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
-    res, rep = api.resize(adapter, output, rule, budget=budget, base=base, fmt=fmt, dtype=dtype, overwrite=overwrite)
+    res, rep = api.resize(adapter, output, rule, budget=budget, base=base, fmt=fmt, dtype=dtype, overwrite=overwrite,
+                          expert_form=expert_form)
     before, after = rep["parameters_before"], rep["parameters_after"]
     _done(f"{rep.pop('format')} adapter", output, rep, as_json,
           f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, min retained energy "
@@ -256,12 +261,13 @@ def _finite(v: float, what: str) -> float:
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--base", type=click.Path(), help="Base model (checks every adapter fits it).")
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def combine(adapters, output, weights, method, rank, density, seed, base, fmt, overwrite, as_json):
+def combine(adapters, output, weights, method, rank, density, seed, base, fmt, expert_form, overwrite, as_json):
     """Combine adapters: exact linear/cat, optimal svd, or ties / dare / magnitude_prune."""
     res, rep, warned = api.combine(adapters, output, _weights(weights, len(adapters)), method, rank, density, seed,
-                                   base, fmt, overwrite)
+                                   base, fmt, overwrite, expert_form)
     for w in warned:
         click.echo(f"warning: {w}", err=True)
     _done(f"{fmt} adapter", output, rep, as_json, f"combined {len(adapters)} adapters ({method}): {len(res.modules)} modules, "
@@ -308,8 +314,12 @@ def _merge_cmd(unmerge: bool):
     def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet, as_json):
         rep = api.merge(base, adapters, output, _weights(weights, len(adapters)), dtype, max_shard_size, device,
                         overwrite, quiet=quiet or as_json, unmerge=unmerge)
-        _done("checkpoint", output, rep, as_json,
-              f"{'unmerged' if unmerge else 'merged'} {len(adapters)} adapter(s) into {len(rep['modified'])} tensors")
+        msg = f"{'unmerged' if unmerge else 'merged'} {len(adapters)} adapter(s) into {len(rep['modified'])} tensors"
+        if "experts_changed" in rep:
+            msg += f" ({rep['experts_changed']} experts changed)"
+        if "dequantized" in rep:
+            msg += f"; MXFP4 experts written as {rep['dequantized']['to']}, quantization_config dropped from config.json"
+        _done("checkpoint", output, rep, as_json, msg)
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")
     return cmd

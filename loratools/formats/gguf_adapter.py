@@ -45,7 +45,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     from ..models.decoder import internal_adapter
     from ..ops.merge import equals_base
 
-    cfg = load_config(base_dir, tensors_only=True)
+    cfg = load_config(base_dir)
     fam = gguf_arch.family(cfg, base_dir)
     fam.check(cfg, base_dir)
     names = name_map(cfg)

@@ -127,6 +127,7 @@ GRAPH_DEFAULTS: dict[str, Callable] = {
     "final_softcap": lambda c: None,
     "residual_multiplier": lambda c: 1.0,
     "logits_scaling": lambda c: 1.0,
+    "qkv_clip": lambda c: None,           # OLMoE's clip_qkv: no llama.cpp graph here clamps q, k, v
 }
 
 

@@ -218,7 +218,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(OUTTYPES)})")
     qname = OUTTYPES[outtype]
     check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
-    cfg = load_config(model_dir, tensors_only=True)
+    cfg = load_config(model_dir)
     fam = gguf_arch.family(cfg, model_dir)
     fam.check(cfg, model_dir)
     report = {"model": str(model_dir), "out": str(out), "arch": fam.arch, "outtype": outtype, "warnings": []}
@@ -229,8 +229,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     report["warnings"] += fam.warnings(cfg)
     with Checkpoint.open(model_dir) as ck:
         view = MergedView(ck, adapters, weights)
-        # what is written: a lora_bias merge turns the family's bias switch on
-        cfg = parse_config(view.config(), ck.root / "config.json", tensors_only=True)
+        cfg = view.merged_cfg  # what is written: a lora_bias merge turns the family's bias switch on
         names = name_map(cfg)
         mv = gguf_moe.moe_values(cfg, model_dir)
         stacked, consumed = [], set()
@@ -460,11 +459,11 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     check_output(out, [path], overwrite)
     reader = open_gguf(path)
     cfgd = config_from_gguf(reader, path)
-    cfg = parse_config(cfgd, path, tensors_only=True)
+    cfg = parse_config(cfgd, path)
     fam = gguf_arch.family(cfg, path)
     if fam.import_as is not None:  # a multimodal source: the GGUF holds its text model, imported as that
         cfgd = text_only_config(cfgd, *fam.import_as)
-        cfg = parse_config(cfgd, path, tensors_only=True)
+        cfg = parse_config(cfgd, path)
     inverse = {v: k for k, v in name_map(cfg).items()}
     generated = {g for g, _ in fam.extra}
     if cfg.tie_word_embeddings and fam.output == "required":

@@ -59,41 +59,13 @@ class MoeValues:
         return [i for i, m in enumerate(self.moe_layers) if not m]
 
 
-def _int(raw: dict, key: str, path, default=None) -> int:
-    v = raw.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        from ..errors import InputError
-
-        raise InputError(f"field {key!r} must be a positive integer, got {v!r}", path)
-    return v
-
-
-# transformers 5 saves Qwen3-MoE's expert count as num_local_experts (4.x: num_experts)
-EXPERT_ALIASES = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}
-
-
 def moe_values(cfg, path=None) -> MoeValues | None:
-    """The resolved MoE of ``cfg`` (a ModelConfig), None for a dense family."""
-    spec = getattr(cfg, "spec", None)
-    m = getattr(spec, "moe", None)
+    """The resolved MoE of ``cfg`` (a ModelConfig: its ``moe``), None for a dense family."""
+    m = getattr(cfg, "moe", None)
     if m is None:
         return None
-    raw = dict(cfg.raw.get("text_config") or cfg.raw) if getattr(cfg, "text_config", False) else cfg.raw
-    raw = {**spec.defaults, **raw}
-    n = cfg.num_hidden_layers
-    if m.dense_rule == "sparse_step":
-        step = raw.get("decoder_sparse_step", 1) or 1
-        only = set(raw.get("mlp_only_layers") or [])
-        layers = tuple(i not in only and (i + 1) % step == 0 for i in range(n))
-    else:
-        layers = (True,) * n
-    renorm = m.renorm if isinstance(m.renorm, bool) else bool(raw.get(m.renorm, False))
-    shared = _int(raw, m.shared, path) if m.shared is not None and raw.get(m.shared) else 0
-    limit = float(raw[m.act_clamp]) if m.act_clamp is not None and raw.get(m.act_clamp) is not None else None
-    alpha = float(raw.get("swiglu_alpha", 1.702)) if m.act_clamp is not None else None
-    experts = m.experts if raw.get(m.experts) is not None else EXPERT_ALIASES.get(m.experts, m.experts)
-    return MoeValues(_int(raw, experts, path), _int(raw, m.top_k, path), _int(raw, m.intermediate, path), shared,
-                     renorm, m.scoring, layers, limit, alpha, m.router_bias, m.expert_bias, m.disk_layout, m.block,
+    return MoeValues(m.experts, m.top_k, m.intermediate, m.shared, m.renorm, m.scoring, tuple(m.layers), m.clamp,
+                     m.alpha if m.clamp is not None else None, m.router_bias, m.expert_bias, m.disk_layout, m.block,
                      m.router, tuple(m.leaves))
 
 

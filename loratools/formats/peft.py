@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from ..checkpoint import read_json, torch_load_reason
 from ..errors import InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir
 from ..ops.common import check_finite
+from . import peft_experts as px
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -83,13 +85,50 @@ def _check_config(cfg: dict, path: Path) -> None:
                                "loads this adapter, so it only fits that residual base; re-save it with PEFT's "
                                "path_initial_model_for_weight_conversion to get a plain LoRA", path)
     for f, why in (("alora_invocation_tokens", "an activated LoRA applies only after its invocation tokens"),
-                   ("layer_replication", "layer_replication changes the model's layer stack"),
-                   ("target_parameters", "LoRA on raw parameters (target_parameters) is not supported")):
+                   ("layer_replication", "layer_replication changes the model's layer stack")):
         if cfg.get(f):
             raise UnsupportedError(f"{f} is set: {why}", path)
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(x, str) for x in tp)):
+        bad("target_parameters", "a list of parameter names")
 
 
-def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+# model names as they appear in base_model_name_or_path -> registry family (only the expert layout is
+# taken from it: gpt-oss interleaves gate/up, Mixtral names its experts w1/w3/w2)
+_FAMILY_HINTS = (("gpt-oss", "gpt_oss"), ("gpt_oss", "gpt_oss"), ("mixtral", "mixtral"), ("olmoe", "olmoe"),
+                 ("qwen2-moe", "qwen2_moe"), ("qwen2_moe", "qwen2_moe"), ("qwen1.5-moe", "qwen2_moe"),
+                 ("qwen3-moe", "qwen3_moe"), ("qwen3_moe", "qwen3_moe"), ("-a3b", "qwen3_moe"), ("-a22b", "qwen3_moe"))
+
+
+def adapter_family(cfg: dict, module_names=(), family: str | None = None) -> str | None:
+    """The base family of an adapter: ``family`` when given, else the model_type of a local
+    base_model_name_or_path, else a gpt-oss router among the modules, else a known name in
+    base_model_name_or_path; None when none says."""
+    if family:
+        return family
+    base = cfg.get("base_model_name_or_path")
+    if isinstance(base, str) and base:
+        p = Path(base) / "config.json"
+        try:
+            if p.is_file():
+                mt = json.loads(p.read_text()).get("model_type")
+                if isinstance(mt, str):
+                    return mt
+        except (OSError, ValueError):
+            pass
+    if any(re.search(r"\.layers\.\d+\.mlp\.router$", n) for n in module_names):
+        return "gpt_oss"
+    if isinstance(base, str):
+        low = base.lower()
+        for hint, fam in _FAMILY_HINTS:
+            if hint in low:
+                return fam
+    return None
+
+
+def read_peft(path: str | os.PathLike, allow_pickle: bool = False, family: str | None = None) -> Adapter:
+    """Read a PEFT adapter folder. ``family`` (the base's model_type) tells the expert layout of
+    fused (target_parameters) expert LoRA; without it adapter_family() looks for one."""
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or directory", path)
@@ -118,10 +157,10 @@ def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
         if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
             raise InputError("pickle file does not hold a flat dict of tensors", binp)
         wpath = binp
-    return adapter_from_state_dict(sd, cfg, wpath)
+    return adapter_from_state_dict(sd, cfg, wpath, family)
 
 
-def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path) -> Adapter:
+def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path, family: str | None = None) -> Adapter:
     rslora = bool(cfg.get("use_rslora"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
@@ -147,6 +186,10 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
             raise UnsupportedError(f"unrecognised adapter tensor {key!r}", wpath)
         else:
             full[name] = t
+    family = adapter_family(cfg, parts, family)
+    layout = px.layout_for(family)
+    tp = cfg.get("target_parameters") or []
+    expert_mods = px.fused_modules(parts, cfg, layout, wpath)  # target_parameters on mlp.experts -> per expert
     modules: dict[str, LoraModule] = {}
     for mod, p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
@@ -157,7 +200,8 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
             raise InputError(f"module {mod!r}: LoRA factors must be 2-D (conv LoRA is not supported), got {tuple(A.shape)} and {tuple(B.shape)}", wpath)
         if A.shape[0] != B.shape[1]:
             raise InputError(f"module {mod!r}: lora_A is {tuple(A.shape)} and lora_B is {tuple(B.shape)}; their ranks disagree", wpath)
-        r_cfg, alpha = resolve_rank_alpha(cfg, mod)
+        # a 2-D parameter targeted with target_parameters (a router's weight) is matched by its parameter name
+        r_cfg, alpha = resolve_rank_alpha(cfg, f"{mod}.weight" if px.targets_param(f"{mod}.weight", tp) else mod)
         r = int(A.shape[0])
         if r != r_cfg:
             raise InputError(f"module {mod!r}: weights have rank {r} but adapter_config.json (r / rank_pattern) says {r_cfg}", wpath)
@@ -170,7 +214,15 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
         bias = p.get("bias")
         if bias is not None and bias.shape != (B.shape[0],):
             raise InputError(f"module {mod!r}: lora_B.bias has shape {tuple(bias.shape)}, expected ({B.shape[0]},)", wpath)
-        modules[mod] = LoraModule(A=A, B=B, scale=lora_scale(alpha, r, rslora), alpha=alpha, bias=bias, kind=kind, magnitude=mag)
+        name = px.canonical_router(mod, layout) if layout is not None and px.is_router(mod, layout) else mod
+        modules[name] = LoraModule(A=A, B=B, scale=lora_scale(alpha, r, rslora), alpha=alpha, bias=bias, kind=kind, magnitude=mag)
+    for name, m in expert_mods.items():
+        if name in modules:
+            raise InputError(f"expert module {name!r} has LoRA both per expert and in the fused target_parameters form", wpath)
+        modules[name] = m
+    num_experts = None
+    if expert_mods:
+        num_experts = max(int(px._CANON_RE.match(n).group("e")) for n in expert_mods) + 1
     if cfg.get("use_dora") and not any(m.magnitude is not None for m in modules.values()):
         raise InputError("use_dora is true but the weights have no lora_magnitude_vector", wpath)
     if not cfg.get("use_dora") and any(m.magnitude is not None for m in modules.values()):
@@ -178,7 +230,8 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], cfg: dict, wpath: Path)
         raise InputError("the weights have lora_magnitude_vector (DoRA) but adapter_config.json has use_dora false", wpath)
     if not modules and not full:
         raise InputError("adapter holds no LoRA tensors", wpath)
-    return Adapter(modules=modules, modules_to_save=full, config=dict(cfg), source=str(wpath.parent), format="peft")
+    return Adapter(modules=modules, modules_to_save=full, config=dict(cfg), source=str(wpath.parent), format="peft",
+                   family=family, num_experts=num_experts)
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -202,33 +255,54 @@ def _target_modules(names: list[str], num_layers: int | None = None) -> list[str
     return sorted(layer_sets)
 
 
-def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None, num_layers: int | None = None) -> dict:
+def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None, num_layers: int | None = None,
+                    fused: dict | None = None, param_modules: tuple = (), force: tuple | None = None) -> dict:
+    """adapter_config.json for ``adapter``. ``fused`` (in-memory parameter name -> FusedParam) and
+    ``param_modules`` (modules of ``adapter`` targeted as their ``.weight`` parameter: routers) go
+    to target_parameters, their rank/alpha patterns keyed by parameter name as PEFT matches them.
+    ``force`` = (r, scale): the global r and the lora_alpha giving that scale (per-expert form)."""
     mods = adapter.modules
-    if not mods and not adapter.modules_to_save:
+    fused = fused or {}
+    if not mods and not adapter.modules_to_save and not fused:
         raise LoratoolsError("nothing to write: the adapter has no LoRA modules left (every rank came out 0?) "
                              "and no modules_to_save")
-    if not mods:
+    if not mods and not fused:
         raise UnsupportedError("PEFT cannot load an adapter that holds only modules_to_save "
                                f"({', '.join(sorted(adapter.modules_to_save))}): it needs at least one LoRA module", adapter.source or None)
     emb = sorted(n for n, m in mods.items() if m.kind == "embedding")
     if emb and any(m.bias is not None for m in mods.values()):
         raise UnsupportedError(f"PEFT cannot load lora_bias together with embedding LoRA ({', '.join(emb)}): "
                                "its embedding layers refuse lora_bias=True", adapter.source or None)
+    params = bool(fused or param_modules)
+    if params:
+        for what, bad in (("lora_bias", [n for n, m in mods.items() if m.bias is not None]),
+                          ("DoRA", [n for n, m in mods.items() if m.magnitude is not None])):
+            if bad:
+                raise UnsupportedError(f"PEFT refuses {what} in an adapter with target_parameters (expert or router "
+                                       f"LoRA); {what} is on {', '.join(sorted(bad)[:3])}", adapter.source or None)
     rslora = adapter.use_rslora
-    ranks = Counter(m.rank for m in mods.values())
+    # (rank, scale) of every PEFT target, keyed by the name PEFT matches rank_pattern / alpha_pattern against
+    entries = {(f"{n}.weight" if n in param_modules else n): (m.rank, m.scale, m.alpha) for n, m in mods.items()}
+    entries.update({n: (fp.rank, fp.scale, None) for n, fp in fused.items()})
+    ranks = Counter(r for r, _, _ in entries.values())
     r = ranks.most_common(1)[0][0] if ranks else 8
+    if force is not None:
+        r = force[0]
     alphas = {}
-    for name, m in mods.items():
-        a = m.alpha
-        if a is None or lora_scale(a, m.rank, rslora) != m.scale:
-            a = alpha_for_scale(m.scale, m.rank, rslora)
+    for name, (rk, sc, a) in entries.items():
+        if a is None or lora_scale(a, rk, rslora) != sc:
+            a = alpha_for_scale(sc, rk, rslora)
         alphas[name] = int(a) if float(a).is_integer() else float(a)
     common_alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 2 * r
-    rank_pattern = {n: m.rank for n, m in sorted(mods.items()) if m.rank != r}
+    if force is not None:
+        a = alpha_for_scale(force[1], force[0], rslora)
+        common_alpha = int(a) if float(a).is_integer() else float(a)
+    rank_pattern = {n: rk for n, (rk, _, _) in sorted(entries.items()) if rk != r}
     alpha_pattern = {n: a for n, a in sorted(alphas.items()) if a != common_alpha}
     mts = sorted({k.rsplit(".", 1)[0] for k in adapter.modules_to_save if k.rsplit(".", 1)[0] not in mods})
     old = adapter.config if adapter.format == "peft" else {}
-    targets = _target_modules(sorted(mods), num_layers) if mods else []
+    plain = sorted(n for n in mods if n not in param_modules)
+    targets = _target_modules(plain, num_layers) if plain else []
     cfg = {
         "peft_type": "LORA",
         "task_type": old.get("task_type", "CAUSAL_LM"),
@@ -242,7 +316,7 @@ def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None
         "use_dora": any(m.magnitude is not None for m in mods.values()),
         "lora_bias": any(m.bias is not None for m in mods.values()),
         "modules_to_save": mts or None,
-        "lora_dropout": old.get("lora_dropout", 0.0),
+        "lora_dropout": 0.0 if params else old.get("lora_dropout", 0.0),  # PEFT's ParamWrapper refuses dropout
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -251,13 +325,15 @@ def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None
         "layers_pattern": None,
         "revision": old.get("revision"),
     }
+    if params:
+        cfg["target_parameters"] = sorted(list(fused) + [f"{n}.weight" for n in param_modules])
     if adapter.config.get("loratools"):
         cfg["loratools"] = adapter.config["loratools"]
     return cfg
 
 
-def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    sd: dict[str, torch.Tensor] = {}
+def peft_state_dict(adapter: Adapter, fused: dict | None = None) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = px.fused_keys(fused or {}, PREFIX)
     for name, m in sorted(adapter.modules.items()):
         p = PREFIX + name
         if m.kind == "embedding":
@@ -279,16 +355,69 @@ def peft_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def expert_modules(adapter: Adapter) -> list[str]:
+    return [n for n in adapter.modules if px.is_expert_name(n)]
+
+
 def write_peft(adapter: Adapter, out: str | os.PathLike, base_model_name_or_path: str | None = None,
-               num_layers: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+               num_layers: int | None = None, extra_files: dict[str, str] | None = None,
+               expert_form: str | None = None, family: str | None = None, num_experts: int | None = None) -> Path:
     """Write ``adapter`` as a PEFT adapter folder, atomically. ``num_layers`` (of the base)
     lets target_modules use leaf names only when they cover every layer; ``extra_files``
-    (name -> text) are written into the same folder (reports)."""
+    (name -> text) are written into the same folder (reports).
+
+    Expert LoRA (canonical per-expert modules) is written in ``expert_form``: "fused" (the
+    default: PEFT's target_parameters on the fused ``mlp.experts`` parameters, what a transformers 5
+    model has) or "per_expert" (transformers 4.x module names, which PEFT converts when it loads
+    them into a transformers 5 model). ``family`` / ``num_experts`` default to the adapter's."""
     from ..arch.layout import memory_adapter
+    from ..arch.registry import FAMILIES
 
     adapter = memory_adapter(adapter)  # PEFT names modules as transformers holds them (multimodal Gemma 3)
-    cfg = peft_config_for(adapter, base_model_name_or_path, num_layers)
-    sd = peft_state_dict(adapter)
+    form = (expert_form or "fused").replace("-", "_")
+    if form not in px.EXPERT_FORMS:
+        raise InputError(f"unknown expert form {expert_form!r} (fused or per-expert)")
+    family = family or adapter.family
+    num_experts = num_experts or adapter.num_experts
+    layout = px.layout_for(family)
+    experts = expert_modules(adapter)
+    routers = [n for n in adapter.modules if px.is_router(n, layout or px.DEFAULT_LAYOUT) or
+               (layout is None and px.is_router(n, px.layout_for("mixtral")))]
+    fused: dict = {}
+    param_modules: tuple = ()
+    force = None
+    if experts or routers:
+        if layout is None and family is not None and family in FAMILIES:
+            raise UnsupportedError(f"the adapter has expert or router LoRA but its base family {family!r} has no "
+                                   "mixture-of-experts blocks", adapter.source or None)
+        if layout is None:
+            # no family: the names tell Mixtral's layout; any other per-expert name is the stacked gate/up layout
+            # (gpt-oss, the one interleaved family, never had per-expert names, and its adapters carry the family)
+            mixtral = any(".block_sparse_moe." in n for n in experts + routers)
+            layout = px.layout_for("mixtral") if mixtral else px.DEFAULT_LAYOUT
+            routers = [n for n in adapter.modules if px.is_router(n, layout)]
+        if form == "fused":
+            mods = {(px.memory_router(n, layout) if n in routers else n): m for n, m in adapter.modules.items()}
+            rest, fused = px.fuse_experts(mods, layout, num_experts)
+            param_modules = tuple(px.memory_router(n, layout) for n in routers)
+            adapter = replace(adapter, modules=rest)
+        else:
+            if not layout.per_expert_modules:
+                raise UnsupportedError(f"{family} has no per-expert modules in any transformers version (its experts "
+                                       "were always fused parameters), so PEFT cannot load a per-expert form; write "
+                                       "--expert-form fused", adapter.source or None)
+            if layout.family is not None and layout.family not in px.PEFT_CONVERTS_PER_EXPERT:
+                raise UnsupportedError(f"PEFT (0.21) does not convert per-expert adapters of {layout.family} models to "
+                                       "transformers 5's fused experts, so PeftModel cannot load this form; write "
+                                       "--expert-form fused", adapter.source or None)
+            mods = {(px.canonical_router(n, layout) if n in routers else n): m for n, m in adapter.modules.items()}
+            # PEFT's v4 -> v5 conversion ignores rank_pattern / rsLoRA on these modules: one rank and scale for all
+            adapter = replace(adapter, modules=px.pad_per_expert(mods, layout),
+                              config={**adapter.config, "use_rslora": False} if adapter.use_rslora else adapter.config)
+            m0 = next(m for n, m in adapter.modules.items() if px.is_expert_name(n) or px.is_router(n, layout))
+            force = (m0.rank, m0.scale)
+    cfg = peft_config_for(adapter, base_model_name_or_path, num_layers, fused, param_modules, force)
+    sd = peft_state_dict(adapter, fused)
     with atomic_dir(out) as tmp:
         st.save_file(sd, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -54,7 +54,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             exact: bool = False, include: str | None = None, exclude: str | None = None,
             embeddings: str = "lora", device: str = "auto", seed: int = 0, oversample: int = 16,
             power_iters: int = 4, dtype: torch.dtype = torch.float32, overwrite: bool = False,
-            quiet: bool = True) -> tuple[Adapter, dict]:
+            quiet: bool = True, expert_form: str | None = None) -> tuple[Adapter, dict]:
     """Extract a LoRA adapter; write it (PEFT, with ``extract_report.json``) when ``out`` is given."""
     if embeddings not in ("lora", "full", "skip"):
         raise LoratoolsError(f"--embeddings must be lora, full or skip, got {embeddings!r}")

@@ -1,0 +1,288 @@
+"""Expert LoRA in PEFT adapters (issue 14): both PEFT forms read, written and loaded by PeftModel.
+
+Every adapter here is made by PEFT itself: ``get_peft_model`` with ``target_parameters`` on the
+transformers 5 model (the fused form), or with ``target_modules`` on a module tree carrying the
+transformers 4.x per-expert names (the old form). The layout facts (nesting, the expert dimension
+inside A and B, gate/up rows, gpt-oss's interleaving and orientation) are checked against PEFT's
+own ``get_delta_weight``; loading is checked by PeftModel's logits on the transformers 5 model.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fixtures.families import MOE_FIXTURES
+
+FAMILIES = list(MOE_FIXTURES)
+IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 3, 11, 4, 8]])
+LEAVES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2"))}
+ROUTER = {"gpt_oss": "router"}
+
+
+def _load(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _canon(fam, layer, e, part):
+    block, leaves = LEAVES.get(fam, ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    return f"model.layers.{layer}.{block}.experts.{e}.{leaves[('gate', 'up', 'down').index(part)]}"
+
+
+def _router_canon(fam, layer):
+    block = LEAVES.get(fam, ("mlp",))[0]
+    return f"model.layers.{layer}.{block}.{ROUTER.get(fam, 'gate')}"
+
+
+def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=True, rslora=False, seed=0):
+    """A PEFT target_parameters adapter with random (non-zero) B, saved to ``out``; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    tp = [f"mlp.experts.{t}" for t in targets] + ([f"mlp.{ROUTER.get(fam, 'gate')}.weight"] if router else [])
+    pat = "model.layers.0.mlp.experts." + targets[-1]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=tp, init_lora_weights=False,
+                     use_rslora=rslora, rank_pattern={} if rslora else {pat: 2}, alpha_pattern={} if rslora else {pat: 3})
+    torch.manual_seed(seed)
+    pm = get_peft_model(_load(base), cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)  # a visible effect on the logits
+    pm.save_pretrained(str(out))
+    return pm
+
+
+def _moe_layers(model):
+    return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def _peft_expert_deltas(pm, fam):
+    """{canonical name: ΔW (out, in)} from PEFT's own get_delta_weight of each ParamWrapper,
+    sliced by the experts class's own orientation flag (is_transposed) and gpt-oss's interleave."""
+    out = {}
+    for L, layer in enumerate(pm.base_model.model.model.layers):
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):
+            continue
+        w = mlp.experts
+        while type(w).__name__ == "ParamWrapper":
+            d = w.get_delta_weight("default").detach()           # the parameter's own layout (E, a, b)
+            base = w.get_base_layer()
+            if getattr(base, "is_transposed", False):             # gpt-oss: (E, in, out)
+                d = d.transpose(1, 2)
+            for e in range(d.shape[0]):
+                if w.parameter_name == "down_proj":
+                    out[_canon(fam, L, e, "down")] = d[e]
+                else:
+                    gate, up = (d[e][0::2], d[e][1::2]) if fam == "gpt_oss" else d[e].chunk(2, 0)
+                    out[_canon(fam, L, e, "gate")], out[_canon(fam, L, e, "up")] = gate, up
+            w = w.base_layer
+    return out
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_fused_form_read_matches_peft_and_loads_both_ways(fam, moe_families, tmp_path):
+    from peft import PeftModel
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    base = moe_families / fam
+    pm = _make_fused(base, tmp_path / "peft", fam)
+    ref = _logits(pm)
+    assert (ref - _logits(_load(base))).abs().max() > 0.1  # the adapter does something
+    a = read_peft(tmp_path / "peft", family=fam)
+    # the layout facts, against PEFT's own delta
+    want = _peft_expert_deltas(pm, fam)
+    assert set(want) <= set(a.modules)
+    worst = max(float((a.modules[n].delta() - d).abs().max()) for n, d in want.items())
+    assert worst <= 1e-6, worst
+    for L, mlp in _moe_layers(pm.base_model.model):
+        r = mlp.__getattr__(ROUTER.get(fam, "gate"))
+        rd = r.get_delta_weight("default").detach()
+        assert torch.allclose(a.modules[_router_canon(fam, L)].delta(), rd, atol=1e-6)
+        E = r.get_base_layer().weight.shape[0]
+        g0, u0 = a.modules[_canon(fam, L, 0, "gate")], a.modules[_canon(fam, L, 0, "up")]
+        assert g0.A is u0.A and a.num_experts == E  # gate and up share the fused A
+    # layer 0's down_proj has rank 2, alpha 3 (rank_pattern / alpha_pattern keyed by the parameter name)
+    d0 = a.modules[_canon(fam, 0, 0, "down")]
+    assert (d0.rank, d0.scale) == (2, 1.5)
+
+    # fused form: exact round trip, PeftModel loads it
+    write_peft(a, tmp_path / "fused")
+    cfg = json.loads((tmp_path / "fused" / "adapter_config.json").read_text())
+    assert "model.layers.0.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    b = read_peft(tmp_path / "fused", family=fam)
+    assert sorted(a.modules) == sorted(b.modules)
+    assert all(torch.equal(a.modules[n].A, b.modules[n].A) and torch.equal(a.modules[n].B, b.modules[n].B)
+               and a.modules[n].scale == b.modules[n].scale for n in a.modules)
+    d_fused = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "fused"))) - ref).abs().max())
+    assert d_fused <= 1e-5, d_fused
+
+    # per-expert (transformers 4.x) form: PEFT converts it on load where it can; refused in one line elsewhere
+    from loratools.errors import UnsupportedError
+
+    if fam in ("gpt_oss", "qwen2_moe"):
+        with pytest.raises(UnsupportedError, match="expert-form fused"):
+            write_peft(a, tmp_path / "per", expert_form="per_expert")
+        assert not (tmp_path / "per").exists()
+        return
+    write_peft(a, tmp_path / "per", expert_form="per_expert", num_layers=len(pm.base_model.model.model.layers))
+    keys = json.loads((tmp_path / "per" / "adapter_config.json").read_text())["target_modules"]
+    assert "target_parameters" not in json.loads((tmp_path / "per" / "adapter_config.json").read_text())
+    assert set(LEAVES.get(fam, (0, ("gate_proj", "up_proj", "down_proj")))[1]) <= set(keys)
+    d_per = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "per"))) - ref).abs().max())
+    assert d_per <= 1e-5, d_per
+    c = read_peft(tmp_path / "per", family=fam)
+    worst = max(float((c.modules[n].delta() - m.delta()).abs().max()) for n, m in a.modules.items())
+    assert worst <= 1e-6  # the scale differences folded into B: equal up to rounding
+    write_peft(c, tmp_path / "per_again", expert_form="per_expert")
+    e = read_peft(tmp_path / "per_again", family=fam)
+    assert all(torch.equal(c.modules[n].A, e.modules[n].A) and torch.equal(c.modules[n].B, e.modules[n].B) for n in c.modules)
+
+
+@pytest.mark.parametrize("fam,targets", [("qwen3_moe", ("down_proj",)), ("gpt_oss", ("gate_up_proj",))])
+def test_one_fused_parameter_and_rslora(fam, targets, moe_families, tmp_path):
+    """One targeted parameter: no base_layer nesting; rsLoRA scales by alpha/sqrt(r)."""
+    from peft import PeftModel
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    base = moe_families / fam
+    pm = _make_fused(base, tmp_path / "peft", fam, targets=targets, router=False, rslora=True)
+    keys = [k for k in __import__("safetensors.torch", fromlist=["x"]).load_file(
+        str(tmp_path / "peft" / "adapter_model.safetensors")) if ".experts." in k]
+    assert keys and not any("base_layer" in k for k in keys)
+    a = read_peft(tmp_path / "peft", family=fam)
+    want = _peft_expert_deltas(pm, fam)
+    assert max(float((a.modules[n].delta() - d).abs().max()) for n, d in want.items()) <= 1e-6
+    assert a.modules[next(iter(want))].scale == pytest.approx(8 / 2)  # rsLoRA: 8 / sqrt(4)
+    write_peft(a, tmp_path / "out")
+    got = _logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "out")))
+    assert float((got - _logits(pm)).abs().max()) <= 1e-5
+
+
+def _v4_tree(model, fam):
+    """An nn.Module tree with the transformers 4.x per-expert names of ``model``'s MoE blocks
+    (weights copied from the fused parameters), for PEFT to make an old-style adapter on."""
+    from torch import nn
+
+    block, leaves = LEAVES.get(fam, ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    root, root.model = nn.Module(), nn.Module()
+    root.model.layers = nn.ModuleList()
+    for layer in model.model.layers:
+        lay = nn.Module()
+        if hasattr(layer.mlp, "experts"):
+            gu, dn = layer.mlp.experts.gate_up_proj.detach(), layer.mlp.experts.down_proj.detach()
+            blk, blk.experts = nn.Module(), nn.ModuleList()
+            inter = gu.shape[1] // 2
+            for e in range(gu.shape[0]):
+                ex = nn.Module()
+                for leaf, w in zip(leaves, (gu[e, :inter], gu[e, inter:], dn[e])):
+                    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+                    lin.weight.data.copy_(w)
+                    setattr(ex, leaf, lin)
+                blk.experts.append(ex)
+            rw = layer.mlp.gate.weight.detach()
+            blk.gate = nn.Linear(rw.shape[1], rw.shape[0], bias=False)
+            blk.gate.weight.data.copy_(rw)
+            setattr(lay, block, blk)
+        root.model.layers.append(lay)
+    return root
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"])
+def test_old_per_expert_adapter(fam, moe_families, tmp_path):
+    """A transformers 4.x style adapter (PEFT on per-expert nn.Linear modules, gate and up with their
+    own A): read as canonical modules, written fused (A = [A_gate; A_up], block-diagonal B), loaded by
+    PeftModel on the transformers 5 model; reference: the fused parameters plus PEFT's own deltas."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    base = moe_families / fam
+    model = _load(base)
+    block, leaves = LEAVES.get(fam, ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    torch.manual_seed(1)
+    tree = get_peft_model(_v4_tree(model, fam), LoraConfig(r=4, lora_alpha=8, target_modules=[*leaves, "gate"],
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in tree.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)
+    tree.save_pretrained(str(tmp_path / "v4"))
+    ref_model = _load(base)
+    with torch.no_grad():
+        for L, layer in enumerate(tree.base_model.model.model.layers):
+            if not hasattr(layer, block):
+                continue
+            blk, mlp = getattr(layer, block), ref_model.model.layers[L].mlp
+            inter = mlp.experts.gate_up_proj.shape[1] // 2
+            for e, ex in enumerate(blk.experts):
+                mlp.experts.gate_up_proj[e, :inter] += getattr(ex, leaves[0]).get_delta_weight("default")
+                mlp.experts.gate_up_proj[e, inter:] += getattr(ex, leaves[1]).get_delta_weight("default")
+                mlp.experts.down_proj[e] += getattr(ex, leaves[2]).get_delta_weight("default")
+            mlp.gate.weight += blk.gate.get_delta_weight("default")
+    ref = _logits(ref_model)
+    a = read_peft(tmp_path / "v4", family=fam)
+    assert _canon(fam, 0, 1, "up") in a.modules and _router_canon(fam, 0) in a.modules
+    write_peft(a, tmp_path / "fused", num_experts=model.model.layers[0].mlp.experts.num_experts)
+    sd = __import__("safetensors.torch", fromlist=["x"]).load_file(str(tmp_path / "fused" / "adapter_model.safetensors"))
+    E = model.model.layers[0].mlp.experts.num_experts
+    assert sd["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape[0] == E * 8  # r_g + r_u
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "fused"))) - ref).abs().max())
+    assert d <= 1e-5, d
+    if fam != "qwen2_moe":  # PEFT 0.21's own v4 -> v5 conversion agrees (it has none for qwen2_moe)
+        d_peft = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "v4"))) - ref).abs().max())
+        assert d_peft <= 1e-5, d_peft
+
+
+def test_stray_expert_tensor_is_an_error(moe_families, tmp_path):
+    """Fused expert tensors that match no targeted parameter: an error naming them, never a no-op."""
+    from loratools.errors import InputError
+    from loratools.formats.peft import read_peft
+
+    _make_fused(moe_families / "qwen3_moe", tmp_path / "a", "qwen3_moe", router=False)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["target_parameters"] = ["mlp.experts.down_proj"]  # the base_layer (gate_up_proj) tensors land nowhere
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"experts\.base_layer.*match no parameter"):
+        read_peft(tmp_path / "a", family="qwen3_moe")
+
+
+def test_fused_needs_the_family(moe_families, tmp_path):
+    from loratools.errors import UnsupportedError
+    from loratools.formats.peft import read_peft
+
+    _make_fused(moe_families / "qwen3_moe", tmp_path / "a", "qwen3_moe", router=False)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/some-model"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="--base"):
+        read_peft(tmp_path / "a")
+    assert len(read_peft(tmp_path / "a", family="qwen3_moe").modules) > 0
+
+
+def test_cli_convert_expert_form(moe_families, tmp_path, run_cli):
+    from peft import PeftModel
+
+    base = moe_families / "mixtral"
+    pm = _make_fused(base, tmp_path / "peft", "mixtral")
+    ref = _logits(pm)
+    code, out, err = run_cli("convert", tmp_path / "peft", "-o", tmp_path / "per", "--to", "peft", "--base", base,
+                             "--expert-form", "per-expert")
+    assert code == 0, err
+    assert "target_parameters" not in json.loads((tmp_path / "per" / "adapter_config.json").read_text())
+    code, out, err = run_cli("convert", tmp_path / "per", "-o", tmp_path / "fused", "--to", "peft", "--base", base)
+    assert code == 0, err
+    assert json.loads((tmp_path / "fused" / "adapter_config.json").read_text())["target_parameters"]
+    for d in ("per", "fused"):
+        got = _logits(PeftModel.from_pretrained(_load(base), str(tmp_path / d)))
+        assert float((got - ref).abs().max()) <= 1e-5
