@@ -183,7 +183,7 @@ def per_expert_peft(model_dir, out, seed=0):
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "gpt_oss"])
+@pytest.mark.parametrize("name", NAMES)
 def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, name):
     """base GGUF + our adapter GGUF (experts as 3-D lora_a / lora_b) in llama.cpp == the merged
     GGUF in llama.cpp == transformers on the merged checkpoint."""
@@ -206,6 +206,37 @@ def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, n
     assert np.abs(got - merged).max() <= 2e-5
     api.merge(m, [ad], tmp_path / "mck")
     assert np.abs(got - hf_logits(name, tmp_path / "mck")).max() <= 3e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_target_parameters_lora_gguf_in_llama_cpp_matches_peft(moe, tmp_path, name):
+    """PEFT's target_parameters LoRA on the fused experts (gate_up_proj nested under down_proj's
+    wrapper, rank 2 / alpha 3 on down_proj: another scale, folded into B), on the router and, as
+    modules, on q_proj and the shared expert: base GGUF + our adapter GGUF in llama.cpp == PeftModel."""
+    m = moe(name)
+    router = "router" if name == "gpt_oss" else "gate"
+    down = "model.layers.0.mlp.experts.down_proj"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["q_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", f"mlp.{router}.weight"],
+                          rank_pattern={down: 2}, alpha_pattern={down: 3})
+    model = getattr(transformers, MOE_FIXTURES[name].model_class).from_pretrained(str(m), dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(5)
+        want = pm(torch.tensor([IDS])).logits[0].numpy()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    a = api.load_adapter(tmp_path / "peft", base=m)
+    export_gguf(m, tmp_path / "base.gguf", outtype="f32")
+    rep = export_gguf_adapter(a, m, tmp_path / "lora.gguf")
+    assert rep["expert_tensors"] == 3 * MOE_FIXTURES[name].config["num_hidden_layers"] and rep["scales_folded"] > 0
+    base = llamacpp.logits(tmp_path / "base.gguf", IDS)
+    got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
+    assert np.abs(want - base).max() > 0.5  # the adapter matters
+    assert np.abs(got - want).max() <= 5e-5, float(np.abs(got - want).max())
 
 
 def test_expert_lora_of_a_missing_expert_is_refused(moe, tmp_path):
