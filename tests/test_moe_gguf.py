@@ -266,3 +266,22 @@ def test_moe_import_gives_back_the_source_checkpoint(moe, tmp_path, name):
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["architectures"] == [MOE_FIXTURES[name].model_class]
     assert np.array_equal(hf_logits(name, tmp_path / "back"), hf_logits(name, m))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_moe_gguf_candidates_against_the_reference_decoder(moe, tmp_path, name):
+    """``validate``: our reference decoder (fp32, the adapter applied) against llama.cpp running the
+    merged GGUF and the base GGUF + the expert LoRA GGUF."""
+    from loratools.validate import validate
+
+    m = moe(name)
+    ad = per_expert_peft(m, tmp_path / "peft")
+    a = api.load_adapter(ad)
+    export_gguf(m, tmp_path / "merged.gguf", [a], outtype="f32")
+    export_gguf(m, tmp_path / "base.gguf", outtype="f32")
+    export_gguf_adapter(a, m, tmp_path / "lora.gguf")
+    rep = validate(m, [ad], [str(tmp_path / "merged.gguf"), f"{tmp_path / 'base.gguf'}+{tmp_path / 'lora.gguf'}"],
+                   tokens=4, peft_check=False)
+    assert rep["passed"], rep["candidates"]
+    for c in rep["candidates"]:
+        assert c["metrics"]["max_abs"] <= 5e-5 and c["metrics"]["top1"] == 1.0, (c["candidate"], c["metrics"])
