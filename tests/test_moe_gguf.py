@@ -173,8 +173,11 @@ def per_expert_peft(model_dir, out, seed=0):
     leaves = {k.rsplit(".", 1)[-1] for k, _ in root.named_modules() if k}
     targets = sorted(leaves & {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate", "router",
                                "shared_expert_gate", "q_proj"})
+    # one expert of another rank and alpha: its stacked tensors are padded to rank 4, its scale folded into B
+    odd = next(k for k, _ in root.named_modules() if re.search(r"layers\.0\.\w+\.experts\.1\.(gate_proj|w1)$", k))
     torch.manual_seed(seed)
-    pm = peft.get_peft_model(root, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    pm = peft.get_peft_model(root, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                   rank_pattern={odd: 2}, alpha_pattern={odd: 5}))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -199,6 +202,7 @@ def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, n
     r = {t.name: t for t in open_gguf(tmp_path / "lora.gguf").tensors}
     assert [int(x) for x in r["blk.0.ffn_down_exps.weight.lora_a"].shape] == [32, 4, n_exp]   # ne: (in, r, E)
     assert [int(x) for x in r["blk.0.ffn_down_exps.weight.lora_b"].shape] == [4, 64, n_exp]   # ne: (r, out, E)
+    assert rep["scales_folded"] == 1 and a.modules[_odd(a)].rank == 2
     got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
     merged = llamacpp.logits(tmp_path / "merged.gguf", IDS)
     base = llamacpp.logits(tmp_path / "base.gguf", IDS)
@@ -237,6 +241,10 @@ def test_target_parameters_lora_gguf_in_llama_cpp_matches_peft(moe, tmp_path, na
     got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
     assert np.abs(want - base).max() > 0.5  # the adapter matters
     assert np.abs(got - want).max() <= 1e-4, float(np.abs(got - want).max())
+
+
+def _odd(a):
+    return next(n for n in a.modules if re.search(r"layers\.0\.\w+\.experts\.1\.(gate_proj|w1)$", n))
 
 
 def test_expert_lora_of_a_missing_expert_is_refused(moe, tmp_path):
@@ -327,3 +335,21 @@ def test_llama_cpp_converter_moe_gguf_imports_back(moe, tmp_path, name):
     with Checkpoint.open(m) as a, Checkpoint.open(tmp_path / "back") as b:
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
     assert np.array_equal(hf_logits(name, tmp_path / "back"), ref)
+
+
+def test_mxfp4_gpt_oss_exports_its_dequantized_experts(moe, tmp_path):
+    """A gpt-oss checkpoint with MXFP4 experts (as published): the stacked tensors are the experts as
+    transformers dequantizes them; llama.cpp runs the f32 GGUF as our decoder runs the checkpoint."""
+    from fixtures.mxfp4 import make_mxfp4
+    from loratools.arch.experts import mxfp4_dequantize
+    from loratools.validate import validate
+
+    m = make_mxfp4(moe("gpt_oss"), tmp_path / "mxfp4")
+    export_gguf(m, tmp_path / "g.gguf", outtype="f32")
+    t = {x.name: x for x in open_gguf(tmp_path / "g.gguf").tensors}
+    with Checkpoint.open(m) as ck:
+        gu = mxfp4_dequantize(ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks"),
+                              ck.get("model.layers.0.mlp.experts.gate_up_proj_scales"))
+    assert torch.equal(torch.from_numpy(np.array(t["blk.0.ffn_up_exps.weight"].data)), gu[..., 1::2].transpose(1, 2))
+    rep = validate(m, [], [str(tmp_path / "g.gguf")], tokens=4, peft_check=False)
+    assert rep["passed"] and rep["candidates"][0]["metrics"]["max_abs"] <= 5e-5, rep["candidates"][0]["metrics"]
