@@ -42,7 +42,7 @@ def _router_canon(fam, layer):
     return f"model.layers.{layer}.{block}.{ROUTER.get(fam, 'gate')}"
 
 
-def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=True, rslora=False, seed=0):
+def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=True, rslora=False, seed=0, gain=20.0):
     """A PEFT target_parameters adapter with random (non-zero) B, saved to ``out``; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -55,7 +55,7 @@ def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=Tr
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.mul_(20)  # a visible effect on the logits
+                p.mul_(gain)  # a visible effect on the logits
     pm.save_pretrained(str(out))
     return pm
 
@@ -375,3 +375,59 @@ def test_extract_expert_lora(fam, moe_families, tmp_path):
     d = float((got - _logits(_load(tuned))).abs().max())
     assert d <= 1e-4, d
     print(f"{fam}: PeftModel(base + extracted) vs tuned max |Δlogit| {d:.2e}")
+
+
+@pytest.mark.parametrize("fam", ["qwen3_moe", "gpt_oss"])
+def test_resize_and_combine_expert_lora(fam, moe_families, tmp_path):
+    """resize: gate and up of a fused LoRA are cut together (the optimum of the stacked matrix, one
+    shared A), exact at the full rank; combine linear is exact (PeftModel with both adapters active),
+    svd keeps one fused LoRA per expert."""
+    from peft import PeftModel
+
+    from loratools import api
+
+    base = moe_families / fam
+    pa = _make_fused(base, tmp_path / "a", fam, seed=0, gain=4.0)
+    ref_a = _logits(pa)
+    _make_fused(base, tmp_path / "b", fam, seed=1, gain=4.0)
+    a = api.load_adapter(tmp_path / "a", base=base)
+    # resize at the full rank: exact up to the fp32 re-factorization (QR + SVD) of every module
+    same, _ = api.resize(tmp_path / "a", tmp_path / "same", api.RankRule("rank", 4), base=base)
+    worst = max(float((same.modules[n].delta(torch.float64) - a.modules[n].delta(torch.float64)).norm()
+                      / a.modules[n].delta(torch.float64).norm()) for n in a.modules)
+    assert worst <= 1e-6, worst
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "same"))) - ref_a).abs().max())
+    assert d <= 1e-4, d
+    # resize to rank 2: per expert, the error of the stacked gate/up is the Eckart-Young optimum
+    res, rep = api.resize(tmp_path / "a", tmp_path / "r2", api.RankRule("rank", 2), base=base)
+    worst = 0.0
+    for n, g in res.modules.items():
+        if not n.endswith(".gate_proj"):
+            continue
+        u = res.modules[n[: -len("gate_proj")] + "up_proj"]
+        assert torch.equal(g.A, u.A) and g.rank == 2
+        want = torch.cat([a.modules[n].delta(torch.float64), a.modules[n[: -9] + "up_proj"].delta(torch.float64)], 0)
+        got = torch.cat([g.delta(torch.float64), u.delta(torch.float64)], 0)
+        optimal = float(torch.linalg.svdvals(want)[2:].pow(2).sum().sqrt())
+        worst = max(worst, float((want - got).norm()) / optimal - 1)
+    assert worst <= 1e-4, worst
+    cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and "model.layers.0.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    # combine linear = both adapters active in PeftModel
+    ab, _, _ = api.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", base=base)
+    b = api.load_adapter(tmp_path / "b", base=base)
+    worst = max(float((ab.modules[n].delta(torch.float64) - a.modules[n].delta(torch.float64)
+                       - b.modules[n].delta(torch.float64)).abs().max()) for n in a.modules)
+    assert worst <= 1e-6, worst  # exact: stacked factors
+    both = PeftModel.from_pretrained(_load(base), str(tmp_path / "a"))
+    both.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    both.base_model.set_adapter(["default", "b"])
+    ref_ab = _logits(both)
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "ab"))) - ref_ab).abs().max())
+    assert d <= 1e-4, d  # PEFT sums two adapters' dense deltas, we apply one stacked factor pair: fp32 order
+    # combine svd at rank 4: gate and up keep one A
+    res, _, _ = api.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "svd", method="svd", rank=4, base=base)
+    g = res.modules["model.layers.0.mlp.experts.0.gate_proj"]
+    assert torch.equal(g.A, res.modules["model.layers.0.mlp.experts.0.up_proj"].A) and g.rank == 4
+    assert json.loads((tmp_path / "svd" / "adapter_config.json").read_text())["r"] == 4
+    PeftModel.from_pretrained(_load(base), str(tmp_path / "svd"))  # loads

@@ -319,3 +319,22 @@ def pad_per_expert(modules: dict[str, LoraModule], layout: ExpertLayout) -> dict
         A, B = _pad(m.A, _scaled_B(m, s), R)
         out[n] = LoraModule(A=A, B=B, scale=s, alpha=None)
     return out
+
+
+def gate_up_pairs(modules: dict[str, LoraModule], family: str | None = None) -> list[tuple[str, str]]:
+    """(gate, up) module names of each expert whose LoRA shares one A (as a fused gate_up LoRA
+    does): operations keep them together so that the pair stays one fused LoRA."""
+    layout = layout_for(family)
+    if layout is None:
+        layout = layout_for("mixtral") if any(".block_sparse_moe.experts." in n for n in modules) else DEFAULT_LAYOUT
+    gate, up, _ = layout.leaves
+    out = []
+    for name, m in modules.items():
+        mt = _CANON_RE.match(name)
+        if mt is None or mt.group("leaf") != gate:
+            continue
+        other = name[: -len(gate)] + up
+        u = modules.get(other)
+        if u is not None and u.kind == m.kind == "linear" and u.rank == m.rank and torch.equal(u.A, m.A):
+            out.append((name, other))
+    return out
