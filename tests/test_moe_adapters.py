@@ -431,3 +431,41 @@ def test_resize_and_combine_expert_lora(fam, moe_families, tmp_path):
     assert torch.equal(g.A, res.modules["model.layers.0.mlp.experts.0.up_proj"].A) and g.rank == 4
     assert json.loads((tmp_path / "svd" / "adapter_config.json").read_text())["r"] == 4
     PeftModel.from_pretrained(_load(base), str(tmp_path / "svd"))  # loads
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "gpt_oss"])
+def test_pre_0_19_1_peft_orientation(fam, moe_families, tmp_path):
+    """PEFT before 0.19.1 read (E, out, in) expert parameters positionally as (E, in, out): lora_A
+    (E·r, out), lora_B (in, r·E). No such PEFT is installed, so this adapter is PEFT 0.21's own,
+    re-laid-out by that rule (transpose each expert's factors and swap them) and stamped
+    peft_version 0.18.1; it must read as the same per-expert deltas. gpt-oss's (E, in, out)
+    parameters were read the same way by both versions: nothing changes."""
+    from safetensors.torch import load_file, save_file
+
+    from loratools.formats.peft import read_peft
+
+    _make_fused(moe_families / fam, tmp_path / "new", fam, router=False)
+    new = read_peft(tmp_path / "new", family=fam)
+    sd = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    old = {}
+    for k, t in sd.items():
+        if ".experts." not in k + "." or "lora_A" not in k or fam == "gpt_oss":
+            old.setdefault(k, t)
+            continue
+        kb = k.replace("lora_A", "lora_B")
+        A, B = t, sd[kb]
+        n_in, n_out = A.shape[1], B.shape[0]
+        r_e = B.shape[1]
+        E = next(m.num_experts for m in [new])
+        r = r_e // E
+        A3, B3 = A.reshape(E, r, n_in), B.reshape(n_out, r, E).permute(2, 0, 1)  # (E, r, in), (E, out, r)
+        old[k] = B3.transpose(1, 2).reshape(E * r, n_out).contiguous()          # lora_A (E·r, out)
+        old[kb] = A3.transpose(1, 2).permute(1, 2, 0).reshape(n_in, r * E).contiguous()  # lora_B (in, r·E)
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"))
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": "0.18.1"}))
+    got = read_peft(tmp_path / "old", family=fam)
+    assert set(got.modules) == set(new.modules)
+    worst = max(float((got.modules[n].delta() - m.delta()).abs().max()) for n, m in new.modules.items())
+    assert worst <= 1e-6, worst
