@@ -469,3 +469,33 @@ def test_pre_0_19_1_peft_orientation(fam, moe_families, tmp_path):
     assert set(got.modules) == set(new.modules)
     worst = max(float((got.modules[n].delta() - m.delta()).abs().max()) for n, m in new.modules.items())
     assert worst <= 1e-6, worst
+
+
+def test_inspect_expert_groups(moe_families, tmp_path, run_cli):
+    """inspect: ranks per expert group (routed experts per layer and matrix, router, shared expert)
+    and what vLLM, llama.cpp and SGLang do with them."""
+    from loratools import api
+    from loratools.runtimes.moe_lora import FACTS
+
+    base = moe_families / "qwen2_moe"
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["shared_expert.gate_proj", "shared_expert_gate"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+                     rank_pattern={"model.layers.2.mlp.experts.down_proj": 2})
+    get_peft_model(_load(base), cfg).save_pretrained(str(tmp_path / "a"))
+    d = api.inspect(tmp_path / "a", base=base)
+    ex = d["experts"]
+    assert ex["routed"]["model.layers.0.mlp.experts"] == {"gate_up": {"experts": 4, "ranks": [4]},
+                                                          "down_proj": {"experts": 4, "ranks": [4]}}
+    assert ex["routed"]["model.layers.2.mlp.experts"]["down_proj"]["ranks"] == [2]
+    assert "model.layers.1.mlp.experts" not in ex["routed"]  # the dense layer
+    assert set(ex["routers"]) == {"model.layers.0.mlp.gate", "model.layers.2.mlp.gate"}
+    assert set(ex["shared_expert"]) >= {"model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert_gate"}
+    w = d["warnings"]
+    assert any("is_3d_moe_weight" in x for x in w["vllm"]) and any("build_lora_mm" in x for x in w["llama.cpp"])
+    assert any("_normalize_peft_paramwrapper_moe" in x for x in w["sglang"])
+    assert {f.runtime for f in FACTS} == {"llama.cpp", "vLLM", "SGLang"}
+    code, out, err = run_cli("inspect", tmp_path / "a", "--base", base)
+    assert code == 0, err
+    assert "model.layers.0.mlp.experts: gate_up 4 experts, ranks [4]" in out and "warning [sglang]" in out

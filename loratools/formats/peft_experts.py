@@ -361,3 +361,41 @@ def gate_up_pairs(modules: dict[str, LoraModule], family: str | None = None) -> 
         if u is not None and u.kind == m.kind == "linear" and u.rank == m.rank and torch.equal(u.A, m.A):
             out.append((name, other))
     return out
+
+
+def expert_summary(modules: dict[str, LoraModule], family: str | None = None) -> dict:
+    """Ranks per expert group: routed experts per layer and matrix (gate_up when gate and up share A,
+    as one fused LoRA), the routers and the shared expert (Qwen2-MoE). Empty when there is no expert
+    LoRA."""
+    layout = layout_for(family)
+    if layout is None:
+        layout = layout_for("mixtral") if any(".block_sparse_moe." in n for n in modules) else DEFAULT_LAYOUT
+    gate, up, down = layout.leaves
+    shared_a = {g for g, _ in gate_up_pairs(modules, family)}
+    routed: dict[str, dict] = {}
+    routers, shared = {}, {}
+    for name, m in modules.items():
+        mt = _CANON_RE.match(name)
+        if mt is not None and mt.group("leaf") in layout.leaves:
+            blk = f"{mt.group('pre')}.{mt.group('block')}.experts"
+            leaf = mt.group("leaf")
+            if leaf in (gate, up) and name[: -len(leaf)] + gate in shared_a:
+                if leaf == up:
+                    continue
+                leaf = "gate_up"
+            g = routed.setdefault(blk, {}).setdefault(leaf, {"experts": 0, "ranks": set()})
+            g["experts"] += 1
+            g["ranks"].add(m.rank)
+        elif is_router(name, layout):
+            routers[name] = m.rank
+        elif ".shared_expert" in name:
+            shared[name] = m.rank
+    order = ("gate_up", gate, up, down)
+    for k, blk in routed.items():
+        for g in blk.values():
+            g["ranks"] = sorted(g["ranks"])
+        routed[k] = {m: blk[m] for m in order if m in blk}
+    if not routed and not routers and not shared:
+        return {}
+    return {"routed": {k: routed[k] for k in sorted(routed)}, "routers": dict(sorted(routers.items())),
+            "shared_expert": dict(sorted(shared.items()))}
