@@ -499,3 +499,36 @@ def test_inspect_expert_groups(moe_families, tmp_path, run_cli):
     code, out, err = run_cli("inspect", tmp_path / "a", "--base", base)
     assert code == 0, err
     assert "model.layers.0.mlp.experts: gate_up 4 experts, ranks [4]" in out and "warning [sglang]" in out
+
+
+def test_shared_expert_and_router_patterns(moe_families, tmp_path):
+    """Qwen2-MoE: shared-expert LoRA (its MLP and sigmoid gate), a router whose rank_pattern / alpha_pattern
+    key is the parameter name (``mlp.gate.weight``), and the dense layer 1's MLP: read as PEFT applies them,
+    written fused, loaded by PeftModel."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    base = moe_families / "qwen2_moe"
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                     target_modules=["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                                     "shared_expert_gate", "model.layers.1.mlp.gate_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.gate.weight"],
+                     rank_pattern={"model.layers.0.mlp.gate.weight": 2}, alpha_pattern={"model.layers.0.mlp.gate.weight": 6})
+    torch.manual_seed(2)
+    pm = get_peft_model(_load(base), cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(10)
+    ref = _logits(pm)
+    pm.save_pretrained(str(tmp_path / "a"))
+    a = read_peft(tmp_path / "a", family="qwen2_moe")
+    r0 = a.modules["model.layers.0.mlp.gate"]
+    assert (r0.rank, r0.scale) == (2, 3.0)
+    want = pm.base_model.model.model.layers[0].mlp.gate.get_delta_weight("default").detach()
+    assert torch.allclose(r0.delta(), want, atol=1e-6)
+    assert "model.layers.0.mlp.shared_expert_gate" in a.modules and "model.layers.1.mlp.gate_proj" in a.modules
+    write_peft(a, tmp_path / "fused", num_layers=3)
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "fused"))) - ref).abs().max())
+    assert d <= 1e-5, d
