@@ -189,3 +189,46 @@ def test_expert_lora_matches_peft(moe_families, name):
     model.set_explicit_attention(True)
     dense, _ = model(IDS)
     assert (dense - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_peft_adapter_runs_as_peft(moe_families, tmp_path, name):
+    """The same adapter saved by PEFT (target_parameters form), read by api.load_adapter, applied
+    unmerged: equal to PeftModel.from_pretrained, on the gather and the dense expert paths."""
+    from loratools import api
+
+    d = moe_families / name
+    pm = peft_moe(d, name, seed=1)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    del pm
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(hf_model(d), str(tmp_path / "peft")).eval()(IDS).logits
+    a = api.load_adapter(tmp_path / "peft", base=d)
+    cfg = load_config(d)
+    assert sum(".experts." in n for n in a.modules) == 3 * cfg.moe.experts * sum(cfg.moe.layers)
+    model = load_model(d, adapters=[a])
+    ours, _ = model(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    model.set_explicit_attention(True)
+    assert (model(IDS)[0] - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_merged_checkpoint(moe_families, tmp_path, name):
+    """validate: base + a PEFT expert adapter (the reference, unmerged) against the merged
+    checkpoint (loratools' torch model and transformers both load it) and PeftModel."""
+    from loratools import api
+    from loratools.validate import validate
+
+    d = moe_families / name
+    pm = peft_moe(d, name, seed=2)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        want = pm(IDS).logits
+    del pm
+    api.merge(d, [tmp_path / "peft"], tmp_path / "merged")
+    assert (hf_logits(tmp_path / "merged") - want).abs().max().item() <= TOL
+    rep = validate(d, [tmp_path / "peft"], [str(tmp_path / "merged")], tokens=6, device="cpu")
+    assert rep["passed"], [(x["failed_checks"], x["metrics"]) for x in rep["candidates"]]
+    assert rep["candidates"][0]["metrics"]["max_abs"] <= TOL
+    assert rep["independent_reference"]["agrees"] and rep["independent_reference"]["max_abs_vs_reference"] <= TOL
