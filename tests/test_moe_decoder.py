@@ -232,3 +232,18 @@ def test_validate_merged_checkpoint(moe_families, tmp_path, name):
     assert rep["passed"], [(x["failed_checks"], x["metrics"]) for x in rep["candidates"]]
     assert rep["candidates"][0]["metrics"]["max_abs"] <= TOL
     assert rep["independent_reference"]["agrees"] and rep["independent_reference"]["max_abs_vs_reference"] <= TOL
+
+
+def test_mxfp4_experts_match_transformers(moe_families, tmp_path):
+    """gpt-oss with MXFP4 experts (blocks / scales as published): the reference decoder
+    dequantizes as transformers does and equals it (transformers dequantizing on the CPU)."""
+    from fixtures.mxfp4 import make_mxfp4
+
+    q = make_mxfp4(moe_families / "gpt_oss", tmp_path / "mxfp4")
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            str(q), dtype=torch.float32, attn_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()(IDS).logits
+    ours, _ = load_model(q)(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    assert (ours - load_model(moe_families / "gpt_oss")(IDS)[0]).abs().max() > 1e-2  # other (quantized) weights

@@ -149,3 +149,21 @@ def test_validate_passes_on_onnx_candidates(case, name):
     print(f"\n{name}: validate max|Δ| merged fp32 {rep['candidates'][0]['metrics']['max_abs']:.2e}, fp16 "
           f"{rep['candidates'][1]['metrics']['max_abs']:.2e}, slots+adapter {rep['candidates'][2]['metrics']['max_abs']:.2e}; "
           f"reference vs PEFT {rep['independent_reference']['max_abs_vs_reference']:.2e}")
+
+
+def test_mxfp4_export(moe_families, case, work):
+    """An MXFP4 gpt-oss exports (experts dequantized, one at a time) and runs as the reference
+    decoder, base and with the expert adapter merged."""
+    from fixtures.mxfp4 import make_mxfp4
+    from loratools.models import load_model
+
+    q = make_mxfp4(moe_families / "gpt_oss", work / "mxfp4")
+    c = case("gpt_oss")
+    a = api.load_adapter(c["dir"] / "peft", base=q)
+    ids = c["ids"]
+    for out, adapters in ((work / "mxfp4-base", []), (work / "mxfp4-merged", [a])):
+        export_onnx(q, out, adapters)
+        with torch.no_grad():
+            want = load_model(q, adapters=adapters)(torch.tensor([ids]))[0][0].numpy()
+        d = float(np.abs(Runner(out).run(ids)[0] - want).max())
+        assert d <= FP32, (out.name, d)
