@@ -281,3 +281,72 @@ def test_train_a_few_steps_with_expert_lora(moe_families, tmp_path, name):
     with torch.no_grad():
         ref = peft.PeftModel.from_pretrained(hf_model(d), str(tmp_path / "out")).eval()(IDS).logits
     assert (ours - ref).abs().max().item() <= TOL
+
+
+# -- config switches and generations ------------------------------------------------------------
+@pytest.mark.parametrize("name,overrides", [
+    ("olmoe", {"clip_qkv": 0.3}),                                    # q, k, v clamped
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 6}),  # every layer slides
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2}),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 12,
+                                     "rope_theta": 150000.0}}),      # truncate (default True), betas defaulted
+])
+def test_switch_variants_match_transformers(tmp_path, name, overrides):
+    from fixtures.families import make_family
+
+    d = make_family(tmp_path / name, name, seed=7, **overrides)
+    ours, _ = load_model(d)(IDS)
+    plain, _ = load_model(make_family(tmp_path / "plain", name, seed=7))(IDS)
+    assert (ours - plain).abs().max() > 1e-3  # the switch matters
+    assert (ours - hf_logits(d)).abs().max().item() <= TOL
+    # without the layer_types transformers 5 writes, the family's own rule gives the same layers
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    if cfg.pop("layer_types", None) is not None:
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert torch.equal(load_model(d)(IDS)[0], ours)
+
+
+def test_transformers4_configs(moe_families, tmp_path):
+    """Configs as published (transformers 4.x): Qwen3-MoE's num_experts, gpt-oss's rope_theta +
+    rope_scaling and no layer_types, Qwen2-MoE without layer_types: the same models."""
+    import json
+    import shutil
+
+    edits = {
+        "qwen3_moe": lambda c: c.update(num_experts=c.pop("num_local_experts")),
+        "gpt_oss": lambda c: (c.update(rope_theta=c["rope_parameters"].pop("rope_theta"),
+                                       rope_scaling=c.pop("rope_parameters")), c.pop("layer_types")),
+        "qwen2_moe": lambda c: c.pop("layer_types"),
+    }
+    for name, edit in edits.items():
+        d = tmp_path / name
+        shutil.copytree(moe_families / name, d)
+        cfg = json.loads((d / "config.json").read_text())
+        edit(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert load_config(d).moe == load_config(moe_families / name).moe
+        assert torch.equal(load_model(d)(IDS)[0], load_model(moe_families / name)(IDS)[0]), name
+
+
+@pytest.mark.parametrize("name,edit,match", [
+    ("mixtral", {"num_experts_per_tok": 5}, "exceeds the number of experts"),
+    ("qwen3_moe", {"num_local_experts": 0}, "must be positive"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step"),
+    ("qwen2_moe", {"mlp_only_layers": "1"}, "mlp_only_layers"),
+    ("gpt_oss", {"swiglu_limit": -1.0}, "swiglu_limit"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": "no", "rope_theta": 1e4}},
+     "truncate"),
+    ("olmoe", {"clip_qkv": 0}, "clip_qkv"),
+])
+def test_bad_moe_configs_are_one_line(moe_families, name, edit, match):
+    import json
+
+    from loratools.arch import parse_config
+    from loratools.errors import InputError
+
+    cfg = {**json.loads((moe_families / name / "config.json").read_text()), **edit}
+    with pytest.raises(InputError, match=match) as e:
+        parse_config(cfg)
+    assert "\n" not in str(e.value)
