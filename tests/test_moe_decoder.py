@@ -189,3 +189,164 @@ def test_expert_lora_matches_peft(moe_families, name):
     model.set_explicit_attention(True)
     dense, _ = model(IDS)
     assert (dense - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_peft_adapter_runs_as_peft(moe_families, tmp_path, name):
+    """The same adapter saved by PEFT (target_parameters form), read by api.load_adapter, applied
+    unmerged: equal to PeftModel.from_pretrained, on the gather and the dense expert paths."""
+    from loratools import api
+
+    d = moe_families / name
+    pm = peft_moe(d, name, seed=1)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    del pm
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(hf_model(d), str(tmp_path / "peft")).eval()(IDS).logits
+    a = api.load_adapter(tmp_path / "peft", base=d)
+    cfg = load_config(d)
+    assert sum(".experts." in n for n in a.modules) == 3 * cfg.moe.experts * sum(cfg.moe.layers)
+    model = load_model(d, adapters=[a])
+    ours, _ = model(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    model.set_explicit_attention(True)
+    assert (model(IDS)[0] - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_merged_checkpoint(moe_families, tmp_path, name):
+    """validate: base + a PEFT expert adapter (the reference, unmerged) against the merged
+    checkpoint (loratools' torch model and transformers both load it) and PeftModel."""
+    from loratools import api
+    from loratools.validate import validate
+
+    d = moe_families / name
+    pm = peft_moe(d, name, seed=2)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        want = pm(IDS).logits
+    del pm
+    api.merge(d, [tmp_path / "peft"], tmp_path / "merged")
+    assert (hf_logits(tmp_path / "merged") - want).abs().max().item() <= TOL
+    rep = validate(d, [tmp_path / "peft"], [str(tmp_path / "merged")], tokens=6, device="cpu")
+    assert rep["passed"], [(x["failed_checks"], x["metrics"]) for x in rep["candidates"]]
+    assert rep["candidates"][0]["metrics"]["max_abs"] <= TOL
+    assert rep["independent_reference"]["agrees"] and rep["independent_reference"]["max_abs_vs_reference"] <= TOL
+
+
+def test_mxfp4_experts_match_transformers(moe_families, tmp_path):
+    """gpt-oss with MXFP4 experts (blocks / scales as published): the reference decoder
+    dequantizes as transformers does and equals it (transformers dequantizing on the CPU)."""
+    from fixtures.mxfp4 import make_mxfp4
+
+    q = make_mxfp4(moe_families / "gpt_oss", tmp_path / "mxfp4")
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(
+            str(q), dtype=torch.float32, attn_implementation="eager",
+            quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()(IDS).logits
+    ours, _ = load_model(q)(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    assert (ours - load_model(moe_families / "gpt_oss")(IDS)[0]).abs().max() > 1e-2  # other (quantized) weights
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_train_a_few_steps_with_expert_lora(moe_families, tmp_path, name):
+    """train: LoRA on attention, every routed expert (Mixtral's w1 / w3 / w2 by role), Qwen2-MoE's
+    shared expert and dense layer; the loss falls; the output is PEFT's target_parameters form and
+    PeftModel computes what the reference decoder does with it."""
+    import json
+    import math
+
+    from loratools import api
+    from loratools.train.loop import TrainConfig, train
+
+    words = ["apple", "river", "stone", "cloud"]
+    tr = tmp_path / "train.jsonl"
+    tr.write_text("".join(json.dumps({"prompt": f"Code for {w}:", "completion": f" {100 + 37 * i}"}) + "\n"
+                          for _ in range(4) for i, w in enumerate(words)))
+    d = moe_families / name
+    cfg = TrainConfig(rank=4, alpha=8, seq_len=32, batch_size=4, epochs=2, lr=1e-2, warmup=1, eval_every=1000,
+                      checkpoint_every=1000, device="cpu")
+    rep = train(d, tr, tmp_path / "out", cfg, log=lambda m: None)
+    losses = [l for _, l in rep["losses"]] if isinstance(rep["losses"][0], (list, tuple)) else rep["losses"]
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
+    conf = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    mc = load_config(d)
+    assert len(conf["target_parameters"]) == 2 * sum(mc.moe.layers)  # gate_up_proj and down_proj per MoE layer
+    a = api.load_adapter(tmp_path / "out", base=d)
+    assert sum(".experts." in n for n in a.modules) == 3 * mc.moe.experts * sum(mc.moe.layers)
+    if mc.moe.shared:
+        assert any(".shared_expert." in n for n in a.modules) and "model.layers.1.mlp.gate_proj" in a.modules
+    ours, _ = load_model(d, adapters=[a])(IDS)
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(hf_model(d), str(tmp_path / "out")).eval()(IDS).logits
+    assert (ours - ref).abs().max().item() <= TOL
+
+
+# -- config switches and generations ------------------------------------------------------------
+@pytest.mark.parametrize("name,overrides", [
+    ("olmoe", {"clip_qkv": 0.3}),                                    # q, k, v clamped
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 6}),  # every layer slides
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2}),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 12,
+                                     "rope_theta": 150000.0}}),      # truncate (default True), betas defaulted
+])
+def test_switch_variants_match_transformers(tmp_path, name, overrides):
+    from fixtures.families import make_family
+
+    d = make_family(tmp_path / name, name, seed=7, **overrides)
+    ours, _ = load_model(d)(IDS)
+    plain, _ = load_model(make_family(tmp_path / "plain", name, seed=7))(IDS)
+    assert (ours - plain).abs().max() > 1e-3  # the switch matters
+    assert (ours - hf_logits(d)).abs().max().item() <= TOL
+    # without the layer_types transformers 5 writes, the family's own rule gives the same layers
+    import json
+
+    cfg = json.loads((d / "config.json").read_text())
+    if cfg.pop("layer_types", None) is not None:
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert torch.equal(load_model(d)(IDS)[0], ours)
+
+
+def test_transformers4_configs(moe_families, tmp_path):
+    """Configs as published (transformers 4.x): Qwen3-MoE's num_experts, gpt-oss's rope_theta +
+    rope_scaling and no layer_types, Qwen2-MoE without layer_types: the same models."""
+    import json
+    import shutil
+
+    edits = {
+        "qwen3_moe": lambda c: c.update(num_experts=c.pop("num_local_experts")),
+        "gpt_oss": lambda c: (c.update(rope_theta=c["rope_parameters"].pop("rope_theta"),
+                                       rope_scaling=c.pop("rope_parameters")), c.pop("layer_types")),
+        "qwen2_moe": lambda c: c.pop("layer_types"),
+    }
+    for name, edit in edits.items():
+        d = tmp_path / name
+        shutil.copytree(moe_families / name, d)
+        cfg = json.loads((d / "config.json").read_text())
+        edit(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        assert load_config(d).moe == load_config(moe_families / name).moe
+        assert torch.equal(load_model(d)(IDS)[0], load_model(moe_families / name)(IDS)[0]), name
+
+
+@pytest.mark.parametrize("name,edit,match", [
+    ("mixtral", {"num_experts_per_tok": 5}, "exceeds the number of experts"),
+    ("qwen3_moe", {"num_local_experts": 0}, "must be positive"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "decoder_sparse_step"),
+    ("qwen2_moe", {"mlp_only_layers": "1"}, "mlp_only_layers"),
+    ("gpt_oss", {"swiglu_limit": -1.0}, "swiglu_limit"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": "no", "rope_theta": 1e4}},
+     "truncate"),
+    ("olmoe", {"clip_qkv": 0}, "clip_qkv"),
+])
+def test_bad_moe_configs_are_one_line(moe_families, name, edit, match):
+    import json
+
+    from loratools.arch import parse_config
+    from loratools.errors import InputError
+
+    cfg = {**json.loads((moe_families / name / "config.json").read_text()), **edit}
+    with pytest.raises(InputError, match=match) as e:
+        parse_config(cfg)
+    assert "\n" not in str(e.value)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fixtures.families import MOE_FIXTURES
+from loratools import api
 from loratools.arch import load_config
 from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
 from loratools.runtimes.onnxruntime import Runner
@@ -38,7 +39,8 @@ def _logits(model, ids):
 @pytest.fixture(scope="module")
 def case(moe_families, work):
     """name -> transformers' base logits, PeftModel's with LoRA on experts (target_parameters),
-    router, attention (and Qwen2-MoE's shared expert); its canonical Adapter; the exports."""
+    router, attention (and Qwen2-MoE's shared expert), saved by PEFT and read by load_adapter;
+    the LoRA-slot export and the adapter's .onnx_adapter."""
     cache = {}
 
     def get(name):
@@ -49,9 +51,10 @@ def case(moe_families, work):
             c = {"model": m, "dir": d, "ids": ids, "base": _logits(hf_model(m), ids)}
             pm = peft_moe(m, name, seed=3)
             c["want"] = _logits(pm, ids)
-            a = canonical_adapter(pm, load_config(m), name)
+            pm.save_pretrained(str(d / "peft"))
+            c["canonical"] = canonical_adapter(pm, load_config(m), name)  # built from PEFT's deltas
             del pm
-            c["adapter"] = a
+            c["adapter"] = a = api.load_adapter(d / "peft", base=m)       # read from PEFT's files
             export_onnx(m, d / "slots", lora_slots="all-linear")
             export_onnx_adapter(a, d / "a.onnx_adapter", base=m)
             cache[name] = c
@@ -80,6 +83,7 @@ def _slot_names(onnx_dir):
 def test_merged_fp32_and_kv_cache_match_peft(case, name):
     c = case(name)
     export_onnx(c["model"], c["dir"] / "merged", [c["adapter"]])
+    export_onnx(c["model"], c["dir"] / "merged-canonical", [c["canonical"]])  # the same adapter, built in memory
     r = Runner(c["dir"] / "merged")
     ids, want = c["ids"], c["want"]
     d_full = float(np.abs(r.run(ids)[0] - want).max())
@@ -87,6 +91,8 @@ def test_merged_fp32_and_kv_cache_match_peft(case, name):
     d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - want).max())
     assert d_cache <= FP32, d_cache
     assert np.abs(want - c["base"]).max() > 0.1  # the adapter changes the logits
+    d_canon = float(np.abs(Runner(c["dir"] / "merged-canonical").run(ids)[0] - want).max())
+    assert d_canon <= FP32, d_canon
     # a left-padded row of a batch of 2 equals its own batch-1 run
     pad = 5
     feeds = {"input_ids": np.asarray([ids, [0] * pad + ids[:N - pad]], dtype=np.int64),
@@ -121,3 +127,43 @@ def test_lora_slots_with_expert_adapter_match_peft(case, name):
     assert d_cache <= FP32, d_cache
     print(f"\n{name}: ONNX slots base max|Δ| {d_base:.2e} (cached {d_base_cache:.2e}); slots+adapter vs PEFT {d:.2e} "
           f"(cached {d_cache:.2e})")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_passes_on_onnx_candidates(case, name):
+    """validate: the merged fp32 and fp16 exports and the slot export + .onnx_adapter against the
+    reference (base + the PEFT adapter unmerged), which agrees with PeftModel."""
+    from loratools.validate import validate
+
+    c = case(name)
+    d = c["dir"]
+    if not (d / "merged").exists():
+        export_onnx(c["model"], d / "merged", [c["adapter"]])
+    export_onnx(c["model"], d / "merged16", [c["adapter"]], dtype="fp16")
+    rep = validate(c["model"], [d / "peft"], [str(d / "merged"), str(d / "merged16"), f"{d / 'slots'}+{d / 'a.onnx_adapter'}"],
+                   tokens=6, device="cpu")
+    assert rep["passed"], [(x["candidate"], x["failed_checks"], x["metrics"]) for x in rep["candidates"]]
+    assert [x["precision"] for x in rep["candidates"]] == ["fp32", "fp16", "fp32"]
+    assert rep["candidates"][0]["metrics"]["max_abs"] <= FP32 and rep["candidates"][2]["metrics"]["max_abs"] <= FP32
+    assert rep["independent_reference"]["agrees"]
+    print(f"\n{name}: validate max|Δ| merged fp32 {rep['candidates'][0]['metrics']['max_abs']:.2e}, fp16 "
+          f"{rep['candidates'][1]['metrics']['max_abs']:.2e}, slots+adapter {rep['candidates'][2]['metrics']['max_abs']:.2e}; "
+          f"reference vs PEFT {rep['independent_reference']['max_abs_vs_reference']:.2e}")
+
+
+def test_mxfp4_export(moe_families, case, work):
+    """An MXFP4 gpt-oss exports (experts dequantized, one at a time) and runs as the reference
+    decoder, base and with the expert adapter merged."""
+    from fixtures.mxfp4 import make_mxfp4
+    from loratools.models import load_model
+
+    q = make_mxfp4(moe_families / "gpt_oss", work / "mxfp4")
+    c = case("gpt_oss")
+    a = api.load_adapter(c["dir"] / "peft", base=q)
+    ids = c["ids"]
+    for out, adapters in ((work / "mxfp4-base", []), (work / "mxfp4-merged", [a])):
+        export_onnx(q, out, adapters)
+        with torch.no_grad():
+            want = load_model(q, adapters=adapters)(torch.tensor([ids]))[0][0].numpy()
+        d = float(np.abs(Runner(out).run(ids)[0] - want).max())
+        assert d <= FP32, (out.name, d)

@@ -761,20 +761,23 @@ def model_tensors(cfg: ModelConfig, ck, merged=None) -> dict:
     """The decoder's own tensor name -> (shape, read(dtype or None) -> tensor) for an open
     checkpoint: its tensors by name (a multimodal layout mapped, a vision tower left out), and a
     mixture-of-experts model's experts as canonical per-expert weights (arch/experts.py reads
-    every stored layout, one expert at a time) and biases.
+    every stored layout, MXFP4 dequantized, one expert at a time) and biases.
 
     ``merged``: an ``ops.merge.MergedView`` of ``ck``: its tensors (adapters applied) are read
-    instead; an expert tensor an adapter changes is taken from the merged stored tensor (one
-    stored tensor held at a time, each expert's slab cut from it)."""
+    instead, each expert weight merged on its own (MergedView.expert_weight)."""
     from ..arch.experts import ExpertView
 
-    view = ExpertView.of(ck) if cfg.moe is not None else None
-    names = merged.names() if merged is not None else ck.keys()
-    shape_of = (lambda n: tuple(merged.info(n).shape)) if merged is not None else (lambda n: tuple(ck.info(n).shape))
-    full = (lambda n: merged.tensor(n)) if merged is not None else (lambda n: ck.get(n))
+    if merged is not None:
+        view = merged.experts if cfg.moe is not None else None
+        names = [n for n in merged.names() if n not in merged.expert_out]
+        shape_of, full = (lambda n: tuple(merged.info(n).shape)), merged.tensor
+    else:
+        view = ExpertView.of(ck) if cfg.moe is not None else None
+        names = [n for n in ck.keys() if view is None or not view.covers(n)]
+        shape_of, full = (lambda n: tuple(ck.info(n).shape)), ck.get
     last: dict = {}
 
-    def stored(name):  # the last whole stored tensor read (experts are read in order)
+    def stored(name):  # the last whole tensor read (a fused bias: its experts are read in order)
         if name not in last:
             last.clear()
             last[name] = full(name)
@@ -782,8 +785,6 @@ def model_tensors(cfg: ModelConfig, ck, merged=None) -> dict:
 
     out: dict = {}
     for name in names:
-        if view is not None and view.covers(name):
-            continue
         shape = shape_of(name)
         bias = expert_bias_slices(cfg, name, shape)
         if bias is not None:
@@ -797,10 +798,8 @@ def model_tensors(cfg: ModelConfig, ck, merged=None) -> dict:
         out[own] = (shape, lambda dt, name=name: _cast(full(name), dt))
 
     def expert(cname, dt):
-        slot = view.weights[cname].slot
-        if merged is not None and merged.changed(slot.tensor):
-            t = stored(slot.tensor)
-            return _cast(slot.take(t if slot.expert is None else t[slot.expert]), dt)
+        if merged is not None and cname in merged.updates:
+            return _cast(merged.expert_weight(cname), dt)
         return _cast(view.read(ck, cname, dtype=None), dt)
 
     for cname, w in (view.weights.items() if view else ()):

@@ -97,8 +97,14 @@ def add_lora(model, cfg: TrainConfig) -> dict[str, LoraSlot]:
     dev = model.inv_freq.device
     slots = {}
     leaves = targets_of(cfg.targets)
+    # routed experts' leaves by their role (Mixtral's w1 / w3 / w2 are gate / up / down)
+    moe = getattr(model.cfg, "moe", None)
+    role = dict(zip(moe.leaves, ("gate_proj", "up_proj", "down_proj"))) if moe is not None else {}
     for name, mod in model.linear_modules().items():
-        if not name.startswith("model.layers.") or name.rsplit(".", 1)[1] not in leaves:
+        leaf = name.rsplit(".", 1)[-1]
+        if ".experts." in name:
+            leaf = role.get(leaf, leaf)
+        if not name.startswith("model.layers.") or leaf not in leaves:
             continue
         out_f, in_f = mod.weight.shape
         A = torch.empty(cfg.rank, in_f)
