@@ -51,6 +51,7 @@ LLAMA_CPP_VARIANT = {
     "olmoe": ({"num_key_value_heads": 4}, "no grouped-query attention", UnsupportedError),
     "gpt_oss": ({"swiglu_limit": 7.0}, "clamps at 7.0", UnsupportedError),
 }
+PROMPT = "The experts of every layer, stacked as llama.cpp expects them, one slab at a time."
 TOL = {"f32": 3e-5, "f16": 3e-2, "q8_0": 4.0}
 TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
 
@@ -294,7 +295,7 @@ def test_validate_moe_gguf_candidates_against_the_reference_decoder(moe, tmp_pat
     export_gguf(m, tmp_path / "base.gguf", outtype="f32")
     export_gguf_adapter(a, m, tmp_path / "lora.gguf")
     rep = validate(m, [ad], [str(tmp_path / "merged.gguf"), f"{tmp_path / 'base.gguf'}+{tmp_path / 'lora.gguf'}"],
-                   tokens=4, peft_check=False)
+                   prompts=[PROMPT], tokens=4, peft_check=False)
     assert rep["passed"], rep["candidates"]
     for c in rep["candidates"]:
         assert c["metrics"]["max_abs"] <= 5e-5 and c["metrics"]["top1"] == 1.0, (c["candidate"], c["metrics"])
@@ -356,5 +357,5 @@ def test_mxfp4_gpt_oss_exports_its_dequantized_experts(moe, tmp_path):
         gu = mxfp4_dequantize(ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks"),
                               ck.get("model.layers.0.mlp.experts.gate_up_proj_scales"))
     assert torch.equal(torch.from_numpy(np.array(t["blk.0.ffn_up_exps.weight"].data)), gu[..., 1::2].transpose(1, 2))
-    rep = validate(m, [], [str(tmp_path / "g.gguf")], tokens=4, peft_check=False)
+    rep = validate(m, [], [str(tmp_path / "g.gguf")], prompts=[PROMPT], tokens=4, peft_check=False)
     assert rep["passed"] and rep["candidates"][0]["metrics"]["max_abs"] <= 5e-5, rep["candidates"][0]["metrics"]
