@@ -78,14 +78,18 @@ def load_adapter(path: str | os.PathLike, base: str | os.PathLike | None = None,
     else:
         raise InputError("this is a model checkpoint, not an adapter", path)
     if base is not None:
+        from .arch.experts import ExpertView, check_targets
         from .arch.layout import align_adapter
 
         info = read_model_info(base) if Path(base).is_dir() else None
         with Checkpoint.open(base) as ck:
             shapes = {k: ck.info(k).shape for k in ck.keys()}
+            experts = ExpertView.of(ck)
         shapes = with_tied_head(shapes, tied_pair(info, shapes))
-        shapes = _with_expert_shapes(shapes, info, a)
-        align_adapter(a, shapes).check_against(shapes, f"base model {base}")  # PEFT names vs the saved layout
+        shapes = _with_expert_shapes(shapes, info, a)  # canonical per-expert weights, whatever the stored layout
+        aligned = experts.align(align_adapter(a, shapes))  # PEFT names vs the saved layout
+        check_targets([aligned], shapes, experts, f"base model {base}")
+        aligned.check_against(shapes, f"base model {base}")
     return a
 
 

@@ -328,6 +328,11 @@ class CheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writers[name].write(name, tensor)
 
+    def write_part(self, name: str, index: int, part: torch.Tensor) -> None:
+        """Write slab ``index`` (along the first dim) of tensor ``name``: a 3-D expert stack one
+        expert at a time."""
+        self._writers[name].write_part(name, index, part)
+
     def copy_from(self, name: str, ck: "Checkpoint", src_name: str | None = None) -> bool:
         """Copy an unchanged tensor's bytes from ``ck`` (no tensor in memory). False when the
         source is not a safetensors shard or differs in dtype/shape (then write() it instead)."""

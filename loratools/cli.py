@@ -322,8 +322,12 @@ def _merge_cmd(unmerge: bool):
     def cmd(base, adapters, weights, output, dtype, max_shard_size, device, overwrite, quiet, as_json):
         rep = api.merge(base, adapters, output, _weights(weights, len(adapters)), dtype, max_shard_size, device,
                         overwrite, quiet=quiet or as_json, unmerge=unmerge)
-        _done("checkpoint", output, rep, as_json,
-              f"{'unmerged' if unmerge else 'merged'} {len(adapters)} adapter(s) into {len(rep['modified'])} tensors")
+        msg = f"{'unmerged' if unmerge else 'merged'} {len(adapters)} adapter(s) into {len(rep['modified'])} tensors"
+        if "experts_changed" in rep:
+            msg += f" ({rep['experts_changed']} experts changed)"
+        if "dequantized" in rep:
+            msg += f"; MXFP4 experts written as {rep['dequantized']['to']}, quantization_config dropped from config.json"
+        _done("checkpoint", output, rep, as_json, msg)
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")
     return cmd

@@ -210,6 +210,7 @@ class SafetensorsWriter:
         head, self.placed = plan_header(specs, metadata)
         self._data_start = len(head)
         self._pending = set(self.placed)
+        self._parts: dict[str, set] = {}
         self._f = open(self.path, "wb")
         self._f.write(head)
         total = self._data_start + sum(i.nbytes for i in self.placed.values())
@@ -226,6 +227,27 @@ class SafetensorsWriter:
             self._f.seek(self._data_start + info.begin)
             self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
         self._pending.discard(name)
+
+    def write_part(self, name: str, index: int, part: torch.Tensor) -> None:
+        """Write ``tensor[index]`` (one slab along the first dim) of a planned tensor; the tensor
+        counts as written once every index has been."""
+        info = self.placed.get(name)
+        if info is None or name not in self._pending:
+            raise LoratoolsError(f"{self.path}: tensor {name!r} not expected (or written twice)")
+        if not info.shape or tuple(part.shape) != info.shape[1:] or part.dtype != info.dtype or not 0 <= index < info.shape[0]:
+            raise LoratoolsError(f"{self.path}: part {index} of tensor {name!r} is {tuple(part.shape)} {part.dtype}, "
+                                 f"planned {info.shape} {info.dtype}")
+        done = self._parts.setdefault(name, set())
+        if index in done:
+            raise LoratoolsError(f"{self.path}: part {index} of tensor {name!r} written twice")
+        t = part.detach().to("cpu").contiguous()
+        step = info.nbytes // info.shape[0]
+        if step:
+            self._f.seek(self._data_start + info.begin + index * step)
+            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        done.add(index)
+        if len(done) == info.shape[0]:
+            self._pending.discard(name)
 
     def copy_raw(self, name: str, src: "SafetensorsFile", src_name: str | None = None) -> None:
         """Copy a tensor's bytes from another safetensors file unchanged (same dtype and shape),

@@ -132,7 +132,10 @@ def test_every_registry_family_has_an_onnx_case():
     """A family added to the registry is exported here as soon as fixtures/families.py builds it."""
     from tests.conftest import ARCHS
 
-    covered = {fx.family for fx in FIXTURES.values()} | set(ARCHS)  # ARCHS: tests/test_onnx.py as well
+    from fixtures.families import MOE_FIXTURES
+
+    # ARCHS: tests/test_onnx.py as well; MOE_FIXTURES: tests/test_moe_onnx.py
+    covered = {fx.family for fx in FIXTURES.values()} | set(ARCHS) | {fx.family for fx in MOE_FIXTURES.values()}
     missing = [f for f, s in FAMILIES.items() if s.implemented and f not in covered]
     assert not missing, f"families without an ONNX test fixture: {missing}"
 

@@ -131,6 +131,7 @@ class ExpertView:
     num_experts: dict[int, int] = field(default_factory=dict)   # layer -> E
     stored: dict[str, str] = field(default_factory=dict)        # file tensor name -> the slab tensor it backs
     _slabs: dict = field(default_factory=dict, repr=False)      # (tensor, expert) -> [canonical names]
+    _by_tensor: dict | None = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.weights)
@@ -243,6 +244,14 @@ class ExpertView:
         """Every (slab tensor, expert) once, by layer then expert (gate, up, down)."""
         return iter(list(self._slabs))
 
+    def slabs_of(self, tensor: str) -> list[int | None]:
+        """The experts (slab indices) of one slab tensor ([None] for a 2-D per-expert tensor)."""
+        if self._by_tensor is None:
+            self._by_tensor = {}
+            for t, e in self._slabs:
+                self._by_tensor.setdefault(t, []).append(e)
+        return list(self._by_tensor.get(tensor, ()))
+
     def in_slab(self, tensor: str, expert: int | None) -> list[str]:
         """The canonical weight names held by one slab."""
         return list(self._slabs.get((tensor, expert), ()))
@@ -291,6 +300,50 @@ class ExpertView:
     def stored_dtype(self, ck, tensor: str) -> torch.dtype:
         """dtype of a slab tensor as stored (MXFP4: torch.uint8)."""
         return ck.info(tensor + "_blocks" if tensor not in ck else tensor).dtype
+
+
+    # -- adapters against this view -----------------------------------------------------------
+    def shapes(self) -> dict[str, tuple]:
+        """{canonical weight name: (out, in)}, to check adapters against."""
+        return {n: w.shape for n, w in self.weights.items()}
+
+    def align(self, adapter):
+        """``adapter`` with expert module names in their canonical spelling (the same object when
+        nothing changes)."""
+        from dataclasses import replace
+
+        mods = {(self.resolve(n) or n): m for n, m in adapter.modules.items()}
+        return adapter if list(mods) == list(adapter.modules) else replace(adapter, modules=mods)
+
+    def describe(self) -> str:
+        """E per MoE layer, in words ("4 experts in each of layers 0, 1")."""
+        if not self.num_experts:
+            return "no experts"
+        by: dict[int, list] = {}
+        for L, E in self.num_experts.items():
+            by.setdefault(E, []).append(L)
+        return "; ".join(f"{E} experts in each of layers {', '.join(map(str, Ls))}" for E, Ls in by.items())
+
+
+EXPERT_NAME = re.compile(r"\.experts\.\d+\.[^.]+$|\.experts\.(gate_up_proj|down_proj)$")
+
+
+def check_targets(adapters, shapes: Mapping[str, tuple], view: "ExpertView", where: str) -> None:
+    """Every module of every adapter must land on a weight in ``shapes`` (tensor name -> shape, the
+    canonical expert weights included). Modules that land nowhere are refused in one line naming
+    them all (IncompatibleError), with the experts the base has when expert modules are among
+    them. Dense adapters that miss are left to ``Adapter.check_against`` (its message)."""
+    from ..errors import IncompatibleError
+
+    miss = [(a, n) for a in adapters for n in a.modules if f"{n}.weight" not in shapes]
+    experts = [n for _, n in miss if EXPERT_NAME.search(n) or view.is_expert_name(n)]
+    if not experts:
+        return
+    names = [n for _, n in miss]
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    has = view.describe() if view else "no mixture-of-experts layers"
+    raise IncompatibleError(f"the {where} does not have {len(names)} module(s) the adapter targets ({has}): {shown}",
+                            miss[0][0].source or None)
 
 
 def expert_view(ck) -> ExpertView:

@@ -57,6 +57,30 @@ class LayerSpec:
     v_from_k: bool = False
 
 
+@dataclass(frozen=True)
+class MoeConfig:
+    """A family's MoeSpec resolved against config.json: ``experts`` routed experts of width
+    ``intermediate``, ``top_k`` per token, a shared expert of width ``shared`` (0: none),
+    ``clamp`` / ``alpha`` of gpt-oss's clamped SwiGLU (clamp None: act(gate) · up) and, per layer,
+    whether its MLP is the MoE block (``layers``; False: a dense MLP of intermediate_size)."""
+
+    experts: int
+    top_k: int
+    intermediate: int
+    scoring: str
+    renorm: bool
+    router: str
+    router_bias: bool
+    block: str
+    leaves: tuple
+    disk_layout: str
+    expert_bias: bool
+    shared: int = 0
+    clamp: float | None = None
+    alpha: float = 1.0
+    layers: tuple = ()
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -104,6 +128,9 @@ class ModelConfig:
     layer_scalar: bool = False            # Gemma 4: each layer's output times model.layers.N.layer_scalar
     kv_shared_layers: int = 0             # Gemma 4: trailing layers reusing earlier K/V (0: off)
     text_config: bool = False             # the values came from config.json's text_config
+    moe: MoeConfig | None = None          # the mixture-of-experts MLP (None: dense)
+    qkv_clip: float | None = None         # q, k, v clamped to [-c, c] (OLMoE clip_qkv)
+    attn_sinks: bool = False              # a learned sink logit per head (gpt-oss)
 
     @property
     def rope_type(self) -> str:
@@ -297,7 +324,45 @@ def parse_config(cfg: dict, path: str | os.PathLike = "config.json") -> ModelCon
         fused_qkv=fq, fused_gate_up=fg, layers=layer_specs, text_config=spec.text_config,
         per_layer_input_size=ple, per_layer_input_vocab=ple_vocab,
         kv_shared_layers=sum(1 for x in sources if x is not None), layer_scalar=spec.layer_scalar,
+        moe=_moe(cfg, spec, layers, path), qkv_clip=_opt_pos_float(cfg, spec.qkv_clip, path),
+        attn_sinks=spec.attn_sinks,
     )
+
+
+def _moe(cfg, spec: ArchSpec, layers: int, path) -> MoeConfig | None:
+    m = spec.moe
+    if m is None:
+        return None
+    names = (m.experts,) if isinstance(m.experts, str) else tuple(m.experts)
+    key = next((k for k in names if cfg.get(k) is not None), names[0])
+    experts, top_k, inter = (_get(cfg, k, int, path) for k in (key, m.top_k, m.intermediate))
+    for k, v in ((key, experts), (m.top_k, top_k), (m.intermediate, inter)):
+        if v <= 0:
+            raise InputError(f"field {k!r} must be positive, got {v}", path)
+    if top_k > experts:
+        raise InputError(f"{m.top_k}={top_k} exceeds the number of experts {key}={experts}", path)
+    shared = 0
+    if m.shared is not None:
+        shared = _get(cfg, m.shared, int, path, 0)
+        if shared < 0:
+            raise InputError(f"field {m.shared!r} must be >= 0, got {shared}", path)
+    moe_layers = [True] * layers
+    if m.dense_rule == "sparse_step":
+        step = _get(cfg, "decoder_sparse_step", int, path, 1)
+        only = cfg.get("mlp_only_layers") or []
+        if step <= 0:
+            raise InputError(f"field 'decoder_sparse_step' must be positive, got {step}", path)
+        if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+            raise InputError(f"field 'mlp_only_layers' must list layer indices, got {only!r}", path)
+        moe_layers = [i not in only and (i + 1) % step == 0 for i in range(layers)]
+    clamp = alpha = None
+    if m.act_clamp is not None:
+        clamp = _opt_pos_float(cfg, m.act_clamp, path)
+        alpha = _get(cfg, m.act_alpha, float, path)
+    return MoeConfig(experts=experts, top_k=top_k, intermediate=inter, scoring=m.scoring,
+                     renorm=_flag(cfg, m.renorm, path), router=m.router, router_bias=m.router_bias, block=m.block,
+                     leaves=tuple(m.leaves), disk_layout=m.disk_layout, expert_bias=m.expert_bias, shared=shared,
+                     clamp=clamp, alpha=1.0 if alpha is None else alpha, layers=tuple(moe_layers))
 
 
 # -- per-layer structure (Gemma 4) -------------------------------------------------------------
@@ -454,6 +519,13 @@ def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:
         if isinstance(mwl, bool) or not isinstance(mwl, int):
             raise InputError(f"field 'max_window_layers' must be an integer, got {mwl!r}", path)
         return ["sliding_attention" if i >= mwl else "full_attention" for i in range(layers)]
+    if spec.sliding == "alternate_below":
+        if not cfg.get(spec.sliding_flag or "use_sliding_window") or not window:
+            return ["full_attention"] * layers
+        mwl = cfg.get("max_window_layers", layers)
+        if isinstance(mwl, bool) or not isinstance(mwl, int):
+            raise InputError(f"field 'max_window_layers' must be an integer, got {mwl!r}", path)
+        return ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(layers)]
     if spec.sliding == "nope_layers":
         nope = _nope(cfg, spec, layers, path)
         on = bool(cfg.get(spec.sliding_flag)) and window is not None
@@ -465,12 +537,14 @@ def _layer_types(cfg, spec: ArchSpec, layers: int, path) -> list[str]:
 
 def _windows(cfg, spec: ArchSpec, types: list[str], layers: int, path) -> list:
     window = cfg.get("sliding_window")
+    if window == 0 and spec.sliding_flag is not None and not cfg.get(spec.sliding_flag):
+        window = None  # Qwen2-MoE's config class writes 0 when use_sliding_window is off
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise InputError(f"field 'sliding_window' must be a positive integer or null, got {window!r}", path)
     if spec.sliding == "none":
         return [None] * layers
     slides = spec.sliding_flag is None or bool(cfg.get(spec.sliding_flag, False))
-    if spec.sliding == "qwen" and cfg.get("layer_types") is not None:
+    if spec.sliding in ("qwen", "alternate_below") and cfg.get("layer_types") is not None:
         slides = True  # transformers 5 Qwen: layer_types alone decide
     out = []
     for t in types:
@@ -600,8 +674,45 @@ def _rope(cfg, spec: ArchSpec, d: dict, head_dim: int, hidden: int, heads: int, 
         if not _num(af) or not math.isfinite(af) or af <= 0:
             raise InputError(f"longrope attention_factor must be a positive number, got {af!r}", path)
         attention_factor = float(af)
+    if rt == "yarn":
+        d, attention_factor = _yarn(cfg, d, path)
     scaling = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
     return RopeSpec(float(theta), rt, rotary, scaling, attention_factor)
+
+
+def _yarn(cfg, d: dict, path) -> tuple[dict, float]:
+    """YaRN's fields resolved as transformers' _compute_yarn_parameters does: a top-level
+    original_max_position_embeddings wins, else rope_parameters', else max_position_embeddings;
+    factor None = max_position_embeddings / original; attention_factor from mscale (and
+    mscale_all_dim) when not given; beta_fast / beta_slow default 32 / 1; truncate default True."""
+    mpe = _get(cfg, "max_position_embeddings", int, path, 4096)
+    orig = cfg.get("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    if orig is None:
+        orig = mpe
+    if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        raise InputError(f"yarn needs a positive integer original_max_position_embeddings, got {orig!r}", path)
+    factor = d.get("factor")
+    if factor is None:
+        factor = mpe / orig
+    for k, v in (("factor", factor), ("beta_fast", d.get("beta_fast") or 32), ("beta_slow", d.get("beta_slow") or 1)):
+        if not _num(v) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"rope scaling 'yarn' needs a positive number {k!r}, got {v!r}", path)
+    truncate = d.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise InputError(f"rope scaling 'yarn' field 'truncate' must be true or false, got {truncate!r}", path)
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    af = d.get("attention_factor")
+    if af is None:
+        ms, msa = d.get("mscale"), d.get("mscale_all_dim")
+        af = float(mscale(factor, ms) / mscale(factor, msa)) if ms and msa else mscale(factor)
+    if not _num(af) or not math.isfinite(af) or af <= 0:
+        raise InputError(f"yarn attention_factor must be a positive number, got {af!r}", path)
+    out = {**d, "original_max_position_embeddings": orig, "factor": float(factor), "truncate": truncate,
+           "beta_fast": float(d.get("beta_fast") or 32), "beta_slow": float(d.get("beta_slow") or 1)}
+    return out, float(af)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -642,8 +753,34 @@ def rope_inv_freq(cfg: ModelConfig, rope: RopeSpec | None = None, long: bool = F
         n = int(float(s.get("partial_rotary_factor", 1.0)) * d // 2)
         inv = 1.0 / (rope.theta ** (torch.arange(0, 2 * n, 2, dtype=torch.int64).float() / d))
         inv = torch.cat((inv, torch.zeros(d // 2 - n))) / float(s.get("factor", 1.0))
+    elif rope.rope_type == "yarn":
+        inv = yarn_inv_freq(rope.theta, d, float(s["factor"]), s["beta_fast"], s["beta_slow"],
+                            int(s["original_max_position_embeddings"]), bool(s["truncate"]))
     elif rope.rope_type == "longrope":
         ext = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32)
         shape = torch.arange(0, d, 2, dtype=torch.int64).float() / d
         inv = 1.0 / (ext * rope.theta ** shape)
     return inv
+
+
+def yarn_inv_freq(base: float, d: int, factor: float, beta_fast: float, beta_slow: float, orig: int,
+                  truncate: bool):
+    """YaRN's inverse frequencies (d/2,): a blend, per frequency, of the original θ^(-2j/d)
+    (extrapolation) and it divided by ``factor`` (interpolation); the blend ramps linearly over
+    the dimensions between the ones that turn ``beta_fast`` and ``beta_slow`` times over ``orig``
+    positions (bounds floored / ceiled when ``truncate``), as transformers computes it."""
+    import torch
+
+    def corr_dim(rot):
+        return (d * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos = base ** (torch.arange(0, d, 2).to(dtype=torch.float) / d)
+    extra = 1 - ramp
+    return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra

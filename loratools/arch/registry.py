@@ -84,22 +84,26 @@ SMOLLM3 = ArchSpec(
     sliding_flag="use_sliding_window", defaults={"tie_word_embeddings": True, "no_rope_layer_interval": 4})
 
 # -- mixture of experts (expert LoRA: arch/spec.py MoeSpec) -------------------------------------
-# implemented=False until the reference decoder runs the family (tensor operations need no spec)
-MIXTRAL = replace(MISTRAL, family="mixtral", hf_class="MixtralForCausalLM", implemented=False,
-                  moe=MoeSpec(experts="num_local_experts", intermediate="intermediate_size", renorm=True,
-                              block="block_sparse_moe", leaves=("w1", "w3", "w2")))
-QWEN2_MOE = replace(QWEN2, family="qwen2_moe", hf_class="Qwen2MoeForCausalLM", implemented=False,
+MIXTRAL = replace(MISTRAL, family="mixtral", hf_class="MixtralForCausalLM",
+                  moe=MoeSpec(experts=("num_local_experts", "num_experts"), intermediate="intermediate_size",
+                              renorm=True, block="block_sparse_moe", leaves=("w1", "w3", "w2")))
+# Qwen2-MoE: qkv biases by qkv_bias (default on), 4.x configs slide the even layers below max_window_layers
+QWEN2_MOE = replace(QWEN2, family="qwen2_moe", hf_class="Qwen2MoeForCausalLM",
+                    qkv_bias="qkv_bias", sliding="alternate_below", defaults={"qkv_bias": True},
                     moe=MoeSpec(shared="shared_expert_intermediate_size", dense_rule="sparse_step"))
-QWEN3_MOE = replace(QWEN3, family="qwen3_moe", hf_class="Qwen3MoeForCausalLM", implemented=False,
-                    moe=MoeSpec(dense_rule="sparse_step"))
+# Qwen3-MoE: with use_sliding_window every layer slides (transformers' attention takes sliding_window as is)
+QWEN3_MOE = replace(QWEN3, family="qwen3_moe", hf_class="Qwen3MoeForCausalLM", sliding="all",
+                    moe=MoeSpec(experts=("num_local_experts", "num_experts"), dense_rule="sparse_step"))
 OLMOE = replace(LLAMA, family="olmoe", hf_class="OlmoeForCausalLM", qk_norm="proj", mlp_bias=False, sliding="none",
-                implemented=False, moe=MoeSpec(intermediate="intermediate_size"))
+                qkv_clip="clip_qkv", moe=MoeSpec(intermediate="intermediate_size"))
+# gpt-oss: the norm weight multiplies the fp32 x̂ (GptOssRMSNorm), every layer sliding or full by layer_types
 GPT_OSS = replace(LLAMA, family="gpt_oss", hf_class="GptOssForCausalLM", mlp_bias=False, attn_sinks=True,
-                  rope_types=("default", "yarn"), implemented=False,
-                  moe=MoeSpec(experts="num_local_experts", intermediate="intermediate_size", scoring="topk_softmax",
-                              renorm=False, router="router", router_bias=True, disk_layout="gpt_oss",
-                              expert_bias=True, act_clamp="swiglu_limit"),
-                  defaults={"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True})
+                  norm_fp32_weight=True, rope_types=("default", "yarn"), sliding="pattern", default_pattern=2,
+                  moe=MoeSpec(experts=("num_local_experts", "num_experts"), intermediate="intermediate_size",
+                              scoring="topk_softmax", renorm=False, router="router", router_bias=True,
+                              disk_layout="gpt_oss", expert_bias=True, act_clamp="swiglu_limit"),
+                  defaults={"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True, "sliding_window": 128,
+                            "rope_theta": 150000.0})
 
 FAMILIES: dict[str, ArchSpec] = {s.family: s for s in (
     LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, GEMMA3, GEMMA4_TEXT, GEMMA4, PHI3, OLMO2, GRANITE, SMOLLM3,

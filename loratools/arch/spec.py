@@ -48,7 +48,9 @@ decoder reads the resolved switches, never a family name.
     fused_gate_up         one gate_up_proj (rows gate, up) instead of gate_proj/up_proj (Phi-3)
     sliding               how per-layer sliding windows are found when config.json has no
                           layer_types: "all" (sliding_window on every layer: Mistral, Phi-3),
-                          "qwen" (use_sliding_window + max_window_layers), "pattern"
+                          "qwen" (use_sliding_window + max_window_layers: layers from it on
+                          slide), "alternate_below" (Qwen2-MoE: even layers below
+                          max_window_layers slide, when sliding_flag), "pattern"
                           (sliding_window_pattern / default_pattern: every Nth layer is full),
                           "nope_layers" (the NoPE layers slide, when sliding_flag: SmolLM3),
                           "none" (the family has no sliding window)
@@ -86,6 +88,8 @@ decoder reads the resolved switches, never a family name.
                           for dense families
     attn_sinks            each head has a learned sink logit ``self_attn.sinks`` (heads,) that joins
                           the softmax and takes probability mass but adds no value (gpt-oss)
+    qkv_clip              config field: q, k and v are clamped to [-c, c] after the projections
+                          (and q/k norms) when set (OLMoE clip_qkv)
     defaults              values transformers' config class uses for fields config.json may
                           omit (e.g. Gemma 2 query_pre_attn_scalar 256)
     implemented           the reference decoder runs this family (False: known to the registry,
@@ -143,6 +147,7 @@ class ArchSpec:
     refuse: tuple = ()
     moe: "MoeSpec | None" = None
     attn_sinks: bool = False
+    qkv_clip: str | None = None
     defaults: dict = field(default_factory=dict)
     implemented: bool = True
 
@@ -156,7 +161,7 @@ NORM_LAYOUTS = ("pre", "sandwich", "post")
 QK_NORMS = (None, "head", "proj")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "silu": "silu"}
-SLIDING_RULES = ("all", "qwen", "pattern", "nope_layers", "none")
+SLIDING_RULES = ("all", "qwen", "alternate_below", "pattern", "nope_layers", "none")
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,9 @@ class MoeSpec:
     down_proj names for its virtual per-expert matrices).
 
     field           meaning
-    experts         config field: number of routed experts
+    experts         config field(s): number of routed experts; a tuple names the field and the
+                    alias transformers' attribute_map reads the same (num_experts /
+                    num_local_experts), the first present wins
     top_k           config field: experts per token
     intermediate    config field: width I of one routed expert
     scoring         "softmax_topk": softmax over all E logits (fp32), then top-k (Mixtral, Qwen,
@@ -207,9 +214,10 @@ class MoeSpec:
     act_clamp       config field of gpt-oss's clamped SwiGLU limit (swiglu_limit; with
                     swiglu_alpha): gate = min(gate, limit), up = clamp(up, -limit, limit),
                     out = (up + 1) · gate · sigmoid(alpha · gate); None: act(gate) · up
+    act_alpha       config field of alpha in the clamped SwiGLU (swiglu_alpha)
     """
 
-    experts: str = "num_experts"
+    experts: str | tuple = ("num_experts", "num_local_experts")
     top_k: str = "num_experts_per_tok"
     intermediate: str = "moe_intermediate_size"
     scoring: str = "softmax_topk"
@@ -223,6 +231,7 @@ class MoeSpec:
     shared: str | None = None
     dense_rule: str | None = None
     act_clamp: str | None = None
+    act_alpha: str = "swiglu_alpha"
 
 
 MOE_SCORING = ("softmax_topk", "topk_softmax")

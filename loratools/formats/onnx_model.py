@@ -101,20 +101,32 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     """The reference decoder with the shapes and ties of ``view``'s tensors and no weights: what
     the exporter traces. The weights are written afterwards, tensor by tensor. Returns the model
     and the on-disk name of each of its tensors (a multimodal checkpoint keeps the text decoder
-    under another prefix; tensors outside the decoder are left out)."""
+    under another prefix; tensors outside the decoder are left out); for a mixture-of-experts
+    model instead (shape, read) of each (decoder.model_tensors: canonical per-expert weights)."""
     from ..models.config import rope_inv_freq
     from ..models.decoder import DecoderLM, check_fits
 
-    names = view.names()
-    check_fits(cfg, {n: tuple(view.info(n).shape) for n in names}, view.ck.path)
-    with torch.device("meta"):
-        model = DecoderLM(cfg)
-    disk = {}
-    for k, name in enumerate(names):
-        own = cfg.to_internal(name)
-        if own is not None and not name.endswith("rotary_emb.inv_freq"):
-            disk[own] = name
-            model._set(own, _placeholder(k, tuple(view.info(name).shape), tdt))
+    if cfg.moe is not None:  # experts as canonical per-expert weights, whatever their stored layout
+        from ..models.decoder import model_tensors
+
+        tensors = model_tensors(cfg, view.ck, merged=view)
+        check_fits(cfg, {n: shape for n, (shape, _) in tensors.items()}, view.ck.path)
+        with torch.device("meta"):
+            model = DecoderLM(cfg)
+        for k, (own, (shape, _)) in enumerate(tensors.items()):
+            model._set(own, _placeholder(k, shape, tdt))
+        disk = tensors
+    else:
+        names = view.names()
+        check_fits(cfg, {n: tuple(view.info(n).shape) for n in names}, view.ck.path)
+        with torch.device("meta"):
+            model = DecoderLM(cfg)
+        disk = {}
+        for k, name in enumerate(names):
+            own = cfg.to_internal(name)
+            if own is not None and not name.endswith("rotary_emb.inv_freq"):
+                disk[own] = name
+                model._set(own, _placeholder(k, tuple(view.info(name).shape), tdt))
     if "lm_head.weight" not in disk or (cfg.tie_word_embeddings and not view.untie):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).float()
@@ -314,13 +326,20 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         # tensors the model computes itself (rope tables): written from its buffers, as they are
         buffers = {n: t.detach().contiguous() for n, t in model.named_buffers()}
 
+        moe = cfg.moe is not None
+
         def get(key: str, transposed: bool) -> torch.Tensor:
-            t = buffers[key] if key in buffers else view.tensor(disk[key]).to(tdt)  # fp32 math, rounded once
-            return (t.T if transposed else t).contiguous()
+            if key in buffers:
+                t = buffers[key]
+            else:  # fp32 math, rounded once
+                t = disk[key][1](None).to(tdt) if moe else view.tensor(disk[key]).to(tdt)
+            t = (t.T if transposed else t).contiguous()
+            return t.reshape(-1).view(t.shape)  # unit strides even on a size-1 dim (a (1, in) weight transposed)
 
         specs = []  # (initializer name, tensor, transposed, stored shape, dtype)
         for name, key, tr in plan:
-            shape = tuple(buffers[key].shape) if key in buffers else tuple(view.info(disk[key]).shape)
+            shape = tuple(buffers[key].shape) if key in buffers else \
+                tuple(disk[key][0]) if moe else tuple(view.info(disk[key]).shape)
             specs.append((name, key, tr, shape[::-1] if tr else shape, buffers[key].dtype if key in buffers else tdt))
         big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:

@@ -258,6 +258,9 @@ class Attention(nn.Module):
         default = not cfg.attention_scale or cfg.spec is None or cfg.spec.attention_scale == "head_dim"
         self.scale = None if default else cfg.attention_scale
         self.softcap = cfg.attn_softcap
+        self.clip = cfg.qkv_clip
+        # gpt-oss: a learned logit per head joins each row's softmax (takes mass, adds no value)
+        self.sinks = nn.Parameter(torch.empty(self.heads)) if cfg.attn_sinks else None
         self.explicit = False  # plain-op attention (set for ONNX export)
 
     def forward(self, x, cos, sin, mask, past: tuple | None, rows: torch.Tensor | None = None,
@@ -274,6 +277,8 @@ class Attention(nn.Module):
             v = k if self.v_from_k else self.v_proj(x)
         if self.qk_norm == "proj":
             q = self.q_norm(q)
+        if self.clip is not None:
+            q = q.clamp(-self.clip, self.clip)
         q = q.view(b, s, self.heads, self.head_dim)
         if self.qk_norm == "head":
             q = self.q_norm(q)
@@ -285,6 +290,8 @@ class Attention(nn.Module):
         else:
             if self.qk_norm == "proj":
                 k = self.k_norm(k)
+            if self.clip is not None:
+                k, v = k.clamp(-self.clip, self.clip), v.clamp(-self.clip, self.clip)
             k = k.view(b, s, self.kv_heads, self.head_dim)
             v = v.view(b, s, self.kv_heads, self.head_dim)
             if self.qk_norm == "head":
@@ -298,7 +305,7 @@ class Attention(nn.Module):
                 k = torch.cat([past[0], k], dim=2)
                 v = torch.cat([past[1], v], dim=2)
         present = (k, v)
-        if self.explicit or self.softcap is not None:
+        if self.explicit or self.softcap is not None or self.sinks is not None:
             # the same computation spelled out in plain ops (what ONNX export traces; soft-capping
             # has no fused kernel): as transformers' eager attention
             rep = self.heads // self.kv_heads
@@ -308,7 +315,13 @@ class Attention(nn.Module):
             if self.softcap is not None:
                 scores = softcap(scores, self.softcap)
             scores = scores + mask
-            out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
+            if self.sinks is not None:
+                # the sink is one more column of each row's softmax, dropped after it
+                sink = self.sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(b, -1, s, 1)
+                probs = torch.softmax(torch.cat([scores, sink], dim=-1).float(), dim=-1)[..., :-1]
+                out = probs.to(q.dtype) @ vr
+            else:
+                out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ vr
         else:
             # softmax(q kᵀ / √d + mask) v; mask None = plain causal (PyTorch's fused kernels); GQA
             # shares each key/value head among heads / kv_heads query heads
@@ -343,6 +356,90 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def route(logits: torch.Tensor, top_k: int, scoring: str, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (tokens, E) -> (weights (tokens, k) fp32, expert indices (tokens, k)).
+    "softmax_topk": softmax over all E in fp32, the k largest, divided by their sum when
+    ``renorm`` (Mixtral, Qwen, OLMoE); "topk_softmax": the k largest logits, softmax over them
+    (gpt-oss)."""
+    if scoring == "topk_softmax":
+        top, idx = torch.topk(logits, top_k, dim=-1)
+        return torch.softmax(top.float(), dim=-1), idx
+    w, idx = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if renorm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, idx
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss: (clamp(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)."""
+    g = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+
+
+class Expert(nn.Module):
+    """One routed expert: down(act(gate x) · up x), its leaves named as on disk (gate_proj /
+    up_proj / down_proj; Mixtral w1 / w3 / w2), with biases and the clamped SwiGLU of gpt-oss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        h, i = cfg.hidden_size, m.intermediate
+        self.leaves = m.leaves
+        for name, (fin, fout) in zip(m.leaves, ((h, i), (h, i), (i, h))):
+            setattr(self, name, Linear(fin, fout, m.expert_bias))
+        self.clamp, self.alpha = m.clamp, m.alpha
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        g, u, d = (getattr(self, n) for n in self.leaves)
+        if self.clamp is not None:
+            return d(clamped_swiglu(g(x), u(x), self.clamp, self.alpha))
+        return d(self.act(g(x)) * u(x))
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts MLP: the router (``gate``; gpt-oss ``router``, with bias) scores E
+    experts per token, the top k run and their outputs are summed with the routing weights; a
+    shared expert (Qwen2-MoE) adds sigmoid(shared_expert_gate(x)) · shared_expert(x).
+
+    Two exact ways to run the experts: per expert on the tokens routed to it (gathered, added
+    back with index_add: the eager path, cost ∝ k), or every expert on every token, weighted by
+    the routing weights scattered into a (tokens, E) matrix, zero for the unselected ones (what
+    tracing / ONNX export uses: no data-dependent shapes). Both add the experts in index order,
+    as transformers does."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.router_name, self.top_k, self.scoring, self.renorm = m.router, m.top_k, m.scoring, m.renorm
+        setattr(self, m.router, Linear(cfg.hidden_size, m.experts, m.router_bias))
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(m.experts))
+        if m.shared:
+            self.shared_expert = MLP(cfg, m.shared)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, False)
+        self.shared = bool(m.shared)
+        self.dense = False  # every expert on every token (set for ONNX export)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = route(getattr(self, self.router_name)(x), self.top_k, self.scoring, self.renorm)
+        if self.dense or torch.jit.is_tracing():
+            full = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter(1, idx, w)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(x) * full[:, e:e + 1].to(x.dtype)
+        else:
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                tok, pos = torch.where(idx == e)
+                if tok.numel():
+                    out = out.index_add(0, tok, expert(x[tok]) * w[tok, pos, None].to(x.dtype))
+        if self.shared:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+
 class Block(nn.Module):
     """One layer; the norms sit as ``norm_layout`` says:
         pre:       x = x + m·attn(input_ln(x));             x = x + m·mlp(post_attention_ln(x))
@@ -362,7 +459,10 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm()
         if self.layout in ("sandwich", "post"):
             self.post_feedforward_layernorm = norm()
-        self.mlp = MLP(cfg, cfg.layers[i].intermediate_size if cfg.layers else 0)
+        # the MLP: dense, or the MoE block under its on-disk name (Mixtral: block_sparse_moe)
+        moe = cfg.moe is not None and cfg.moe.layers[i]
+        self.mlp_name = cfg.moe.block if moe else "mlp"
+        setattr(self, self.mlp_name, MoE(cfg) if moe else MLP(cfg, cfg.layers[i].intermediate_size if cfg.layers else 0))
         self.m = cfg.residual_multiplier
         # Gemma 4: the per-layer input branch and a stored output scalar
         self.per_layer_input = cfg.per_layer_input_size
@@ -384,11 +484,11 @@ class Block(nn.Module):
             x = x.reshape(-1, x.shape[-1])[rows]
         if self.layout == "pre":
             x = x + (a if self.m == 1.0 else a * self.m)
-            f = self.mlp(self.post_attention_layernorm(x))
+            f = self._modules[self.mlp_name](self.post_attention_layernorm(x))
             x = x + (f if self.m == 1.0 else f * self.m)
         else:
             x = x + self.post_attention_layernorm(a)
-            f = self.mlp(self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x)
+            f = self._modules[self.mlp_name](self.pre_feedforward_layernorm(x) if self.layout == "sandwich" else x)
             x = x + self.post_feedforward_layernorm(f)
         if self.per_layer_input:
             # x + norm(per_layer_projection(act(per_layer_input_gate(x)) · per_layer_input))
@@ -431,13 +531,16 @@ class DecoderLM(nn.Module):
         self._inv: dict = {}           # the other ropes' inverse frequencies, made on first use
         self.gradient_checkpointing = False
         self.explicit_attention = False
-        self.softcapped = cfg.attn_softcap is not None
+        self.softcapped = cfg.attn_softcap is not None or cfg.attn_sinks  # attention in plain ops: masks as tensors
 
     def set_explicit_attention(self, on: bool = True) -> None:
         """Plain-op attention with an explicit mask in every layer (for tracing / ONNX export)."""
         self.explicit_attention = on
         for layer in self.model.layers:
             layer.self_attn.explicit = on
+            mlp = layer._modules[layer.mlp_name]
+            if isinstance(mlp, MoE):
+                mlp.dense = on  # no data-dependent shapes in the traced graph
 
     # -- forward -----------------------------------------------------------------------------
     def _inv_freq(self, rope, long: bool = False) -> torch.Tensor:
@@ -634,6 +737,81 @@ def check_fits(cfg: ModelConfig, shapes: dict[str, tuple], path) -> None:
         raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", path)
 
 
+def expert_bias_slices(cfg: ModelConfig, name: str, shape: tuple) -> list[tuple[str, int, object]] | None:
+    """A fused expert bias tensor (gpt-oss ``...experts.gate_up_proj_bias`` (E, 2I), gate and up
+    interleaved like the weight's columns; ``...experts.down_proj_bias`` (E, H)) -> its canonical
+    per-expert biases [(``...experts.E.<leaf>.bias``, E, column selection)]; None for any other tensor."""
+    m = cfg.moe
+    if m is None or not m.expert_bias or not name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias")):
+        return None
+    base, _, t = name.rpartition(".")
+    if len(shape) != 2:
+        raise IncompatibleError(f"tensor {name!r} has shape {tuple(shape)}, expected (experts, width)")
+    gate, up, down = m.leaves
+    if t == "down_proj_bias":
+        parts = ((down, slice(None)),)
+    elif m.disk_layout == "gpt_oss":
+        parts = ((gate, slice(0, None, 2)), (up, slice(1, None, 2)))
+    else:
+        parts = ((gate, slice(0, shape[1] // 2)), (up, slice(shape[1] // 2, None)))
+    return [(f"{base}.{e}.{leaf}.bias", e, sel) for e in range(shape[0]) for leaf, sel in parts]
+
+
+def model_tensors(cfg: ModelConfig, ck, merged=None) -> dict:
+    """The decoder's own tensor name -> (shape, read(dtype or None) -> tensor) for an open
+    checkpoint: its tensors by name (a multimodal layout mapped, a vision tower left out), and a
+    mixture-of-experts model's experts as canonical per-expert weights (arch/experts.py reads
+    every stored layout, one expert at a time) and biases.
+
+    ``merged``: an ``ops.merge.MergedView`` of ``ck``: its tensors (adapters applied) are read
+    instead; an expert tensor an adapter changes is taken from the merged stored tensor (one
+    stored tensor held at a time, each expert's slab cut from it)."""
+    from ..arch.experts import ExpertView
+
+    view = ExpertView.of(ck) if cfg.moe is not None else None
+    names = merged.names() if merged is not None else ck.keys()
+    shape_of = (lambda n: tuple(merged.info(n).shape)) if merged is not None else (lambda n: tuple(ck.info(n).shape))
+    full = (lambda n: merged.tensor(n)) if merged is not None else (lambda n: ck.get(n))
+    last: dict = {}
+
+    def stored(name):  # the last whole stored tensor read (experts are read in order)
+        if name not in last:
+            last.clear()
+            last[name] = full(name)
+        return last[name]
+
+    out: dict = {}
+    for name in names:
+        if view is not None and view.covers(name):
+            continue
+        shape = shape_of(name)
+        bias = expert_bias_slices(cfg, name, shape)
+        if bias is not None:
+            for cname, e, sel in bias:
+                n = len(range(shape[1])[sel])
+                out[cfg.to_internal(cname)] = ((n,), lambda dt, name=name, e=e, sel=sel: _cast(stored(name)[e, sel], dt))
+            continue
+        own = cfg.to_internal(name)
+        if own is None or name.endswith("rotary_emb.inv_freq"):
+            continue
+        out[own] = (shape, lambda dt, name=name: _cast(full(name), dt))
+
+    def expert(cname, dt):
+        slot = view.weights[cname].slot
+        if merged is not None and merged.changed(slot.tensor):
+            t = stored(slot.tensor)
+            return _cast(slot.take(t if slot.expert is None else t[slot.expert]), dt)
+        return _cast(view.read(ck, cname, dtype=None), dt)
+
+    for cname, w in (view.weights.items() if view else ()):
+        out[cfg.to_internal(cname)] = (tuple(w.shape), lambda dt, cname=cname: expert(cname, dt))
+    return out
+
+
+def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
+    return (t if dtype is None else t.to(dtype)).contiguous()
+
+
 def internal_adapter(cfg: ModelConfig, adapter: Adapter) -> Adapter:
     """``adapter`` with its module names in the decoder's own layout (``model.layers...``,
     ``lm_head``); the same object when they already are."""
@@ -665,17 +843,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     with torch.device("meta"):
         model = DecoderLM(cfg)
     with Checkpoint.open(path, allow_pickle=allow_pickle) as ck:
-        check_fits(cfg, {n: tuple(ck.info(n).shape) for n in ck.keys()}, ck.path)  # from the headers, before any read
-        names = {}
-        for name in ck.keys():
-            own = cfg.to_internal(name)
-            if own is None or name.endswith("rotary_emb.inv_freq"):
-                continue
-            names[own] = name
-            if mmap and dev.type == "cpu" and ck.info(name).dtype == dtype:
-                model._set(own, ck.get_mapped(name))  # frozen weights used as stored: no copy
-            else:
-                model._set(own, ck.get(name).to(device=dev, dtype=dtype))
+        if cfg.moe is None:
+            check_fits(cfg, {n: tuple(ck.info(n).shape) for n in ck.keys()}, ck.path)  # from the headers, before any read
+            for name in ck.keys():
+                own = cfg.to_internal(name)
+                if own is None or name.endswith("rotary_emb.inv_freq"):
+                    continue
+                if mmap and dev.type == "cpu" and ck.info(name).dtype == dtype:
+                    model._set(own, ck.get_mapped(name))  # frozen weights used as stored: no copy
+                else:
+                    model._set(own, ck.get(name).to(device=dev, dtype=dtype))
+        else:  # experts in any stored layout, as canonical per-expert weights
+            tensors = model_tensors(cfg, ck)
+            check_fits(cfg, {n: shape for n, (shape, _) in tensors.items()}, ck.path)
+            for own, (_, read) in tensors.items():
+                model._set(own, read(None).to(device=dev, dtype=dtype))
         from ..modelinfo import tied_pair
 
         tied = tied_pair(cfg, ck.keys()) is not None  # config says so, or the checkpoint simply has no head

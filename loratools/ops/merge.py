@@ -15,7 +15,7 @@ computes the same thing.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -66,9 +66,13 @@ class MergedView:
         self._cfg = None
         from ..arch.layout import align_adapter
 
-        # PEFT (in-memory) names vs the saved layout (multimodal Gemma 3), the tied head included
+        from ..arch.experts import ExpertView, check_targets
+
+        # PEFT (in-memory) names vs the saved layout (multimodal Gemma 3, Mixtral's block_sparse_moe),
+        # the tied head included; expert modules in their canonical per-expert names
+        self.experts = ExpertView.of(ck)
         keys = with_tied_head({k: None for k in ck.keys()}, self.tied)
-        adapters = [align_adapter(a, keys) for a in adapters]
+        adapters = [self.experts.align(align_adapter(a, keys)) for a in adapters]
         dora_mods = [n for a in adapters for n, m in a.modules.items() if m.magnitude is not None]
         touched = [n for a in adapters for n in a.modules]
         clash = [n for n in set(dora_mods) if touched.count(n) > 1]
@@ -88,6 +92,14 @@ class MergedView:
                                             "tensors replace the base's whole", a.source or None)
                 self.saved[k] = t
         shapes = with_tied_head({k: ck.info(k).shape for k in ck.keys()}, self.tied)
+        shapes.update(self.experts.shapes())
+        check_targets(adapters, shapes, self.experts, f"base model {ck.path}")
+        for a in adapters:
+            for n, m in a.modules.items():
+                if f"{n}.weight" in self.experts.weights and (m.magnitude is not None or m.bias is not None):
+                    raise UnsupportedError(f"expert module {n!r} has a {'DoRA magnitude' if m.magnitude is not None else 'lora_B.bias'}: "
+                                           "experts have no such LoRA (PEFT's target_parameters neither); it cannot be merged",
+                                           a.source or None)
         self.added, self.switches = self._bias_switches(adapters, shapes)
         shapes.update({k: i.shape for k, i in self.added.items()})
         for a in adapters:
@@ -102,6 +114,94 @@ class MergedView:
         # must be untied when an adapter changes only one side of the tie
         self.untie = self.tied is not None and any(k in self.updates or k in self.saved for k in self.tied)
         self.modified: list[str] = []
+        self._plan_experts()
+
+    # -- experts ---------------------------------------------------------------------------------
+    def _plan_experts(self) -> None:
+        """Output names of the expert tensors, as transformers writes them: per-expert 2-D tensors
+        for per-expert families (whether the base stores them so or in the fused in-memory layout),
+        fused 3-D stacks for gpt-oss (MXFP4 stacks become bf16 ``gate_up_proj`` / ``down_proj``)."""
+        ex = self.experts
+        self.expert_out: dict[str, tuple] = {}   # output name -> ("weight", canonical) | ("stack", slab tensor)
+        self._expert_info: dict[str, st.TensorInfo] = {}
+        self._expansion: dict[str, list[str]] = {}  # stored tensor -> the output names it becomes
+        self.dequantized = sorted({L for L, kind in ex.layout.items() if kind == "mxfp4"})
+        for k in self.ck.keys():
+            if not ex.covers(k):
+                continue
+            logical = ex.stored[k]
+            slabs = [(logical, e) for e in ex.slabs_of(logical)]
+            kind = ex.weights[ex.in_slab(*slabs[0])[0]].slot
+            if slabs[0][1] is None or ex.layout[ex.weights[ex.in_slab(*slabs[0])[0]].layer] == "fused":
+                outs = [c for t, e in slabs for c in ex.in_slab(t, e)]
+                dt = self.ck.info(k).dtype
+                for c in outs:
+                    self.expert_out[c] = ("weight", c)
+                    self._expert_info[c] = st.TensorInfo(c, dt, ex.weights[c].shape)
+                self._expansion[k] = outs
+            elif kind.stored == "mxfp4":
+                if not k.endswith("_blocks"):
+                    self._expansion[k] = []
+                    continue
+                i = self.ck.info(k)
+                self.expert_out[logical] = ("stack", logical)
+                self._expert_info[logical] = st.TensorInfo(logical, torch.bfloat16,
+                                                           (i.shape[0], i.shape[2] * i.shape[3] * 2, i.shape[1]))
+                self._expansion[k] = [logical]
+            else:
+                self.expert_out[k] = ("stack", k)
+                self._expert_info[k] = self.ck.info(k)
+                self._expansion[k] = [k]
+
+    def _expert_changed(self, name: str) -> bool:
+        kind, x = self.expert_out[name]
+        if kind == "weight":
+            return x in self.updates
+        return any(c in self.updates for e in self.experts.slabs_of(x) for c in self.experts.in_slab(x, e))
+
+    def _apply(self, W: torch.Tensor, name: str) -> None:
+        """``W += Σ updates`` of one canonical expert weight (fp32, in place)."""
+        for m, w in self.updates.get(name, ()):
+            W.addmm_(m.B.to(self.dev, torch.float32), m.A.to(self.dev, torch.float32), alpha=m.scale * w)
+
+    def expert_weight(self, cname: str) -> torch.Tensor:
+        """One canonical expert weight (``...experts.E.gate_proj.weight``), merged, (out, in), fp32."""
+        W = self.experts.read(self.ck, cname).to(self.dev)
+        check_finite(W, self.experts.weights[cname].slot.tensor, self.ck.path)
+        self._apply(W, cname)
+        return W.cpu()
+
+    def slabs(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(expert, merged slab) of a fused output stack, one expert at a time (fp32 when changed or
+        dequantized, else as stored)."""
+        changed = self._expert_changed(name) or self.experts.weights[self.experts.in_slab(name, 0)[0]].slot.stored == "mxfp4"
+        touched = False
+        for e in self.experts.slabs_of(name):
+            t = name
+            slab = self.experts.read_slab(self.ck, t, e, torch.float32 if changed else None)
+            if changed:
+                slab = slab.to(self.dev)
+                check_finite(slab, t, self.ck.path)
+                for c in self.experts.in_slab(t, e):
+                    if c in self.updates:
+                        d = torch.zeros(self.experts.weights[c].shape, dtype=torch.float32, device=self.dev)
+                        self._apply(d, c)
+                        self.experts.weights[c].slot.add_(slab, d)
+                        touched = True
+                slab = slab.cpu()
+            yield e, slab
+        if touched:
+            self.modified.append(name)
+
+    def expert_report(self) -> dict:
+        """Changed experts: {"experts_changed": n, "experts_changed_by_layer": {layer: n}}."""
+        by: dict[int, set] = {}
+        for c in self.updates:
+            w = self.experts.weights.get(c)
+            if w is not None:
+                by.setdefault(w.layer, set()).add(w.expert)
+        return {"experts_changed": sum(len(v) for v in by.values()),
+                "experts_changed_by_layer": {str(L): len(v) for L, v in sorted(by.items())}}
 
     def _bias_switches(self, adapters: Sequence[Adapter], shapes: dict) -> tuple[dict, dict]:
         """A lora_bias on a layer without a bias: turn on the family's switch for it (config field
@@ -148,7 +248,8 @@ class MergedView:
         return parse_config(self.config(), self.ck.root / "config.json")
 
     def names(self) -> list[str]:
-        out = self.ck.keys() + ([self.tied[1]] if self.untie and self.tied[1] not in self.ck else [])
+        keys = [x for k in self.ck.keys() for x in self._expansion.get(k, [k])]
+        out = keys + ([self.tied[1]] if self.untie and self.tied[1] not in self.ck else [])
         if self.added:  # each added bias right after its weight
             out = [x for n in out for x in ([n, n[:-len("weight")] + "bias"] if n[:-len("weight")] + "bias" in self.added else [n])]
         return out
@@ -157,17 +258,37 @@ class MergedView:
         return head_source(name, self.tied)  # what a tied head really computes with
 
     def info(self, name: str) -> st.TensorInfo:
+        if name in self._expert_info:
+            return self._expert_info[name]
         if name in self.added:
             return self.added[name]
         i = self.ck.info(self.source(name))
         return st.TensorInfo(name, i.dtype, i.shape)
 
     def changed(self, name: str) -> bool:
+        if name in self.expert_out:
+            return self._expert_changed(name)
         return name in self.saved or name in self.updates or name in self.added
+
+    def stored_as_is(self, name: str) -> bool:
+        """Whether output tensor ``name`` is a base tensor of the same name, dtype and shape (its
+        bytes can be copied when unchanged)."""
+        src = self.source(name)
+        return src in self.ck and (name not in self._expert_info or
+                                   tuple(self.ck.info(src).shape) == tuple(self._expert_info[name].shape) and
+                                   self.ck.info(src).dtype == self._expert_info[name].dtype)
 
     def tensor(self, name: str, mapped: bool = False) -> torch.Tensor:
         """The merged tensor: an unchanged one as stored (``mapped``: a file-backed map where the shard
         is safetensors, no private copy), a changed one in float32."""
+        if name in self.expert_out:
+            kind, x = self.expert_out[name]
+            if kind == "stack":  # the whole 3-D stack (exporters of small models; merge writes slabs())
+                return torch.stack([s for _, s in self.slabs(name)])
+            if x not in self.updates:
+                return self.experts.read(self.ck, x, dtype=None)
+            self.modified.append(name)
+            return self.expert_weight(x)
         src = self.source(name)
         # a full tensor saved with the adapter (modules_to_save, save_embedding_layers) replaces the
         # base tensor; LoRA updates on the same module then apply on top of it, as in PEFT
@@ -209,6 +330,8 @@ class MergedView:
             if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
                 config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
         config.update(self.switches)
+        if self.dequantized:  # MXFP4 experts are written dequantized (bf16): the model is no longer quantized
+            config.pop("quantization_config", None)
         return config
 
 
@@ -234,12 +357,23 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
         check_space(out, sum(s.nbytes for s in specs), "the merged checkpoint")
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=view.config(dtype)) as wr:
             for spec in progress(specs, "unmerge" if unmerge else "merge", quiet=quiet):
-                if not view.changed(spec.name) and wr.copy_from(spec.name, ck, view.source(spec.name)):
+                if not view.changed(spec.name) and view.stored_as_is(spec.name) and \
+                        wr.copy_from(spec.name, ck, view.source(spec.name)):
                     continue  # unchanged: bytes copied file to file, never loaded
+                if view.expert_out.get(spec.name, ("",))[0] == "stack":
+                    for e, slab in view.slabs(spec.name):  # a fused expert stack: one expert at a time
+                        wr.write_part(spec.name, e, slab.to(spec.dtype))
+                    continue
                 wr.write(spec.name, view.tensor(spec.name).to(spec.dtype))
     report = {"base": str(base), "out": str(out), "adapters": [a.source for a in adapters],
               "weights": list(weights) if weights is not None else [1.0] * len(adapters), "unmerge": unmerge,
               "device": str(dev), "modified": view.modified}
+    if view.experts:
+        report["tensors_changed"] = len(view.modified)
+        report.update(view.expert_report())
+        if view.dequantized:
+            report["dequantized"] = {"from": "mxfp4", "to": CONFIG_DTYPE[dtype or torch.bfloat16],
+                                     "layers": view.dequantized, "quantization_config": "dropped from config.json"}
     if view.untie:
         report["untied_embeddings"] = True
     if view.switches:

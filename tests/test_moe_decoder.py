@@ -1,0 +1,191 @@
+"""The reference decoder on the mixture-of-experts families against transformers and PEFT, on
+fixtures transformers builds (fixtures.families.MOE_FIXTURES): full forward on both expert paths
+(per-expert gather, and every expert weighted densely as tracing runs it), KV cache, padding,
+expert / router / shared-expert LoRA applied unmerged against PeftModel with target_parameters."""
+import pytest
+import torch
+
+from fixtures.families import MOE_FIXTURES
+from loratools.adapter import Adapter, LoraModule
+from loratools.arch import load_config
+from loratools.models import load_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+NAMES = list(MOE_FIXTURES)
+TOL = 1e-5
+IDS = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than every window
+
+
+def hf_model(d):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def hf_logits(d, ids=IDS, **kw):
+    with torch.no_grad():
+        return hf_model(d)(ids, **kw).logits
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(moe_families, name):
+    d = moe_families / name
+    model = load_model(d)
+    ref = hf_logits(d)
+    assert ref.abs().max() > 1.0  # a non-trivial model
+    ours, _ = model(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    model.set_explicit_attention(True)  # plain-op attention, every expert on every token (the traced form)
+    dense, _ = model(IDS)
+    assert (dense - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kv_cache_matches_transformers(moe_families, name):
+    """Prefill 10 tokens, then 14 single cached steps, against transformers' own cache."""
+    d = moe_families / name
+    ids = IDS[:1]
+    model, hf = load_model(d), hf_model(d)
+    ours, past = model(ids[:, :10])
+    steps = [ours]
+    with torch.no_grad():
+        o = hf(ids[:, :10], use_cache=True)
+        cache, refs = o.cache, [o.logits]
+        for t in range(10, ids.shape[1]):
+            lg, past = model(ids[:, t:t + 1], past=past)
+            steps.append(lg)
+            o = hf(ids[:, t:t + 1], cache=cache, use_cache=True)
+            cache = o.cache
+            refs.append(o.logits)
+    assert (torch.cat(steps, 1) - torch.cat(refs, 1)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_mask_matches_transformers(moe_families, name):
+    d = moe_families / name
+    mask = torch.ones_like(IDS)
+    mask[0, :5] = 0  # left padding in the first row
+    ours, _ = load_model(d)(IDS, attention_mask=mask)
+    ref = hf_logits(d, attention_mask=mask)
+    keep = mask.bool()
+    assert (ours[keep] - ref[keep]).abs().max().item() <= TOL
+
+
+def test_moe_features_act(moe_families):
+    """The fixtures exercise what they claim: every expert of every MoE layer is routed to,
+    Qwen2-MoE's layer 1 is dense and has a shared expert elsewhere, gpt-oss's SwiGLU clamp cuts,
+    its sinks and windows change the result, YaRN blends and scales."""
+    from loratools.models import decoder
+
+    hits, clamped = {}, []
+    orig_route, orig_clamp = decoder.route, decoder.clamped_swiglu
+
+    def spy_route(logits, k, scoring, renorm):
+        w, idx = orig_route(logits, k, scoring, renorm)
+        hits.setdefault(name, []).append((set(idx.flatten().tolist()), logits.shape[-1]))
+        return w, idx
+
+    def spy_clamp(gate, up, limit, alpha):
+        clamped.append(float(((gate > limit) | (up.abs() > limit)).float().mean()))
+        return orig_clamp(gate, up, limit, alpha)
+
+    decoder.route, decoder.clamped_swiglu = spy_route, spy_clamp
+    try:
+        for name in NAMES:
+            load_model(moe_families / name)(IDS)
+    finally:
+        decoder.route, decoder.clamped_swiglu = orig_route, orig_clamp
+    for name in NAMES:
+        assert all(len(seen) == e for seen, e in hits[name]), name  # every expert used
+    assert len(hits["qwen2_moe"]) == 2  # layers 0 and 2 route; layer 1 is dense (mlp_only_layers)
+    q2 = load_model(moe_families / "qwen2_moe")
+    assert hasattr(q2.model.layers[0].mlp, "shared_expert") and not hasattr(q2.model.layers[1].mlp, "experts")
+    # the clamp (limit 1.0) cuts a real share of gate / up values in every gpt-oss expert call
+    assert clamped and min(clamped) > 0.05, clamped
+    cfg = load_config(moe_families / "gpt_oss")
+    assert cfg.layer_windows == (6, None, 6, None)
+    rope = cfg.layer_ropes[0]
+    assert rope.rope_type == "yarn" and rope.attention_factor > 1.2
+    # sinks take probability mass: zeroing them changes the logits
+    m = load_model(moe_families / "gpt_oss")
+    ref, _ = m(IDS)
+    for layer in m.model.layers:
+        layer.self_attn.sinks.data.fill_(-1e4)
+    assert (m(IDS)[0] - ref).abs().max() > 1e-2
+
+
+# -- LoRA on experts, router, shared expert: unmerged against PeftModel ---------------------------
+def _experts_in_out(name) -> bool:
+    return MOE_FIXTURES[name].experts_in_out  # gpt-oss: fused (E, in, out), gate / up interleaved
+
+
+def peft_moe(d, name, seed=0):
+    """PeftModel with LoRA on the fused expert parameters (target_parameters), the router, the
+    attention and (Qwen2-MoE) the shared expert and its gate; random non-zero B."""
+    torch.manual_seed(seed)
+    router = "router" if name == "gpt_oss" else "gate"
+    mods = ["q_proj", "v_proj"]
+    if name == "qwen2_moe":
+        mods += ["shared_expert.gate_proj", "shared_expert.down_proj", "shared_expert_gate"]
+    # the routers are no nn.Linear (transformers' TopKRouter): PEFT reaches them as parameters
+    conf = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=mods,
+                           target_parameters=[f"mlp.{router}.weight", "mlp.experts.gate_up_proj",
+                                              "mlp.experts.down_proj"])
+    return peft.get_peft_model(hf_model(d), conf).eval()
+
+
+def canonical_adapter(pm, cfg, name) -> Adapter:
+    """loratools' canonical Adapter from a PeftModel: ordinary modules by their names, and the
+    fused expert LoRA as per-expert gate / up / down modules, each the exact ΔW PEFT computes
+    (get_delta_weight) written as A = I, B = ΔW."""
+    from peft.tuners.lora.layer import Linear as PLinear, ParamWrapper
+
+    mods = {}
+    inv = _experts_in_out(name)
+    block = cfg.moe.block
+    gate_leaf, up_leaf, down_leaf = cfg.moe.leaves
+    for qual, m in pm.base_model.model.named_modules():
+        if isinstance(m, ParamWrapper):
+            delta = m.get_delta_weight("default").detach().float()  # the parameter's own layout
+            pname = m.parameter_name
+            if delta.dim() == 2:  # a router: PEFT wraps its weight parameter (the router is no nn.Linear)
+                own = qual.replace(".mlp.", f".{block}.")
+                mods[own] = LoraModule(torch.eye(delta.shape[1]), delta.clone(), 1.0)
+                continue
+            prefix = qual.replace(".base_layer", "").replace(".mlp.experts", f".{block}.experts")
+            for e in range(delta.shape[0]):
+                de = delta[e].T if inv else delta[e]  # (out, in)
+                if pname == "down_proj":
+                    parts = {down_leaf: de}
+                elif inv:
+                    parts = {gate_leaf: de[0::2], up_leaf: de[1::2]}
+                else:
+                    half = de.shape[0] // 2
+                    parts = {gate_leaf: de[:half], up_leaf: de[half:]}
+                for leaf, dw in parts.items():
+                    mods[f"{prefix}.{e}.{leaf}"] = LoraModule(torch.eye(dw.shape[1]), dw.clone(), 1.0)
+        elif isinstance(m, PLinear):
+            A, B = m.lora_A["default"].weight.detach().float(), m.lora_B["default"].weight.detach().float()
+            own = qual.replace(".mlp.", f".{block}.") if ".mlp.gate" in qual or ".mlp.router" in qual else qual
+            mods[own] = LoraModule(A.clone(), B.clone(), float(m.scaling["default"]))
+    return Adapter(modules=mods, config={"r": 4, "lora_alpha": 8})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_expert_lora_matches_peft(moe_families, name):
+    d = moe_families / name
+    cfg = load_config(d)
+    pm = peft_moe(d, name)
+    with torch.no_grad():
+        ref = pm(IDS).logits
+    a = canonical_adapter(pm, cfg, name)
+    experts = [n for n in a.modules if ".experts." in n]
+    assert len(experts) == 3 * cfg.moe.experts * sum(cfg.moe.layers)
+    base, _ = load_model(d)(IDS)
+    assert (ref - base).abs().max() > 1e-2
+    model = load_model(d, adapters=[a])
+    ours, _ = model(IDS)
+    assert (ours - ref).abs().max().item() <= TOL
+    model.set_explicit_attention(True)
+    dense, _ = model(IDS)
+    assert (dense - ref).abs().max().item() <= TOL

@@ -1,0 +1,123 @@
+"""ONNX export of the mixture-of-experts families in ONNX Runtime against transformers and PEFT
+(fixtures.families.MOE_FIXTURES): merged fp32 logits with expert / router / shared-expert LoRA,
+the KV cache (prefill past every window, then one token at a time), a left-padded batch, and the
+LoRA-slot export (slots on attention, router, shared expert and every expert matrix) fed nothing
+(the base model) and fed the adapter's .onnx_adapter (PeftModel). The traced graph runs every
+expert on every token, weighted by the scattered routing weights (decoder.MoE)."""
+import numpy as np
+import pytest
+import torch
+
+from fixtures.families import MOE_FIXTURES
+from loratools.arch import load_config
+from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
+from loratools.runtimes.onnxruntime import Runner
+from tests.test_moe_decoder import canonical_adapter, hf_model, peft_moe
+
+NAMES = list(MOE_FIXTURES)
+N = 28       # longer than every fixture's sliding window and gpt-oss's YaRN original length
+PREFILL = 18
+FP32 = 1e-4  # as tests/test_onnx_families.py (measured about 1e-5)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("moe-onnx")
+
+
+def _ids(model_dir, n=N, seed=9):
+    vocab = load_config(model_dir).vocab_size
+    return [int(x) for x in torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.fixture(scope="module")
+def case(moe_families, work):
+    """name -> transformers' base logits, PeftModel's with LoRA on experts (target_parameters),
+    router, attention (and Qwen2-MoE's shared expert); its canonical Adapter; the exports."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            m, d = moe_families / name, work / name
+            d.mkdir(exist_ok=True)
+            ids = _ids(m)
+            c = {"model": m, "dir": d, "ids": ids, "base": _logits(hf_model(m), ids)}
+            pm = peft_moe(m, name, seed=3)
+            c["want"] = _logits(pm, ids)
+            a = canonical_adapter(pm, load_config(m), name)
+            del pm
+            c["adapter"] = a
+            export_onnx(m, d / "slots", lora_slots="all-linear")
+            export_onnx_adapter(a, d / "a.onnx_adapter", base=m)
+            cache[name] = c
+        return cache[name]
+
+    return get
+
+
+def _cached(r, ids, prefill, upto):
+    lg, past = r.run(ids[:prefill])
+    rows = list(lg)
+    for t in range(prefill, upto):
+        lg, past = r.run([ids[t]], past, t)
+        rows.append(lg[-1])
+    return np.stack(rows), past
+
+
+def _slot_names(onnx_dir):
+    import onnx
+
+    g = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    return sorted(i.name.removesuffix(".lora_A") for i in g.input if i.name.endswith(".lora_A"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merged_fp32_and_kv_cache_match_peft(case, name):
+    c = case(name)
+    export_onnx(c["model"], c["dir"] / "merged", [c["adapter"]])
+    r = Runner(c["dir"] / "merged")
+    ids, want = c["ids"], c["want"]
+    d_full = float(np.abs(r.run(ids)[0] - want).max())
+    assert d_full <= FP32, d_full
+    d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - want).max())
+    assert d_cache <= FP32, d_cache
+    assert np.abs(want - c["base"]).max() > 0.1  # the adapter changes the logits
+    # a left-padded row of a batch of 2 equals its own batch-1 run
+    pad = 5
+    feeds = {"input_ids": np.asarray([ids, [0] * pad + ids[:N - pad]], dtype=np.int64),
+             "attention_mask": np.asarray([[1] * N, [0] * pad + [1] * (N - pad)], dtype=np.int64),
+             "position_ids": np.asarray([list(range(N)), [0] * pad + list(range(N - pad))], dtype=np.int64)}
+    feeds.update(r._empty_past(2))
+    logits = r.sess.run(["logits"], feeds)[0]
+    assert np.abs(logits[1, pad:] - r.run(ids[:N - pad])[0]).max() <= FP32
+    print(f"\n{name}: ONNX merged vs PEFT max|Δ| full {d_full:.2e} cached {d_cache:.2e}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_slots_with_expert_adapter_match_peft(case, name):
+    """Slots on every linear layer of the blocks, each expert matrix one slot (its canonical
+    per-expert name); fed nothing the export is the base model, fed the .onnx_adapter PeftModel."""
+    c = case(name)
+    cfg = load_config(c["model"])
+    slots = _slot_names(c["dir"] / "slots")
+    experts = [s for s in slots if ".experts." in s]
+    assert len(experts) == 3 * cfg.moe.experts * sum(cfg.moe.layers)
+    assert set(c["adapter"].modules) <= set(slots)
+    ids = c["ids"]
+    base = Runner(c["dir"] / "slots")
+    d_base = float(np.abs(base.run(ids)[0] - c["base"]).max())
+    assert d_base <= FP32, d_base
+    d_base_cache = float(np.abs(_cached(base, ids, PREFILL, N)[0] - c["base"]).max())
+    assert d_base_cache <= FP32, d_base_cache
+    r = Runner(c["dir"] / "slots", adapter=c["dir"] / "a.onnx_adapter")
+    d = float(np.abs(r.run(ids)[0] - c["want"]).max())
+    assert d <= FP32, d
+    d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - c["want"]).max())
+    assert d_cache <= FP32, d_cache
+    print(f"\n{name}: ONNX slots base max|Δ| {d_base:.2e} (cached {d_base_cache:.2e}); slots+adapter vs PEFT {d:.2e} "
+          f"(cached {d_cache:.2e})")
