@@ -118,7 +118,7 @@ def test_fused_form_read_matches_peft_and_loads_both_ways(fam, moe_families, tmp
     # fused form: exact round trip, PeftModel loads it
     write_peft(a, tmp_path / "fused")
     cfg = json.loads((tmp_path / "fused" / "adapter_config.json").read_text())
-    assert "model.layers.0.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    assert "mlp.experts.gate_up_proj" in cfg["target_parameters"]
     b = read_peft(tmp_path / "fused", family=fam)
     assert sorted(a.modules) == sorted(b.modules)
     assert all(torch.equal(a.modules[n].A, b.modules[n].A) and torch.equal(a.modules[n].B, b.modules[n].B)
@@ -414,7 +414,7 @@ def test_resize_and_combine_expert_lora(fam, moe_families, tmp_path):
         worst = max(worst, float((want - got).norm()) / optimal - 1)
     assert worst <= 1e-4, worst
     cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
-    assert cfg["r"] == 2 and "model.layers.0.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    assert cfg["r"] == 2 and "mlp.experts.gate_up_proj" in cfg["target_parameters"]
     # combine linear = both adapters active in PeftModel
     ab, _, _ = api.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", base=base)
     b = api.load_adapter(tmp_path / "b", base=base)
@@ -533,4 +533,35 @@ def test_shared_expert_and_router_patterns(moe_families, tmp_path):
     assert "model.layers.0.mlp.shared_expert_gate" in a.modules and "model.layers.1.mlp.gate_proj" in a.modules
     write_peft(a, tmp_path / "fused", num_layers=3)
     d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "fused"))) - ref).abs().max())
+    assert d <= 1e-5, d
+
+
+def test_fused_layers_with_different_parameters(moe_families, tmp_path):
+    """Layer 0 with gate_up LoRA only, layer 1 with down LoRA only: target_parameters names both for every
+    layer, so the keys nest as PEFT nests them (gate_up under base_layer everywhere) and PeftModel applies
+    exactly these deltas (reference: the fused parameters plus the deltas, in transformers)."""
+    from peft import PeftModel
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    fam, base = "qwen3_moe", moe_families / "qwen3_moe"
+    _make_fused(base, tmp_path / "a", fam, router=False)
+    a = read_peft(tmp_path / "a", family=fam)
+    a.modules = {n: m for n, m in a.modules.items()
+                 if not ((".layers.0." in n and n.endswith("down_proj")) or (".layers.1." in n and n.endswith(("gate_proj", "up_proj"))))
+                 and "self_attn" not in n}
+    write_peft(a, tmp_path / "out")
+    b = read_peft(tmp_path / "out", family=fam)
+    assert sorted(b.modules) == sorted(a.modules)
+    ref = _load(base)
+    with torch.no_grad():
+        for n, m in a.modules.items():
+            L, e, leaf = int(n.split(".")[2]), int(n.split(".")[5]), n.split(".")[6]
+            ex = ref.model.layers[L].mlp.experts
+            inter = ex.gate_up_proj.shape[1] // 2
+            if leaf == "down_proj":
+                ex.down_proj[e] += m.delta()
+            else:
+                ex.gate_up_proj[e, slice(0, inter) if leaf == "gate_proj" else slice(inter, None)] += m.delta()
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "out"))) - _logits(ref)).abs().max())
     assert d <= 1e-5, d
