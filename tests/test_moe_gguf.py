@@ -382,3 +382,23 @@ def test_fused_in_memory_layout_checkpoint_exports(moe, tmp_path):
     ta = {t.name: np.array(t.data) for t in open_gguf(tmp_path / "a.gguf").tensors}
     tb = {t.name: np.array(t.data) for t in open_gguf(tmp_path / "b.gguf").tensors}
     assert set(ta) == set(tb) and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+def test_moe_gguf_through_the_cli(moe, tmp_path, run_cli):
+    """export gguf (-a: merged), export gguf-adapter, import gguf on a MoE model; a config llama.cpp
+    cannot compute: exit 4, one line, nothing written."""
+    m = moe("qwen2_moe")
+    ad = per_expert_peft(m, tmp_path / "peft")
+    code, _, err = run_cli("export", "gguf", m, "-a", ad, "-o", tmp_path / "merged.gguf", "--outtype", "f32")
+    assert code == 0, err
+    code, _, err = run_cli("export", "gguf-adapter", ad, "--base", m, "-o", tmp_path / "lora.gguf")
+    assert code == 0, err
+    code, _, err = run_cli("export", "gguf", m, "-o", tmp_path / "base.gguf", "--outtype", "f32")
+    assert code == 0, err
+    got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
+    assert np.abs(got - llamacpp.logits(tmp_path / "merged.gguf", IDS)).max() <= 2e-5
+    code, _, err = run_cli("import", "gguf", tmp_path / "merged.gguf", "-o", tmp_path / "back")
+    assert code == 0, err
+    code, _, err = run_cli("export", "gguf", moe("qwen2_moe", variant=False), "-o", tmp_path / "x.gguf")
+    assert code == 4 and "dense MLPs" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.gguf").exists()
