@@ -24,7 +24,7 @@ from ..adapter import Adapter
 from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_file, check_output
 from ..models.config import load_config
-from . import gguf_arch
+from . import gguf_arch, gguf_moe
 from .gguf_model import name_map
 
 DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -49,10 +49,21 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     fam = gguf_arch.family(cfg, base_dir)
     fam.check(cfg, base_dir)
     names = name_map(cfg)
+    mv = gguf_moe.moe_values(cfg, base_dir)
     adapter = internal_adapter(cfg, adapter)  # module names as the decoder has them (multimodal prefix dropped)
     with Checkpoint.open(base_dir) as ck:
+        experts = {}
+        if mv is not None:
+            from ..arch.experts import ExpertView
+            from ..arch.layout import align_adapter
+
+            adapter = align_adapter(adapter, ck.keys())  # Mixtral's router: mlp.gate in memory, block_sparse_moe.gate on disk
+            ev = ExpertView.of(ck)
+            experts = {w.name[: -len(".weight")]: w for w in ev.weights.values()}
+            adapter = _canonical_experts(adapter, ev, src)
         disk = {cfg.to_internal(k): k for k in ck.keys() if cfg.to_internal(k) is not None}  # decoder name -> stored
         shapes = {own: ck.info(k).shape for own, k in disk.items()}
+        shapes.update({n + ".weight": w.shape for n, w in experts.items()})
         if adapter.modules_to_save:  # PEFT saves an unchanged embedding whole: that replaces nothing
             tied = cfg.tie_word_embeddings
             changed = sorted(k for k, t in adapter.modules_to_save.items()
@@ -86,7 +97,30 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     plan = []
     folded = 0
+    groups: dict[tuple, dict] = {}  # (layer, part) -> {expert: module}: one stacked lora_a / lora_b each
+    for name, m in adapter.modules.items():
+        if name in experts:
+            ew = experts[name]
+            groups.setdefault((ew.layer, ew.part), {})[ew.expert] = m
+    for (layer, part), mods in sorted(groups.items()):
+        n_exp = mv.experts
+        r = max(m.rank for m in mods.values())
+        out_f, in_f = gguf_moe.expert_shape(cfg, mv, part)
+        a = torch.zeros(n_exp, r, in_f, dtype=torch.float64)
+        b = torch.zeros(n_exp, out_f, r, dtype=torch.float64)
+        for e, m in mods.items():
+            # llama.cpp scales every expert by alpha / r of the stacked tensor (r = its padded rank):
+            # B_e carries the rest of the expert's own scale; padded ranks are zero rows / columns
+            factor = m.scale * r / alpha
+            folded += factor != 1.0
+            a[e, : m.rank] = m.A.double()
+            b[e, :, : m.rank] = m.B.double() * factor
+        gname = gguf_moe.stacked_name(layer, part)
+        for suffix, t in ((".lora_a", a), (".lora_b", b)):
+            plan.append((gname + suffix, np.ascontiguousarray(t.to(torch.float32).numpy().astype(DTYPES[outtype]))))
     for name, m in sorted(adapter.modules.items()):
+        if name in experts:
+            continue
         key = f"{name}.weight"
         if key not in names:
             raise IncompatibleError(f"module {name!r} has no GGUF tensor in a {fam.arch} model", src)
@@ -111,5 +145,24 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         for _, arr in plan:
             w.write_tensor_data(arr)
         w.close()
-    return {"out": str(out), "arch": fam.arch, "alpha": alpha, "modules": len(adapter.modules),
-            "scales_folded": folded, "outtype": outtype}
+    rep = {"out": str(out), "arch": fam.arch, "alpha": alpha, "modules": len(adapter.modules),
+           "scales_folded": folded, "outtype": outtype}
+    if groups:
+        rep["expert_tensors"] = len(groups)
+        rep["expert_modules"] = sum(len(g) for g in groups.values())
+    return rep
+
+
+def _canonical_experts(adapter: Adapter, ev, src) -> Adapter:
+    """Expert modules under their canonical names (an in-memory "mlp." spelling of a Mixtral expert
+    resolved); an expert-shaped name that is no expert of the base is an error naming it."""
+    from dataclasses import replace
+
+    mods, changed = {}, False
+    for n, m in adapter.modules.items():
+        c = ev.resolve(n)
+        if c is None and ev.is_expert_name(n):
+            raise IncompatibleError(f"adapter module {n!r} is an expert the base model does not have", src)
+        mods[c or n] = m
+        changed |= c is not None and c != n
+    return replace(adapter, modules=mods) if changed else adapter

@@ -127,6 +127,7 @@ GRAPH_DEFAULTS: dict[str, Callable] = {
     "final_softcap": lambda c: None,
     "residual_multiplier": lambda c: 1.0,
     "logits_scaling": lambda c: 1.0,
+    "qkv_clip": lambda c: None,           # OLMoE's clip_qkv: no llama.cpp graph here clamps q, k, v
 }
 
 
@@ -161,6 +162,8 @@ class GgufFamily:
     extra: tuple = ()                       # generated tensors: (gguf name, ModelConfig -> tensor or None)
     import_as: tuple | None = None          # (model_type, architectures[0]) of the checkpoint import writes
                                             # (a multimodal family's text model); None: the source's own
+    moe: "MoeGguf | None" = None            # its graph's mixture of experts (None: dense MLPs)
+    warns: tuple = ()                       # ModelConfig -> a difference llama.cpp computes with (warned), or None
 
     @property
     def permute(self) -> bool:
@@ -181,11 +184,16 @@ class GgufFamily:
             if not _close(want, have):
                 out.append(f"its {attr} is {have!r}, llama.cpp computes with {want!r}")
         out += _rope_problems(self, cfg)
+        if self.moe is not None:
+            out += _moe_problems(self, cfg)
         for limit in self.limits:
             reason = limit(cfg)
             if reason:
                 out.append(reason)
         return out
+
+    def warnings(self, cfg) -> list[str]:
+        return [w for w in (f(cfg) for f in self.warns) if w]
 
 
 def _rope_problems(fam: GgufFamily, cfg) -> list[str]:
@@ -414,6 +422,123 @@ GEMMA4 = GgufFamily(
     limits=_g4_limits(),
     extra=(("rope_freqs.weight", _proportional_freqs),))
 
+# -- mixtures of experts (gguf_moe: the stacked expert tensors) --------------------------------
+@dataclass(frozen=True)
+class MoeGguf:
+    """What a llama.cpp graph's mixture of experts computes (build_moe_ffn's arguments in its
+    src/models/<arch>.cpp, hard-coded there: a config that differs is refused)."""
+
+    renorm: bool                   # norm_w: the top-k weights are divided by their sum
+    scoring: str = "softmax_topk"  # SOFTMAX (softmax over all, then top-k) | SOFTMAX_WEIGHT ("topk_softmax")
+    shared: bool = False           # every MoE layer has the sigmoid-gated shared expert (required tensors)
+    expert_bias: bool = False      # expert and router biases (required tensors)
+    act_clamp: tuple | None = None  # (alpha, limit) of LLM_FFN_SWIGLU_OAI_MOE; None: SiLU(gate) · up
+
+
+def _moe(c):
+    from .gguf_moe import moe_values
+
+    return moe_values(c)
+
+
+def _moe_problems(fam: GgufFamily, cfg) -> list[str]:
+    mv, g = _moe(cfg), fam.moe
+    if mv is None:
+        return ["the model has no mixture of experts"]
+    out = []
+    if mv.dense_layers:
+        out.append(f"layers {mv.dense_layers} are dense MLPs (mlp_only_layers / decoder_sparse_step), but llama.cpp's "
+                   f"{fam.arch} graph makes every layer a mixture of experts")
+    if mv.scoring != g.scoring:
+        out.append(f"its router scores {mv.scoring}, llama.cpp's {fam.arch} graph {g.scoring}")
+    elif mv.scoring == "softmax_topk" and mv.renorm != g.renorm:
+        out.append(f"norm_topk_prob is {mv.renorm}, but llama.cpp's {fam.arch} graph "
+                   f"{'always' if g.renorm else 'never'} renormalises the top-k routing weights")
+    if bool(mv.shared) != g.shared:
+        out.append("a shared expert" + (" is missing" if g.shared else "") + f" (llama.cpp's {fam.arch} graph "
+                   f"{'needs' if g.shared else 'has no'} one)")
+    if (mv.router_bias or mv.expert_bias) != g.expert_bias:
+        out.append(f"expert / router biases {'are missing' if g.expert_bias else ''} (llama.cpp's {fam.arch} graph "
+                   f"{'needs' if g.expert_bias else 'has none'})")
+    if g.act_clamp is not None:
+        alpha, limit = g.act_clamp
+        if mv.act_limit is None or not _close(mv.act_limit, limit) or not _close(mv.act_alpha, alpha):
+            out.append(f"swiglu_limit {mv.act_limit} / swiglu_alpha {mv.act_alpha} (llama.cpp's {fam.arch} graph "
+                       f"clamps at {limit} with alpha {alpha}, hard-coded)")
+    elif mv.act_limit is not None:
+        out.append(f"a clamped SwiGLU (limit {mv.act_limit}) that llama.cpp's {fam.arch} graph does not compute")
+    if mv.experts < mv.top_k:
+        out.append(f"{mv.top_k} experts per token of {mv.experts}")
+    return out
+
+
+def _kv_heads_are_heads(c):
+    if c.num_key_value_heads != c.num_attention_heads:
+        return (f"{c.num_key_value_heads} key/value heads of {c.num_attention_heads} (its k_norm over the whole key "
+                "projection is hidden_size wide there: no grouped-query attention)")
+    return None
+
+
+def _yarn(c, key):
+    r = _full_rope(c)
+    if r is None or r.rope_type != "yarn":
+        return None
+    return r.get(key)
+
+
+def _yarn_limits(c):
+    """llama.cpp's YaRN: the attention factor 0.1 ln(factor) + 1 (no mscale fields), the factor
+    from rope.scaling.factor (transformers takes max_position / original when both are given)."""
+    r = _full_rope(c)
+    if r is None or r.rope_type != "yarn":
+        return None
+    for k in ("mscale", "mscale_all_dim", "attention_factor"):
+        if r.get(k) is not None:
+            return f"YaRN with {k}={r.get(k)} (llama.cpp's attention factor is 0.1 ln(factor) + 1)"
+    orig, factor = r.get("original_max_position_embeddings"), float(r.get("factor", 1.0))
+    if orig and not _close(c.max_position_embeddings / orig, factor):
+        return (f"YaRN factor {factor} but max_position_embeddings / original_max_position_embeddings = "
+                f"{c.max_position_embeddings / orig:g} (transformers scales attention by the latter)")
+    return None
+
+
+def _yarn_truncate(c):
+    r = _full_rope(c)
+    if r is not None and r.rope_type == "yarn" and r.get("truncate", True) is False:
+        return ("llama.cpp rounds YaRN's correction range to whole dimensions (truncate=true), this config has "
+                "truncate=false: its logits differ slightly from the source's")
+    return None
+
+
+EXPERTS = (
+    KV("LLM.EXPERT_COUNT", "UINT32", lambda c: _moe(c).experts),
+    KV("LLM.EXPERT_USED_COUNT", "UINT32", lambda c: _moe(c).top_k),
+)
+EXPERT_FF = (KV("LLM.EXPERT_FEED_FORWARD_LENGTH", "UINT32", lambda c: _moe(c).inter),)
+SHARED_FF = (KV("LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH", "UINT32", lambda c: _moe(c).shared or None),)
+YARN = (
+    KV("Rope.SCALING_TYPE", "STRING", lambda c: "yarn" if c.rope_type == "yarn" else None),
+    KV("Rope.SCALING_FACTOR", "FLOAT32", lambda c: _yarn(c, "factor")),
+    KV("Rope.SCALING_ORIG_CTX_LEN", "UINT32", lambda c: _yarn(c, "original_max_position_embeddings")),
+    KV("Rope.SCALING_YARN_BETA_FAST", "FLOAT32", lambda c: _yarn(c, "beta_fast")),
+    KV("Rope.SCALING_YARN_BETA_SLOW", "FLOAT32", lambda c: _yarn(c, "beta_slow")),
+)
+MOE_BIASES = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+# Mixtral: llama.cpp's llama graph with experts (its converter writes Mixtral as llama)
+MIXTRAL = replace(LLAMA, kvs=LLAMA.kvs + EXPERTS, moe=MoeGguf(renorm=True))
+QWEN2MOE = GgufFamily("qwen2moe", kvs=BASE + LINEAR_ROPE + EXPERTS + EXPERT_FF + SHARED_FF, output="required",
+                      moe=MoeGguf(renorm=False, shared=True), limits=(_head_dim_is_hidden_over_heads,))
+QWEN3MOE = GgufFamily("qwen3moe", kvs=BASE + LINEAR_ROPE + EXPERTS + EXPERT_FF, moe=MoeGguf(renorm=True))
+OLMOE = GgufFamily("olmoe", kvs=BASE + LINEAR_ROPE + EXPERTS, output="required", moe=MoeGguf(renorm=False),
+                   limits=(_head_dim_is_hidden_over_heads, _kv_heads_are_heads))
+GPT_OSS = GgufFamily(
+    "gpt-oss", kvs=BASE + EXPERTS + EXPERT_FF + (
+        KV("Attention.SLIDING_WINDOW", "UINT32", lambda c: _window(c) or c.max_position_embeddings), SWA[1]) + YARN,
+    output="required", swa=True, biases=ALL_BIASES + MOE_BIASES, rope_types=("default", "yarn"),
+    moe=MoeGguf(renorm=False, scoring="topk_softmax", expert_bias=True, act_clamp=(1.702, 7.0)),
+    limits=(_yarn_limits,), warns=(_yarn_truncate,))
+
 # registry family -> GGUF facts
 FAMILIES: dict[str, GgufFamily] = {
     "llama": LLAMA,
@@ -429,10 +554,14 @@ FAMILIES: dict[str, GgufFamily] = {
     "olmo2": OLMO2,
     "granite": GRANITE,
     "smollm3": SMOLLM3,
+    "mixtral": MIXTRAL,
+    "qwen2_moe": QWEN2MOE,
+    "qwen3_moe": QWEN3MOE,
+    "olmoe": OLMOE,
+    "gpt_oss": GPT_OSS,
 }
 # registry families with no GGUF path, and why (tests read this: an exclusion is explicit, never a skip)
-EXCLUDED: dict[str, str] = {f: "mixture-of-experts GGUF export is not written yet" for f in
-                             ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")}
+EXCLUDED: dict[str, str] = {}
 
 
 # -- import of a GGUF without loratools' source config (llama.cpp's converter, other tools) --------

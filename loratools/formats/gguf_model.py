@@ -28,7 +28,7 @@ from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedE
 from ..fsutil import atomic_file, check_output, check_space
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
-from . import gguf_arch
+from . import gguf_arch, gguf_moe
 from .gguf_arch import permute_qk, unpermute_qk  # noqa: F401 - re-exported (tests, validate)
 
 SOURCE_CONFIG_KEY = "loratools.source_config"
@@ -46,15 +46,39 @@ def _gguf():
     return gguf
 
 
+def _moe_blocks(n: str) -> bool:
+    return ".mlp." in n or ".block_sparse_moe." in n
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Decoder name -> shape of every tensor but the stacked experts (gguf_moe: those are many
+    checkpoint tensors per GGUF tensor). A dense family: the reference decoder's own; a mixture of
+    experts: its attention and norms, the sinks, and the MoE blocks' router and shared expert."""
+    with torch.device("meta"):
+        shapes = dict(DecoderLM(cfg).expected_shapes())
+    mv = gguf_moe.moe_values(cfg)
+    if mv is None:
+        return shapes
+    shapes = {n: s for n, s in shapes.items() if not _moe_blocks(n)}
+    if cfg.spec.attn_sinks:
+        for i in range(cfg.num_hidden_layers):
+            shapes[f"model.layers.{i}.self_attn.sinks"] = (cfg.num_attention_heads,)
+    for n, (g, shape) in gguf_moe.block_tensors(cfg, mv).items():
+        shapes[n] = (1, cfg.hidden_size) if g.endswith("ffn_gate_inp_shexp.weight") else shape
+    return shapes
+
+
 def name_map(cfg: ModelConfig) -> dict[str, str]:
     """HF tensor name → GGUF tensor name (``model.layers.0.self_attn.q_proj.weight`` →
-    ``blk.0.attn_q.weight``) for every parameter of this config's model."""
+    ``blk.0.attn_q.weight``) for every parameter of this config's model (a mixture of experts: all
+    but the experts, which gguf_moe stacks)."""
     gguf = _gguf()
     fam = gguf_arch.family(cfg)
     tmap = gguf.get_tensor_name_map(_arch_enum(fam.arch), cfg.num_hidden_layers)
-    with torch.device("meta"):
-        names = [n for n, _ in DecoderLM(cfg).named_parameters(remove_duplicate=False)]
-    out = {}
+    names = list(expected_shapes(cfg))
+    mv = gguf_moe.moe_values(cfg)
+    out = {n: g for n, (g, _) in gguf_moe.block_tensors(cfg, mv).items()} if mv is not None else {}
+    names = [n for n in names if n not in out]
     for n in names:
         g = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
         if g is None and n == "lm_head.weight" and fam.output == "never":
@@ -121,19 +145,32 @@ def _write_rows(w, t: torch.Tensor, qtype) -> None:
     if t.dim() < 2 or w.endianess != native:
         w.write_tensor_data(_encode(t.float(), qtype))
         return
+    _write_parts(w, iter((t,)), qtype)
+
+
+def _write_parts(w, parts, qtype) -> None:
+    """One tensor written from consecutive parts (``parts`` yields row-major tensors of one row
+    length whose rows, in order, are the tensor's): a stacked (E, a, b) expert tensor is its experts'
+    (a, b) slabs, one at a time, each a block of rows at a time."""
+    gguf = _gguf()
+    native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
+    if w.endianess != native:
+        w.write_tensor_data(_encode(torch.cat([p.float().reshape(-1, p.shape[-1]) for p in parts]), qtype))
+        return
     if w.state is not gguf.gguf_writer.WriterState.TI_DATA and w.state is not gguf.gguf_writer.WriterState.WEIGHTS:
         raise ValueError(f"Expected output file to contain tensor info or weights, got {w.state}")
     file_id = next(i for i, ts in enumerate(w.tensors) if len(ts) > 0)
     fout = w.fout[file_id]
     ti = w.tensors[file_id].pop(next(iter(w.tensors[file_id])))
-    rows = t.reshape(-1, t.shape[-1])
-    step = max(1, BLOCK_BYTES // (4 * rows.shape[1]))
     w.write_padding(fout, fout.tell())
     written = 0
-    for i in range(0, rows.shape[0], step):
-        a = _encode(rows[i:i + step].float(), qtype)
-        a.tofile(fout)
-        written += a.nbytes
+    for t in parts:
+        rows = t.reshape(-1, t.shape[-1])
+        step = max(1, BLOCK_BYTES // (4 * rows.shape[1]))
+        for i in range(0, rows.shape[0], step):
+            a = _encode(rows[i:i + step].float(), qtype)
+            a.tofile(fout)
+            written += a.nbytes
     if written != ti.nbytes:
         raise AssertionError(f"wrote {written} bytes of a {ti.nbytes}-byte tensor")
     w.write_padding(fout, written)
@@ -189,11 +226,21 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     if windows and not fam.swa:
         report["warnings"].append(f"llama.cpp's {fam.arch} architecture ignores sliding_window={min(windows)}: "
                                   f"its results differ from the source beyond {min(windows)} tokens")
+    report["warnings"] += fam.warnings(cfg)
     with Checkpoint.open(model_dir) as ck:
         view = MergedView(ck, adapters, weights)
         cfg = view.merged_cfg  # what is written: a lora_bias merge turns the family's bias switch on
         names = name_map(cfg)
-        check_fits(cfg, {n: tuple(view.info(n).shape) for n in view.names()}, ck.path)  # llama.cpp would refuse the file
+        mv = gguf_moe.moe_values(cfg, model_dir)
+        stacked, consumed = [], set()
+        shapes = {n: tuple(view.info(n).shape) for n in view.names()}
+        if mv is None:
+            check_fits(cfg, shapes, ck.path)  # llama.cpp would refuse the file
+        else:
+            reader = gguf_moe.ExpertReader(view, cfg, mv, ck.path)
+            stacked, consumed = gguf_moe.stacked_plan(cfg, mv, reader), reader.consumed()
+            _check_moe(cfg, mv, shapes, ck.path, stored=consumed)
+            report["experts"] = {"count": mv.experts, "used": mv.top_k, "layers": sum(mv.moe_layers)}
         if view.untie and fam.output == "never":
             raise UnsupportedError(f"the adapter changes only one side of tied embeddings, and llama.cpp's {fam.arch} "
                                    "architecture always uses token_embd as its output layer: the untied model cannot be "
@@ -203,6 +250,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
         plan = []  # (gguf name, hf name or None, shape, qtype, fp32 tensor getter)
         skipped = 0
         for n in view.names():
+            if n in consumed:
+                continue  # an expert tensor: written as part of its layer's stacked tensor
             own = cfg.to_internal(n)  # the decoder's name (a multimodal checkpoint's text prefix dropped)
             if own is None or own.endswith("rotary_emb.inv_freq"):
                 skipped += own is None  # not part of the text decoder (a vision tower): llama.cpp runs text
@@ -215,7 +264,13 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                 raise UnsupportedError(f"llama.cpp's {fam.arch} architecture has no {gguf_arch.role(names[own])} bias "
                                        f"(tensor {n!r})", ck.path)
             shape = view.info(n).shape
+            if names[own].endswith("ffn_gate_inp_shexp.weight"):  # (1, H) on disk, a vector in llama.cpp
+                shape = (shape[-1],)
+                plan.append((names[own], n, shape, F32, lambda n=n: view.tensor(n, mapped=True).reshape(-1)))
+                continue
             plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n, mapped=True)))
+        for gname, shape, is_weight, get in stacked:
+            plan.append((gname, None, shape, _qtype_for(gname, shape, qname) if is_weight else F32, get))
         if tied and fam.output == "required":  # the tied head written as its own tensor
             emb = disk["model.embed_tokens.weight"]
             shape = view.info(emb).shape
@@ -245,7 +300,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             w.write_ti_data_to_file()
             for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
                 t = get()  # as stored (mapped) when no adapter changes it, else the merged fp32 tensor
-                if hf is not None and gguf_arch.changes(fam, gname, cfg):
+                if not isinstance(t, torch.Tensor):  # a stacked expert tensor: its experts' slabs, one at a time
+                    _write_parts(w, t, q)
+                elif hf is not None and gguf_arch.changes(fam, gname, cfg):
                     w.write_tensor_data(_encode(gguf_arch.to_gguf(fam, gname, t.float(), cfg), q))
                 else:
                     _write_rows(w, t, q)
@@ -258,6 +315,28 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     for msg in report["warnings"]:
         warnings.warn(msg, stacklevel=2)
     return report
+
+
+def _check_moe(cfg, mv, shapes: dict, path, stored=None) -> None:
+    """check_fits for a mixture of experts: the 1:1 tensors and every expert tensor, with the shapes
+    config.json implies, nothing else and nothing missing (``lm_head.weight`` may be absent).
+    ``stored``: the expert tensors of a checkpoint (an ExpertReader checked them), else the layout
+    import writes."""
+    expected = expected_shapes(cfg)
+    experts = set(stored) if stored is not None else set(gguf_moe.disk_expert_shapes(cfg, mv))
+    own = {cfg.to_internal(n): s for n, s in shapes.items() if cfg.to_internal(n) is not None}
+    if stored is None:
+        gguf_moe.check_experts(cfg, mv, own, path)
+    for n, s in own.items():
+        if n in experts or n.endswith("rotary_emb.inv_freq"):
+            continue
+        if n not in expected:
+            raise IncompatibleError(f"tensor {n!r} is not part of a {cfg.model_type} model with this config", path)
+        if tuple(s) != tuple(expected[n]):
+            raise IncompatibleError(f"tensor {n!r} has shape {tuple(s)} but config.json implies {tuple(expected[n])}", path)
+    missing = [n for n in expected if n not in own and n != "lm_head.weight"]
+    if missing:
+        raise IncompatibleError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}", path)
 
 
 # -- import --------------------------------------------------------------------------------
@@ -396,28 +475,42 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     else:
         from ..ops.common import parse_dtype
         dt = parse_dtype(dtype, allow_keep=False)
-    plan = []
+
+    def deq(t, data=None, shape=None):
+        try:
+            a = gguf.quants.dequantize(t.data if data is None else data, t.tensor_type)
+        except (NotImplementedError, ValueError) as e:
+            raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
+        x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+        return x.reshape(shape) if shape is not None else x
+
+    mv = gguf_moe.moe_values(cfg, path)
+    stacked = gguf_moe.unstack_plan(cfg, mv, tensors, deq, path) if mv is not None else []
+    taken = {g for _, _, _, used in stacked for g in used}
+    plan = []  # (hf name, shape, fp32 producer)
     for gname, t in tensors.items():
-        if gname in generated:
+        if gname in generated or gname in taken:
             continue
         hf = inverse.get(gname)
         if hf is None:
             raise UnsupportedError(f"unexpected tensor {gname!r} for a {fam.arch} model", path)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        plan.append((hf, t, shape))
-    check_fits(cfg, {hf: shape for hf, _, shape in plan}, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
+        if gname.endswith("ffn_gate_inp_shexp.weight"):  # a vector in llama.cpp, (1, H) in transformers
+            shape = (1,) + shape
+        plan.append((hf, shape, lambda t=t, shape=shape: gguf_arch.from_gguf(fam, t.name, deq(t, shape=shape), cfg)))
+    plan += [(hf, shape, make) for hf, shape, make, _ in stacked]
+    shapes = {hf: shape for hf, shape, _ in plan}
+    if mv is None:
+        check_fits(cfg, shapes, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
+    else:
+        _check_moe(cfg, mv, shapes, path)
     cfgd["dtype"] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dt]
-    specs = [st.TensorInfo(hf, dt, shape) for hf, _, shape in plan]
+    specs = [st.TensorInfo(hf, dt, shape) for hf, shape, _ in plan]
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)
     check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
     with CheckpointWriter(out, specs, config=cfgd) as wr:
-        for (hf, t, shape), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
-            try:
-                a = gguf.quants.dequantize(t.data, t.tensor_type)
-            except (NotImplementedError, ValueError) as e:
-                raise UnsupportedError(f"tensor {t.name!r}: cannot dequantize {t.tensor_type.name}: {e}", path) from e
-            x = torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).reshape(shape)
-            wr.write(hf, gguf_arch.from_gguf(fam, t.name, x, cfg).to(spec.dtype))
+        for (hf, shape, make), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
+            wr.write(hf, make().to(spec.dtype))
         for name, text in files.items():
             (wr.tmp / name).write_text(text)
         gen = {k: v for k, v in (("bos_token_id", cfgd.get("bos_token_id")), ("eos_token_id", cfgd.get("eos_token_id"))) if v is not None}
