@@ -168,7 +168,21 @@ def compat_warnings(a: Adapter) -> dict[str, list[str]]:
                      "into B on export (loratools export gguf-adapter does this; llama.cpp's convert_lora_to_gguf.py does not)")
     if a.format == "kohya":
         peft_w.append("kohya format: convert with `loratools convert --to peft` to load it in PEFT")
-    return {"vllm": vllm, "llama.cpp": llama, "onnxruntime": ort, "peft": peft_w}
+    out = {"vllm": vllm, "llama.cpp": llama, "onnxruntime": ort, "peft": peft_w}
+    summary = peft.px.expert_summary(a.modules, a.family)
+    if summary:  # mixture-of-experts LoRA: what each serving runtime does with it (runtimes/moe_lora.py)
+        from .runtimes.moe_lora import moe_runtime_notes
+
+        fused = bool(a.config.get("target_parameters")) if a.format == "peft" else None
+        notes = moe_runtime_notes(summary, fused)
+        out["vllm"] += notes.get("vLLM", [])
+        out["llama.cpp"] += notes.get("llama.cpp", [])
+        out["sglang"] = notes.get("SGLang", [])
+        if summary.get("routed") and a.format == "peft" and not fused:
+            peft_w.append("per-expert (transformers 4.x) form: PEFT converts it to the fused experts of a "
+                          "transformers 5 model only for " + ", ".join(peft.px.PEFT_CONVERTS_PER_EXPERT) +
+                          "; `loratools convert --to peft --expert-form fused` writes the target_parameters form")
+    return out
 
 
 def inspect_adapter(a: Adapter, path) -> dict:
@@ -183,6 +197,7 @@ def inspect_adapter(a: Adapter, path) -> dict:
             "modules_to_save": {k: list(t.shape) for k, t in sorted(a.modules_to_save.items())},
             "parameters": a.num_parameters(), "dtypes": dtypes, "size_bytes": size,
             "base_model_name_or_path": a.config.get("base_model_name_or_path"),
+            "experts": peft.px.expert_summary(a.modules, a.family),
             "warnings": compat_warnings(a)}
 
 

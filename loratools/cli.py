@@ -44,6 +44,14 @@ def _print_adapter(d: dict) -> None:
         click.echo("  " + ", ".join(flags))
     if d["modules_to_save"]:
         click.echo("  modules_to_save: " + ", ".join(d["modules_to_save"]))
+    ex = d.get("experts") or {}
+    if ex:
+        click.echo("  expert LoRA (ranks per group):")
+        for blk, mats in ex["routed"].items():
+            click.echo(f"    {blk}: " + "; ".join(f"{k} {g['experts']} experts, ranks {g['ranks']}" for k, g in mats.items()))
+        for kind, key in (("router", "routers"), ("shared expert", "shared_expert")):
+            for n, r in ex[key].items():
+                click.echo(f"    {kind} {n}: rank {r}")
     click.echo(f"  {'module':<44} {'kind':<9} {'rank':>4} {'alpha':>8} {'scale':>9} {'shape (out x in)':>16}")
     for name, m in d["modules"].items():
         alpha = "-" if m["alpha"] is None else f"{m['alpha']:g}"

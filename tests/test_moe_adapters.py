@@ -42,7 +42,7 @@ def _router_canon(fam, layer):
     return f"model.layers.{layer}.{block}.{ROUTER.get(fam, 'gate')}"
 
 
-def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=True, rslora=False, seed=0):
+def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=True, rslora=False, seed=0, gain=20.0):
     """A PEFT target_parameters adapter with random (non-zero) B, saved to ``out``; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -55,7 +55,7 @@ def _make_fused(base, out, fam, targets=("gate_up_proj", "down_proj"), router=Tr
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
-                p.mul_(20)  # a visible effect on the logits
+                p.mul_(gain)  # a visible effect on the logits
     pm.save_pretrained(str(out))
     return pm
 
@@ -286,3 +286,249 @@ def test_cli_convert_expert_form(moe_families, tmp_path, run_cli):
     for d in ("per", "fused"):
         got = _logits(PeftModel.from_pretrained(_load(base), str(tmp_path / d)))
         assert float((got - ref).abs().max()) <= 1e-5
+
+
+def _expert_mats(model, fam):
+    """{(layer, expert): (ΔW-able stacked gate/up (2I, H), down (H, I))} in canonical (out, in)
+    orientation, read from the transformers model's own fused parameters."""
+    out = {}
+    for L, mlp in _moe_layers(model):
+        gu, dn = mlp.experts.gate_up_proj.detach().double(), mlp.experts.down_proj.detach().double()
+        for e in range(gu.shape[0]):
+            if fam == "gpt_oss":  # (E, H, 2I) interleaved, (E, I, H)
+                g, u, d = gu[e][:, 0::2].T, gu[e][:, 1::2].T, dn[e].T
+            else:                 # (E, 2I, H) = cat(gate, up), (E, H, I)
+                g, u = gu[e].chunk(2, 0)
+                d = dn[e]
+            out[(L, e)] = (torch.cat([g, u], 0), d)
+    return out
+
+
+def _make_tuned(base, out, fam, kind, seed=3):
+    """A 'fully fine-tuned' checkpoint saved by transformers: every expert matrix, the routers and
+    q_proj moved, by exactly rank-3 deltas (kind "lowrank") or full-rank ones ("full")."""
+    model = _load(base)
+    g = torch.Generator().manual_seed(seed)
+
+    def delta(shape):
+        if kind == "lowrank":
+            return 0.3 * torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g) / shape[1] ** 0.5
+        # a decaying but full spectrum, as fine-tunes have
+        u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g))
+        k = min(shape)
+        s = 0.5 * torch.exp(-torch.arange(k, dtype=torch.float32) / 3)
+        return (u[:, :k] * s) @ v[:, :k].T
+
+    with torch.no_grad():
+        for _, mlp in _moe_layers(model):
+            for p in (mlp.experts.gate_up_proj, mlp.experts.down_proj):
+                for e in range(p.shape[0]):
+                    p[e] += delta(tuple(p[e].shape))
+            r = getattr(mlp, ROUTER.get(fam, "gate")).weight
+            r += delta(tuple(r.shape))
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight += delta(tuple(layer.self_attn.q_proj.weight.shape))
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_extract_expert_lora(fam, moe_families, tmp_path):
+    """extract on a transformers-made MoE fine-tune: written in target_parameters form; per expert
+    within 1% of the optimal (Eckart-Young, float64 SVD of the stacked [ΔW_gate; ΔW_up]) error at
+    the fused rank; an exactly low-rank fine-tune comes back exactly (PeftModel logits = tuned)."""
+    from peft import PeftModel
+
+    from loratools import api
+    from loratools.formats.peft import read_peft
+
+    base = moe_families / fam
+    k = 4
+    bm = _expert_mats(_load(base), fam)
+    # full-rank deltas: the optimal error
+    tuned = _make_tuned(base, tmp_path / "tuned_full", fam, "full")
+    a, rep = api.extract(base, tuned, tmp_path / "full", api.RankRule("rank", k))
+    cfg = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    assert any(t.endswith("mlp.experts.gate_up_proj") for t in cfg["target_parameters"])
+    tm = _expert_mats(_load(tuned), fam)
+    worst = 0.0
+    for (L, e), (gu_b, d_b) in bm.items():
+        gu_t, d_t = tm[(L, e)]
+        g, u, d = (a.modules[_canon(fam, L, e, p)] for p in ("gate", "up", "down"))
+        assert torch.equal(g.A, u.A) and g.rank == k
+        for want, got in ((gu_t - gu_b, torch.cat([g.delta(torch.float64), u.delta(torch.float64)], 0)),
+                          (d_t - d_b, d.delta(torch.float64))):
+            s = torch.linalg.svdvals(want)
+            optimal = float(s[k:].pow(2).sum().sqrt())
+            err = float((want - got).norm())
+            worst = max(worst, err / optimal - 1)
+    assert worst <= 0.01, worst
+    print(f"{fam}: worst per-expert error over the optimum {100 * worst:.4f}%")
+    # the written adapter reads back (family from base_model_name_or_path) with the same modules
+    b = read_peft(tmp_path / "full")
+    assert set(b.modules) == set(a.modules)
+    # exactly low-rank deltas: the extracted adapter reproduces the fine-tune in PeftModel
+    tuned = _make_tuned(base, tmp_path / "tuned_low", fam, "lowrank")
+    api.extract(base, tuned, tmp_path / "low", api.RankRule("rank", k))
+    got = _logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "low")))
+    d = float((got - _logits(_load(tuned))).abs().max())
+    assert d <= 1e-4, d
+    print(f"{fam}: PeftModel(base + extracted) vs tuned max |Δlogit| {d:.2e}")
+
+
+@pytest.mark.parametrize("fam", ["qwen3_moe", "gpt_oss"])
+def test_resize_and_combine_expert_lora(fam, moe_families, tmp_path):
+    """resize: gate and up of a fused LoRA are cut together (the optimum of the stacked matrix, one
+    shared A), exact at the full rank; combine linear is exact (PeftModel with both adapters active),
+    svd keeps one fused LoRA per expert."""
+    from peft import PeftModel
+
+    from loratools import api
+
+    base = moe_families / fam
+    pa = _make_fused(base, tmp_path / "a", fam, seed=0, gain=4.0)
+    ref_a = _logits(pa)
+    _make_fused(base, tmp_path / "b", fam, seed=1, gain=4.0)
+    a = api.load_adapter(tmp_path / "a", base=base)
+    # resize at the full rank: exact up to the fp32 re-factorization (QR + SVD) of every module
+    same, _ = api.resize(tmp_path / "a", tmp_path / "same", api.RankRule("rank", 4), base=base)
+    worst = max(float((same.modules[n].delta(torch.float64) - a.modules[n].delta(torch.float64)).norm()
+                      / a.modules[n].delta(torch.float64).norm()) for n in a.modules)
+    assert worst <= 1e-6, worst
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "same"))) - ref_a).abs().max())
+    assert d <= 1e-4, d
+    # resize to rank 2: per expert, the error of the stacked gate/up is the Eckart-Young optimum
+    res, rep = api.resize(tmp_path / "a", tmp_path / "r2", api.RankRule("rank", 2), base=base)
+    worst = 0.0
+    for n, g in res.modules.items():
+        if not n.endswith(".gate_proj"):
+            continue
+        u = res.modules[n[: -len("gate_proj")] + "up_proj"]
+        assert torch.equal(g.A, u.A) and g.rank == 2
+        want = torch.cat([a.modules[n].delta(torch.float64), a.modules[n[: -9] + "up_proj"].delta(torch.float64)], 0)
+        got = torch.cat([g.delta(torch.float64), u.delta(torch.float64)], 0)
+        optimal = float(torch.linalg.svdvals(want)[2:].pow(2).sum().sqrt())
+        worst = max(worst, float((want - got).norm()) / optimal - 1)
+    assert worst <= 1e-4, worst
+    cfg = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and "model.layers.0.mlp.experts.gate_up_proj" in cfg["target_parameters"]
+    # combine linear = both adapters active in PeftModel
+    ab, _, _ = api.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", base=base)
+    b = api.load_adapter(tmp_path / "b", base=base)
+    worst = max(float((ab.modules[n].delta(torch.float64) - a.modules[n].delta(torch.float64)
+                       - b.modules[n].delta(torch.float64)).abs().max()) for n in a.modules)
+    assert worst <= 1e-6, worst  # exact: stacked factors
+    both = PeftModel.from_pretrained(_load(base), str(tmp_path / "a"))
+    both.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    both.base_model.set_adapter(["default", "b"])
+    ref_ab = _logits(both)
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "ab"))) - ref_ab).abs().max())
+    assert d <= 1e-4, d  # PEFT sums two adapters' dense deltas, we apply one stacked factor pair: fp32 order
+    # combine svd at rank 4: gate and up keep one A
+    res, _, _ = api.combine([tmp_path / "a", tmp_path / "b"], tmp_path / "svd", method="svd", rank=4, base=base)
+    g = res.modules["model.layers.0.mlp.experts.0.gate_proj"]
+    assert torch.equal(g.A, res.modules["model.layers.0.mlp.experts.0.up_proj"].A) and g.rank == 4
+    assert json.loads((tmp_path / "svd" / "adapter_config.json").read_text())["r"] == 4
+    PeftModel.from_pretrained(_load(base), str(tmp_path / "svd"))  # loads
+
+
+@pytest.mark.parametrize("fam", ["mixtral", "gpt_oss"])
+def test_pre_0_19_1_peft_orientation(fam, moe_families, tmp_path):
+    """PEFT before 0.19.1 read (E, out, in) expert parameters positionally as (E, in, out): lora_A
+    (E·r, out), lora_B (in, r·E). No such PEFT is installed, so this adapter is PEFT 0.21's own,
+    re-laid-out by that rule (transpose each expert's factors and swap them) and stamped
+    peft_version 0.18.1; it must read as the same per-expert deltas. gpt-oss's (E, in, out)
+    parameters were read the same way by both versions: nothing changes."""
+    from safetensors.torch import load_file, save_file
+
+    from loratools.formats.peft import read_peft
+
+    _make_fused(moe_families / fam, tmp_path / "new", fam, router=False)
+    new = read_peft(tmp_path / "new", family=fam)
+    sd = load_file(str(tmp_path / "new" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    old = {}
+    for k, t in sd.items():
+        if ".experts." not in k + "." or "lora_A" not in k or fam == "gpt_oss":
+            old.setdefault(k, t)
+            continue
+        kb = k.replace("lora_A", "lora_B")
+        A, B = t, sd[kb]
+        n_in, n_out = A.shape[1], B.shape[0]
+        r_e = B.shape[1]
+        E = next(m.num_experts for m in [new])
+        r = r_e // E
+        A3, B3 = A.reshape(E, r, n_in), B.reshape(n_out, r, E).permute(2, 0, 1)  # (E, r, in), (E, out, r)
+        old[k] = B3.transpose(1, 2).reshape(E * r, n_out).contiguous()          # lora_A (E·r, out)
+        old[kb] = A3.transpose(1, 2).permute(1, 2, 0).reshape(n_in, r * E).contiguous()  # lora_B (in, r·E)
+    (tmp_path / "old").mkdir()
+    save_file(old, str(tmp_path / "old" / "adapter_model.safetensors"))
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": "0.18.1"}))
+    got = read_peft(tmp_path / "old", family=fam)
+    assert set(got.modules) == set(new.modules)
+    worst = max(float((got.modules[n].delta() - m.delta()).abs().max()) for n, m in new.modules.items())
+    assert worst <= 1e-6, worst
+
+
+def test_inspect_expert_groups(moe_families, tmp_path, run_cli):
+    """inspect: ranks per expert group (routed experts per layer and matrix, router, shared expert)
+    and what vLLM, llama.cpp and SGLang do with them."""
+    from loratools import api
+    from loratools.runtimes.moe_lora import FACTS
+
+    base = moe_families / "qwen2_moe"
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["shared_expert.gate_proj", "shared_expert_gate"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"],
+                     rank_pattern={"model.layers.2.mlp.experts.down_proj": 2})
+    get_peft_model(_load(base), cfg).save_pretrained(str(tmp_path / "a"))
+    d = api.inspect(tmp_path / "a", base=base)
+    ex = d["experts"]
+    assert ex["routed"]["model.layers.0.mlp.experts"] == {"gate_up": {"experts": 4, "ranks": [4]},
+                                                          "down_proj": {"experts": 4, "ranks": [4]}}
+    assert ex["routed"]["model.layers.2.mlp.experts"]["down_proj"]["ranks"] == [2]
+    assert "model.layers.1.mlp.experts" not in ex["routed"]  # the dense layer
+    assert set(ex["routers"]) == {"model.layers.0.mlp.gate", "model.layers.2.mlp.gate"}
+    assert set(ex["shared_expert"]) >= {"model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert_gate"}
+    w = d["warnings"]
+    assert any("is_3d_moe_weight" in x for x in w["vllm"]) and any("build_lora_mm" in x for x in w["llama.cpp"])
+    assert any("_normalize_peft_paramwrapper_moe" in x for x in w["sglang"])
+    assert {f.runtime for f in FACTS} == {"llama.cpp", "vLLM", "SGLang"}
+    code, out, err = run_cli("inspect", tmp_path / "a", "--base", base)
+    assert code == 0, err
+    assert "model.layers.0.mlp.experts: gate_up 4 experts, ranks [4]" in out and "warning [sglang]" in out
+
+
+def test_shared_expert_and_router_patterns(moe_families, tmp_path):
+    """Qwen2-MoE: shared-expert LoRA (its MLP and sigmoid gate), a router whose rank_pattern / alpha_pattern
+    key is the parameter name (``mlp.gate.weight``), and the dense layer 1's MLP: read as PEFT applies them,
+    written fused, loaded by PeftModel."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loratools.formats.peft import read_peft, write_peft
+
+    base = moe_families / "qwen2_moe"
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                     target_modules=["shared_expert.gate_proj", "shared_expert.up_proj", "shared_expert.down_proj",
+                                     "shared_expert_gate", "model.layers.1.mlp.gate_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.gate.weight"],
+                     rank_pattern={"model.layers.0.mlp.gate.weight": 2}, alpha_pattern={"model.layers.0.mlp.gate.weight": 6})
+    torch.manual_seed(2)
+    pm = get_peft_model(_load(base), cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(10)
+    ref = _logits(pm)
+    pm.save_pretrained(str(tmp_path / "a"))
+    a = read_peft(tmp_path / "a", family="qwen2_moe")
+    r0 = a.modules["model.layers.0.mlp.gate"]
+    assert (r0.rank, r0.scale) == (2, 3.0)
+    want = pm.base_model.model.model.layers[0].mlp.gate.get_delta_weight("default").detach()
+    assert torch.allclose(r0.delta(), want, atol=1e-6)
+    assert "model.layers.0.mlp.shared_expert_gate" in a.modules and "model.layers.1.mlp.gate_proj" in a.modules
+    write_peft(a, tmp_path / "fused", num_layers=3)
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "fused"))) - ref).abs().max())
+    assert d <= 1e-5, d

@@ -64,6 +64,7 @@ class ExpertLayout:
     router: str = "gate"
     interleaved: bool = False                            # gpt-oss: gate = out[0::2], up = out[1::2]
     per_expert_modules: bool = True                      # transformers 4.x had per-expert nn.Linear modules
+    params_in_out: bool = False                          # fused parameters are (E, in, out) (gpt-oss: is_transposed)
 
     def gate_up_rows(self, out: int) -> tuple:
         half = out // 2
@@ -90,7 +91,23 @@ def layout_for(family: str | None) -> ExpertLayout | None:
         return None
     moe = spec.moe
     gpt = moe.disk_layout == "gpt_oss"
-    return ExpertLayout(family, moe.block, tuple(moe.leaves), moe.router, interleaved=gpt, per_expert_modules=not gpt)
+    return ExpertLayout(family, moe.block, tuple(moe.leaves), moe.router, interleaved=gpt, per_expert_modules=not gpt,
+                        params_in_out=gpt)
+
+
+# PEFT before 0.19.1 read every 3-D parameter positionally as (E, in, out); for the (E, out, in) parameters
+# of Mixtral / Qwen / OLMoE that swaps the roles of A and B (lora_A (E·r, out), lora_B (in, r·E), and
+# ΔW_e = (B_e A_e)ᵀ). 0.19.1 honours the experts class's is_transposed flag (the layout in the module
+# docstring); gpt-oss's (E, in, out) parameters read the same in both. Sources: PEFT 0.21.2's ParamWrapper
+# (tuners/lora/layer.py, swap_in_out_features); NVIDIA-NeMo/Automodel#3626 ("corrected peft >= 0.19.1
+# layout"); vllm-project/vllm#52194.
+PEFT_SWAPPED_BEFORE = (0, 19, 1)
+
+
+def peft_version(cfg: dict) -> tuple | None:
+    v = cfg.get("peft_version")
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", v) if isinstance(v, str) else None
+    return tuple(int(x or 0) for x in m.groups()) if m else None
 
 
 def targets_param(name: str, target_parameters) -> bool:
@@ -161,19 +178,25 @@ def fused_modules(parts: dict[str, dict], cfg: dict, layout: ExpertLayout | None
         scale = lora_scale(alpha, r, rslora)
         A3 = A.reshape(E, r, A.shape[1])
         B3 = B.reshape(B.shape[0], r, E).permute(2, 0, 1)  # (E, out, r)
+        ver = peft_version(cfg)
+        if not layout.params_in_out and ver is not None and ver < PEFT_SWAPPED_BEFORE:
+            A3, B3 = B3.transpose(1, 2), A3.transpose(1, 2)  # an older PEFT's positional (E, in, out) reading
         canon = x[: -len(f".{MEM_BLOCK}.experts")] + f".{layout.block}.experts"
         gate, up, down = layout.leaves
         if param == "gate_up_proj":
-            if B.shape[0] % 2:
-                raise InputError(f"{x}.gate_up_proj: lora_B has {B.shape[0]} rows, not 2·intermediate", wpath)
-            g_rows, u_rows = layout.gate_up_rows(B.shape[0])
+            n_out = B3.shape[1]
+            if n_out % 2:
+                raise InputError(f"{x}.gate_up_proj: its LoRA has {n_out} output rows, not 2·intermediate", wpath)
+            g_rows, u_rows = layout.gate_up_rows(n_out)
             for e in range(E):
                 a = A3[e].clone()  # one tensor shared by gate and up: the fused A
+                a = a.contiguous()
                 out[f"{canon}.{e}.{gate}"] = LoraModule(A=a, B=B3[e][g_rows].contiguous(), scale=scale, alpha=alpha)
                 out[f"{canon}.{e}.{up}"] = LoraModule(A=a, B=B3[e][u_rows].contiguous(), scale=scale, alpha=alpha)
         else:
             for e in range(E):
-                out[f"{canon}.{e}.{down}"] = LoraModule(A=A3[e].clone(), B=B3[e].contiguous(), scale=scale, alpha=alpha)
+                out[f"{canon}.{e}.{down}"] = LoraModule(A=A3[e].contiguous().clone(), B=B3[e].contiguous(), scale=scale,
+                                                        alpha=alpha)
     return out
 
 
@@ -319,3 +342,60 @@ def pad_per_expert(modules: dict[str, LoraModule], layout: ExpertLayout) -> dict
         A, B = _pad(m.A, _scaled_B(m, s), R)
         out[n] = LoraModule(A=A, B=B, scale=s, alpha=None)
     return out
+
+
+def gate_up_pairs(modules: dict[str, LoraModule], family: str | None = None) -> list[tuple[str, str]]:
+    """(gate, up) module names of each expert whose LoRA shares one A (as a fused gate_up LoRA
+    does): operations keep them together so that the pair stays one fused LoRA."""
+    layout = layout_for(family)
+    if layout is None:
+        layout = layout_for("mixtral") if any(".block_sparse_moe.experts." in n for n in modules) else DEFAULT_LAYOUT
+    gate, up, _ = layout.leaves
+    out = []
+    for name, m in modules.items():
+        mt = _CANON_RE.match(name)
+        if mt is None or mt.group("leaf") != gate:
+            continue
+        other = name[: -len(gate)] + up
+        u = modules.get(other)
+        if u is not None and u.kind == m.kind == "linear" and u.rank == m.rank and torch.equal(u.A, m.A):
+            out.append((name, other))
+    return out
+
+
+def expert_summary(modules: dict[str, LoraModule], family: str | None = None) -> dict:
+    """Ranks per expert group: routed experts per layer and matrix (gate_up when gate and up share A,
+    as one fused LoRA), the routers and the shared expert (Qwen2-MoE). Empty when there is no expert
+    LoRA."""
+    layout = layout_for(family)
+    if layout is None:
+        layout = layout_for("mixtral") if any(".block_sparse_moe." in n for n in modules) else DEFAULT_LAYOUT
+    gate, up, down = layout.leaves
+    shared_a = {g for g, _ in gate_up_pairs(modules, family)}
+    routed: dict[str, dict] = {}
+    routers, shared = {}, {}
+    for name, m in modules.items():
+        mt = _CANON_RE.match(name)
+        if mt is not None and mt.group("leaf") in layout.leaves:
+            blk = f"{mt.group('pre')}.{mt.group('block')}.experts"
+            leaf = mt.group("leaf")
+            if leaf in (gate, up) and name[: -len(leaf)] + gate in shared_a:
+                if leaf == up:
+                    continue
+                leaf = "gate_up"
+            g = routed.setdefault(blk, {}).setdefault(leaf, {"experts": 0, "ranks": set()})
+            g["experts"] += 1
+            g["ranks"].add(m.rank)
+        elif is_router(name, layout):
+            routers[name] = m.rank
+        elif ".shared_expert" in name:
+            shared[name] = m.rank
+    order = ("gate_up", gate, up, down)
+    for k, blk in routed.items():
+        for g in blk.values():
+            g["ranks"] = sorted(g["ranks"])
+        routed[k] = {m: blk[m] for m in order if m in blk}
+    if not routed and not routers and not shared:
+        return {}
+    return {"routed": {k: routed[k] for k in sorted(routed)}, "routers": dict(sorted(routers.items())),
+            "shared_expert": dict(sorted(shared.items()))}

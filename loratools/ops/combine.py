@@ -21,6 +21,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import IncompatibleError, LoratoolsError, UnsupportedError
 from . import factor
+from ..formats.peft_experts import gate_up_pairs
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSE = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -96,8 +97,24 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
         warnings.warn(f"the adapters name different base models ({', '.join(sorted(map(str, bases)))}); their shapes agree, "
                       "but a combination only makes sense for the same base", stacklevel=2)
     names = sorted({n for a in adapters for n in a.modules})
+    # an expert's gate and up that share one A in every input (fused gate_up LoRA) are combined as one
+    # stacked matrix by the re-factoring methods, so the result is again one fused LoRA with a shared A
+    # (linear / cat keep the shared A by themselves: both stack the same A's)
+    pairs = {}
+    if method not in ("linear", "cat"):
+        per = [dict(gate_up_pairs(a.modules, a.family)) for a in adapters]
+        for g in {g for p in per for g in p}:
+            u = next(p[g] for p in per if g in p)
+            if all((g in a.modules or u in a.modules) == (g in p) for a, p in zip(adapters, per)):
+                pairs[g] = u
+    paired = set(pairs.values())
     out: dict[str, LoraModule] = {}
     for name in names:
+        if name in paired:
+            continue
+        if name in pairs:
+            out.update(_combine_pair(name, pairs[name], adapters, weights, method, rank, density, seed, exact, dtype))
+            continue
         parts = [(a.modules[name], w) for a, w in zip(adapters, weights) if name in a.modules]
         kind = parts[0][0].kind
         bias = None
@@ -125,7 +142,34 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
                                alpha=float(A.shape[0]), kind=kind,
                                bias=None if bias is None else bias.to(dtype))
     cfg = {k: v for k, v in adapters[0].config.items() if k in ("base_model_name_or_path", "task_type")}
-    return Adapter(modules=out, config=cfg, format="peft")
+    fam = next((a.family for a in adapters if a.family), None)
+    ne = max((a.num_experts for a in adapters if a.num_experts), default=None)
+    return Adapter(modules=out, config=cfg, format="peft", family=fam, num_experts=ne)
+
+
+def _combine_pair(g: str, u: str, adapters, weights, method, rank, density, seed, exact, dtype) -> dict[str, LoraModule]:
+    """svd / dense combination of one expert's gate and up as the stacked [gate; up] matrix."""
+    parts = [(a.modules[g], a.modules[u], w) for a, w in zip(adapters, weights) if g in a.modules]
+    rows = parts[0][0].out_features
+    k = rank or max(mg.rank for mg, _, _ in parts)
+    if method == "svd":
+        A = torch.cat([mg.A.float() for mg, _, _ in parts], 0)
+        B = torch.cat([torch.cat([mg.B.float() * (mg.scale * w), mu.B.float() * (mu.scale * w)], 0) for mg, mu, w in parts], 1)
+        U, S, Vh = factor.svd_factored(B, A)
+        B, A = factor.split_sqrt(U, S, Vh, min(k, S.numel()))
+    else:
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(g.encode())) & 0x7FFFFFFF)
+        deltas = [torch.cat([(mg.B.float() @ mg.A.float()) * mg.scale, (mu.B.float() @ mu.A.float()) * mu.scale], 0)
+                  for mg, mu, _ in parts]
+        merged = dense_merge(deltas, [w for _, _, w in parts], method, density, gen)
+        if k > min(merged.shape):
+            raise IncompatibleError(f"rank {k} exceeds what the fused gate/up of {g!r} ({merged.shape[0]}×{merged.shape[1]}) allows")
+        B, A, _, _ = factor.factorize(merged, factor.RankRule("rank", k), exact=exact, seed=seed)
+        if B.shape[1] == 0:
+            return {}
+    A = A.to(dtype).contiguous()
+    return {g: LoraModule(A=A, B=B[:rows].to(dtype).contiguous(), scale=1.0, alpha=float(A.shape[0])),
+            u: LoraModule(A=A, B=B[rows:].to(dtype).contiguous(), scale=1.0, alpha=float(A.shape[0]))}
 
 
 def scale_adapter(adapter: Adapter, factor_: float) -> Adapter:
@@ -136,4 +180,5 @@ def scale_adapter(adapter: Adapter, factor_: float) -> Adapter:
         raise UnsupportedError("an adapter with modules_to_save cannot be scaled", adapter.source or None)
     mods = {n: LoraModule(A=m.A, B=m.B, scale=m.scale * factor_, alpha=None, bias=m.bias, kind=m.kind)
             for n, m in adapter.modules.items()}
-    return Adapter(modules=mods, config=dict(adapter.config), source=adapter.source, format=adapter.format)
+    return Adapter(modules=mods, config=dict(adapter.config), source=adapter.source, format=adapter.format,
+                   family=adapter.family, num_experts=adapter.num_experts)

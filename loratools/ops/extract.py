@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, LoraModule
+from ..arch.experts import ExpertView
 from ..checkpoint import Checkpoint
 from ..errors import IncompatibleError, LoratoolsError
 from ..formats.peft import write_peft
@@ -87,7 +88,8 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     bias_deltas: dict[str, torch.Tensor] = {}
     energy_total = 0.0
     embed_energy: dict[str, float] = {}
-    dropped_by_rule = 0  # changed modules whose rank rule kept nothing
+    dropped = [0]  # changed modules whose rank rule kept nothing
+    pairs: dict[str, tuple] = {}  # "gate+up" key -> ([gate, up], [rows of each]): split after factoring
     scratch = None  # with a budget: module -> file holding its cap-rank factors
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt, \
             tempfile.TemporaryDirectory(prefix=".loratools-extract-", dir=_scratch_dir(out)) as spill:
@@ -100,7 +102,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         for name in sorted(keys_b):
             if kb.info(name).shape != kt.info(name).shape:
                 raise IncompatibleError(f"tensor {name!r} is {kb.info(name).shape} in base but {kt.info(name).shape} in tuned", tuned)
-        names = sorted(keys_b)
+        vb, vt = ExpertView.of(kb), ExpertView.of(kt)  # canonical per-expert weights, whatever the stored layout
+        if set(vb.weights) != set(vt.weights):
+            raise IncompatibleError("base and tuned checkpoints hold different expert weights", tuned)
+        names = sorted(n for n in keys_b if not vb.covers(n))
         tied = tied_pair(cb, keys_b)
         emb_mod = (tied[0] if tied else (embed_name(keys_b) or EMBED)).rpartition(".")[0]
         head_mod = (tied[1] if tied else head_name(embed_name(keys_b))).rpartition(".")[0]
@@ -108,7 +113,37 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             scratch = {}
             cap_of = lambda shape: min(rule.max_rank or 256, *shape)  # noqa: E731
             check_space(Path(spill) / "x", sum(cap_of(kb.info(n).shape) * sum(kb.info(n).shape) * 4 for n in names
-                                               if len(kb.info(n).shape) == 2), "the budget's scratch factors")
+                                               if len(kb.info(n).shape) == 2) +
+                        sum(cap_of(w.shape) * sum(w.shape) * 4 for w in vb.weights.values()), "the budget's scratch factors")
+        def factor_module(mod, M, e, kind):
+            """Factor one module's delta M by the rule (or at the cap rank, for the budget)."""
+            ts = time.perf_counter()
+            if budget_params is not None:
+                cap = min(rule.max_rank or 256, min(M.shape))
+                B, A, S, info_f = factor.factorize(M, factor.RankRule("rank", cap), exact, oversample, power_iters, seed)
+                spectra[mod] = (S.cpu(), sum(M.shape))
+            else:
+                r_mod = rule
+                if vb and rule.kind == "rank" and int(rule.value) > min(M.shape):
+                    # an MoE router (E, H) or shared-expert gate (1, H) is narrower than the rank: it is carried whole
+                    r_mod = factor.RankRule("rank", min(M.shape), rule.max_rank)
+                B, A, S, info_f = factor.factorize(M, r_mod, exact, oversample, power_iters, seed)
+            plot_spectra[mod] = (info_f.pop("spectrum", S), e, info_f["rank"])
+            info_f["seconds"] = time.perf_counter() - ts
+            info_f["shape"] = list(M.shape)
+            info_f["total_energy"] = e
+            if info_f["rank"] == 0:
+                dropped[0] += 1
+                return
+            if scratch is not None:  # to disk until the allocation is known
+                scratch[mod] = Path(spill) / f"{len(scratch)}.safetensors"
+                st.save_file({"A": A.cpu().contiguous(), "B": B.cpu().contiguous()}, scratch[mod])
+                A, B = A.new_empty(0, A.shape[1]).cpu(), B.new_empty(B.shape[0], 0).cpu()  # no view: frees the factors
+            modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
+            (report["embeddings"] if kind == "embedding" or mod == head_mod else report["modules"])[mod] = info_f
+
+        expert_jobs = sorted({(w.name.rsplit(".", 3)[0], w.expert, tuple(vb.moe.leaves)) for w in vb.weights.values()},
+                             key=lambda j: (j[0], j[1])) if vb else []
         for name in progress(names, "extract", quiet=quiet):
             wb = wt = delta = M = None  # the previous tensor's buffers go before the next are read
             info = kb.info(name)
@@ -154,27 +189,34 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 del embed_energy[name]
             M = delta.T if mod == emb_mod else delta  # PEFT's embedding orientation
             kind = "embedding" if mod == emb_mod else "linear"
-            ts = time.perf_counter()
-            if budget_params is not None:
-                cap = min(rule.max_rank or 256, min(M.shape))
-                B, A, S, info_f = factor.factorize(M, factor.RankRule("rank", cap), exact, oversample, power_iters, seed)
-                spectra[mod] = (S.cpu(), sum(M.shape))
-            else:
-                B, A, S, info_f = factor.factorize(M, rule, exact, oversample, power_iters, seed)
-            plot_spectra[mod] = (info_f.pop("spectrum", S), e, info_f["rank"])
-            info_f["seconds"] = time.perf_counter() - ts
-            info_f["shape"] = list(M.shape)
-            info_f["total_energy"] = e
-            if info_f["rank"] == 0:
-                dropped_by_rule += 1
-                continue
-            if scratch is not None:  # to disk until the allocation is known
-                scratch[mod] = Path(spill) / f"{len(scratch)}.safetensors"
-                st.save_file({"A": A.cpu().contiguous(), "B": B.cpu().contiguous()}, scratch[mod])
-                A, B = A.new_empty(0, A.shape[1]).cpu(), B.new_empty(B.shape[0], 0).cpu()  # no view: frees the factors
-            modules[mod] = LoraModule(A=A.cpu(), B=B.cpu(), scale=1.0, alpha=float(info_f["rank"]), kind=kind)
-            (report["embeddings"] if kind == "embedding" or mod == head_mod else report["modules"])[mod] = info_f
+            factor_module(mod, M, e, kind)
             del delta, M, wb, wt
+        for pre, e_idx, leaves in progress(expert_jobs, "extract experts", quiet=quiet):
+            # one expert at a time: gate and up factored together (a fused gate_up LoRA approximates the
+            # stacked [ΔW_gate; ΔW_up], so its SVD is the optimum at the fused rank), down alone
+            for group in (leaves[:2], leaves[2:]):
+                mods = [f"{pre}.{e_idx}.{lf}" for lf in group]
+                if not all(_selected(m, include, exclude) for m in mods):
+                    continue
+                ds = []
+                for m in mods:
+                    wb, wt = vb.read(kb, m), vt.read(kt, m)
+                    check_finite(wb, m, kb.path)
+                    check_finite(wt, m, kt.path)
+                    ds.append((wt - wb).to(dev))
+                    del wb, wt
+                M = torch.cat(ds, 0) if len(ds) > 1 else ds[0]
+                del ds
+                e = sum_sq(M)
+                energy_total += e
+                if e == 0.0:
+                    report["unchanged"].extend(mods)
+                    continue
+                key = "+".join(mods)
+                if len(mods) > 1:
+                    pairs[key] = (mods, [vb.weights[m + ".weight"].shape[0] for m in mods])
+                factor_module(key, M, e, "linear")
+                del M
         if budget_params is not None:
             ranks = factor.allocate_budget(spectra, budget_params)
             for mod, k in ranks.items():
@@ -191,6 +233,11 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 plot_spectra[mod] = (plot_spectra[mod][0], plot_spectra[mod][1], k)
                 energy, err = factor.tail_error(S, k, entry["total_energy"])
                 entry.update(rank=k, energy=energy, rel_error=err)
+    for key, (names_, rows) in pairs.items():  # a fused gate+up factorization -> gate and up sharing its A
+        m = modules.pop(key, None)
+        if m is not None:
+            for n, b in zip(names_, torch.split(m.B, rows, 0)):
+                modules[n] = LoraModule(A=m.A, B=b.contiguous(), scale=m.scale, alpha=m.alpha, kind=m.kind)
     # A tied model's embedding is also its output head, so the tuned head moved with it; PEFT's
     # embedding LoRA / modules_to_save on embed_tokens changes the input side only. Carry it on lm_head.
     if tied is not None and tied[1] not in keys_b:
@@ -226,19 +273,21 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         if m.bias is not None:
             m.bias = m.bias.to(dtype)
     adapter = Adapter(modules=modules, modules_to_save=full, format="peft", source=str(out or ""),
-                      config={"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"})
+                      config={"base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"},
+                      family=cb.model_type if vb else None,
+                      num_experts=max(vb.num_experts.values()) if vb else None)
     kept = sum(v["energy"] * v["total_energy"] for v in list(report["modules"].values()) + list(report["embeddings"].values())
                if "energy" in v)
     report.update(total_delta_energy=energy_total, retained_energy=kept / energy_total if energy_total else 1.0,
                   parameters=adapter.num_parameters(), seconds=time.perf_counter() - t0,
                   ranks={k: m.rank for k, m in sorted(modules.items())})
     if not modules and not full:
-        if dropped_by_rule:
+        if dropped[0]:
             raise LoratoolsError(f"the rank rule ({rule.describe()}) keeps no component of any module; nothing to write")
         raise LoratoolsError("no delta to extract: base and tuned checkpoints are identical in the selected tensors", tuned)
     report["_spectra"] = plot_spectra  # for --plot; not written to the JSON report
     if out is not None:
-        write_peft(adapter, out, str(base), num_layers=cb.num_hidden_layers,
+        write_peft(adapter, out, str(base), num_layers=cb.num_hidden_layers, expert_form=expert_form,
                    extra_files={REPORT: json.dumps({k: v for k, v in report.items() if k != "_spectra"}, indent=2,
                                                    default=str) + "\n"})
     return adapter, report

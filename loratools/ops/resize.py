@@ -14,6 +14,7 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import UnsupportedError
 from . import factor
+from ..formats.peft_experts import gate_up_pairs
 
 
 def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = None,
@@ -25,19 +26,32 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
     report = {"rule": rule.describe(), "budget_params": budget_params, "modules": {}}
     svds = {}
     t0 = time.perf_counter()
+    # an expert's gate and up LoRA that share one A (a fused gate_up LoRA) are resized as one matrix,
+    # [s_g·B_g; s_u·B_u]·A: the optimum for the fused parameter, and the pair keeps one shared A
+    pairs = {g: u for g, u in gate_up_pairs(adapter.modules, adapter.family)}
+    paired = set(pairs.values())
+    units: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
+        if name in paired:
+            continue
+        if name in pairs:
+            u = adapter.modules[pairs[name]]
+            B = torch.cat([m.B.float() * m.scale, u.B.float() * u.scale], 0)
+            m = LoraModule(A=m.A, B=B, scale=1.0, kind="linear")
+        units[name] = m
+    for name, m in units.items():
         # --rank N is a cap: a module already at rank ≤ N (or smaller than N) keeps its rank
         U, S, Vh = factor.svd_factored(m.B.to(device), m.A.to(device), m.scale)
         svds[name] = (U, S, Vh)
     if budget_params is not None:
-        spectra = {n: (S, adapter.modules[n].out_features + adapter.modules[n].in_features) for n, (_, S, _) in svds.items()}
+        spectra = {n: (S, units[n].out_features + units[n].in_features) for n, (_, S, _) in svds.items()}
         if rule.max_rank:
             spectra = {n: (S[:rule.max_rank], c) for n, (S, c) in spectra.items()}
         ranks = factor.allocate_budget(spectra, budget_params)
     else:
         ranks = {n: factor.choose_rank(S, rule) for n, (_, S, _) in svds.items()}
     out: dict[str, LoraModule] = {}
-    for name, m in adapter.modules.items():
+    for name, m in units.items():
         U, S, Vh = svds[name]
         k = min(ranks[name], m.rank, S.numel())
         total = float(S.double().pow(2).sum())
@@ -49,13 +63,20 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
         B, A = factor.split_sqrt(U, S, Vh, k)
         dt = dtype or m.A.dtype
         bias = None if m.bias is None else (m.bias.float() * m.scale).to(dt)
-        out[name] = LoraModule(A=A.cpu().to(dt).contiguous(), B=B.cpu().to(dt).contiguous(), scale=1.0,
-                               alpha=float(k), bias=bias, kind=m.kind)
+        dt = dtype or adapter.modules[name].A.dtype
+        A, B = A.cpu().to(dt).contiguous(), B.cpu().to(dt).contiguous()
+        if name in pairs:  # split the pair's B back into gate rows and up rows, one A for both
+            rows = adapter.modules[name].out_features
+            out[name] = LoraModule(A=A, B=B[:rows].contiguous(), scale=1.0, alpha=float(k), kind="linear")
+            out[pairs[name]] = LoraModule(A=A, B=B[rows:].contiguous(), scale=1.0, alpha=float(k), kind="linear")
+            report["modules"][pairs[name]] = dict(report["modules"][name], fused_with=name)
+            continue
+        out[name] = LoraModule(A=A, B=B, scale=1.0, alpha=float(k), bias=bias, kind=m.kind)
     cfg = dict(adapter.config)
     cfg.update(use_rslora=False, rank_pattern={}, alpha_pattern={})
     report["seconds"] = time.perf_counter() - t0
     report["parameters_before"] = adapter.num_parameters()
     res = Adapter(modules=out, modules_to_save=dict(adapter.modules_to_save), config=cfg, source=adapter.source,
-                  format=adapter.format)
+                  format=adapter.format, family=adapter.family, num_experts=adapter.num_experts)
     report["parameters_after"] = res.num_parameters()
     return res, report
