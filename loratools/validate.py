@@ -102,7 +102,11 @@ def parse_candidate(spec: str) -> Candidate:
                 if w == "token_embd.weight" and w in base and len(shape) == 2:
                     ok = shape[1] == (base[w][1] if part == "lora_a" else base[w][0])
                 else:
-                    ok = w in base and len(shape) == 2 and shape[0 if part == "lora_a" else 1] == base[w][0 if part == "lora_a" else 1]
+                    # a stacked expert tensor (ne[2] = experts) takes 3-D factors, one slice per expert;
+                    # a vector weight (Qwen2-MoE's shared-expert gate) is a 1-row matrix
+                    bw = (base[w] + [1, 1])[:max(2, len(base[w]))] if w in base else None
+                    ok = bw is not None and len(shape) == len(bw) and shape[0 if part == "lora_a" else 1] == \
+                        bw[0 if part == "lora_a" else 1] and shape[2:] == bw[2:]
                 if part not in ("lora_a", "lora_b") or not ok:
                     raise IncompatibleError(f"adapter tensor {t.name!r} {shape} does not fit the model {p}", ad)
             # the pair is as coarse as its coarser half (an f16 adapter on an f32 model: fp16)

@@ -4,12 +4,17 @@
 Measured on these fixtures (24-token prompt; max |Δlogit| vs transformers; q8_0 can move a token's
 top-k expert choice, hence its larger error):
 
-    fixture     arch      |logit|max  f32      f16      q8_0 (top-1)   adapter (vs merged GGUF / transformers)
-    mixtral     llama     4.6         5.1e-6   6.8e-3   0.16 (0.92)    2.2e-6 / 5.1e-6
-    qwen2_moe   qwen2moe  3.7         4.1e-6   5.1e-3   0.35 (0.92)    2.4e-6 / 5.7e-6
-    qwen3_moe   qwen3moe  4.4         4.4e-6   6.3e-3   2.3  (0.83)    2.3e-6 / 5.4e-6
-    olmoe       olmoe     4.4         2.6e-6   3.6e-3   0.13 (0.96)    1.3e-6 / 2.7e-6
-    gpt_oss     gpt-oss   4.2         6.4e-6   6.9e-3   0.90 (0.92)
+    fixture     arch      |logit|max  f32      f16 (top-1)    q8_0 (top-1)   expert LoRA GGUF vs merged GGUF / transformers
+    mixtral     llama     4.6         5.1e-6   5.3e-3 (0.96)  0.14 (0.92)    2.1e-6 / 5.1e-6
+    qwen2_moe   qwen2moe  3.7         4.1e-6   5.6e-3 (1.00)  0.34 (0.92)    2.4e-6 / 5.7e-6
+    qwen3_moe   qwen3moe  4.4         4.4e-6   6.4e-3 (1.00)  2.3  (0.83)    2.3e-6 / 5.4e-6
+    olmoe       olmoe     4.4         2.6e-6   3.7e-3 (1.00)  0.71 (0.96)    1.3e-6 / 2.7e-6
+    gpt_oss     gpt-oss   4.2         6.4e-6   6.9e-3 (1.00)  0.89 (0.92)    4.5e-6 / 8.4e-6
+
+PEFT target_parameters LoRA as a GGUF adapter vs PeftModel: 2.1e-5, 1.8e-5, 1.4e-5, 1.1e-5, 2.8e-5
+(B scaled up 5x there: larger logits). validate (our decoder vs llama.cpp, f32): 4e-6 .. 8e-6.
+q8_0 also quantizes the activations in llama.cpp and can move a token to other experts
+(llama.cpp q8_0 vs transformers on the same dequantized q8_0 weights: 0.09 .. 0.64).
 
 LLAMA_CPP_VARIANT: what llama.cpp's graph for the family cannot compute in the fixture as it is
 (each refused, or warned about, in one line by the unchanged fixture's test).
@@ -173,8 +178,11 @@ def per_expert_peft(model_dir, out, seed=0):
     leaves = {k.rsplit(".", 1)[-1] for k, _ in root.named_modules() if k}
     targets = sorted(leaves & {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate", "router",
                                "shared_expert_gate", "q_proj"})
+    # one expert of another rank and alpha: its stacked tensors are padded to rank 4, its scale folded into B
+    odd = next(k for k, _ in root.named_modules() if re.search(r"layers\.0\.\w+\.experts\.1\.(gate_proj|w1)$", k))
     torch.manual_seed(seed)
-    pm = peft.get_peft_model(root, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    pm = peft.get_peft_model(root, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                   rank_pattern={odd: 2}, alpha_pattern={odd: 5}))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -183,7 +191,7 @@ def per_expert_peft(model_dir, out, seed=0):
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "gpt_oss"])
+@pytest.mark.parametrize("name", NAMES)
 def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, name):
     """base GGUF + our adapter GGUF (experts as 3-D lora_a / lora_b) in llama.cpp == the merged
     GGUF in llama.cpp == transformers on the merged checkpoint."""
@@ -199,6 +207,7 @@ def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, n
     r = {t.name: t for t in open_gguf(tmp_path / "lora.gguf").tensors}
     assert [int(x) for x in r["blk.0.ffn_down_exps.weight.lora_a"].shape] == [32, 4, n_exp]   # ne: (in, r, E)
     assert [int(x) for x in r["blk.0.ffn_down_exps.weight.lora_b"].shape] == [4, 64, n_exp]   # ne: (r, out, E)
+    assert rep["scales_folded"] == 1 and a.modules[_odd(a)].rank == 2
     got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
     merged = llamacpp.logits(tmp_path / "merged.gguf", IDS)
     base = llamacpp.logits(tmp_path / "base.gguf", IDS)
@@ -206,6 +215,41 @@ def test_expert_lora_gguf_in_llama_cpp_matches_the_merged_model(moe, tmp_path, n
     assert np.abs(got - merged).max() <= 2e-5
     api.merge(m, [ad], tmp_path / "mck")
     assert np.abs(got - hf_logits(name, tmp_path / "mck")).max() <= 3e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_target_parameters_lora_gguf_in_llama_cpp_matches_peft(moe, tmp_path, name):
+    """PEFT's target_parameters LoRA on the fused experts (gate_up_proj nested under down_proj's
+    wrapper, rank 2 / alpha 3 on down_proj: another scale, folded into B), on the router and, as
+    modules, on q_proj and the shared expert: base GGUF + our adapter GGUF in llama.cpp == PeftModel."""
+    m = moe(name)
+    router = "router" if name == "gpt_oss" else "gate"
+    down = "model.layers.0.mlp.experts.down_proj"
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                          target_modules=["q_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", f"mlp.{router}.weight"],
+                          rank_pattern={down: 2}, alpha_pattern={down: 3})
+    model = getattr(transformers, MOE_FIXTURES[name].model_class).from_pretrained(str(m), dtype=torch.float32).eval()
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(model, cfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(5)
+        want = pm(torch.tensor([IDS])).logits[0].numpy()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    a = api.load_adapter(tmp_path / "peft", base=m)
+    export_gguf(m, tmp_path / "base.gguf", outtype="f32")
+    rep = export_gguf_adapter(a, m, tmp_path / "lora.gguf")
+    assert rep["expert_tensors"] == 3 * MOE_FIXTURES[name].config["num_hidden_layers"] and rep["scales_folded"] > 0
+    base = llamacpp.logits(tmp_path / "base.gguf", IDS)
+    got = llamacpp.logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")
+    assert np.abs(want - base).max() > 0.5  # the adapter matters
+    assert np.abs(got - want).max() <= 1e-4, float(np.abs(got - want).max())
+
+
+def _odd(a):
+    return next(n for n in a.modules if re.search(r"layers\.0\.\w+\.experts\.1\.(gate_proj|w1)$", n))
 
 
 def test_expert_lora_of_a_missing_expert_is_refused(moe, tmp_path):
@@ -235,3 +279,82 @@ def test_moe_import_gives_back_the_source_checkpoint(moe, tmp_path, name):
     cfg = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg["architectures"] == [MOE_FIXTURES[name].model_class]
     assert np.array_equal(hf_logits(name, tmp_path / "back"), hf_logits(name, m))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_moe_gguf_candidates_against_the_reference_decoder(moe, tmp_path, name):
+    """``validate``: our reference decoder (fp32, the adapter applied) against llama.cpp running the
+    merged GGUF and the base GGUF + the expert LoRA GGUF."""
+    from loratools.validate import validate
+
+    m = moe(name)
+    ad = per_expert_peft(m, tmp_path / "peft")
+    a = api.load_adapter(ad)
+    export_gguf(m, tmp_path / "merged.gguf", [a], outtype="f32")
+    export_gguf(m, tmp_path / "base.gguf", outtype="f32")
+    export_gguf_adapter(a, m, tmp_path / "lora.gguf")
+    rep = validate(m, [ad], [str(tmp_path / "merged.gguf"), f"{tmp_path / 'base.gguf'}+{tmp_path / 'lora.gguf'}"],
+                   tokens=4, peft_check=False)
+    assert rep["passed"], rep["candidates"]
+    for c in rep["candidates"]:
+        assert c["metrics"]["max_abs"] <= 5e-5 and c["metrics"]["top1"] == 1.0, (c["candidate"], c["metrics"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_moe_import_without_the_source_config_rebuilds_it_from_the_keys(moe, tmp_path, monkeypatch, name):
+    """A MoE GGUF from another tool (no loratools.source_config): config.json from the expert keys
+    (gguf_arch.IMPORTS; llama with expert_count -> Mixtral); tensors and logits as the source's."""
+    from loratools.formats import gguf_model
+
+    m = moe(name)
+    with monkeypatch.context() as mp:
+        mp.setattr(gguf_model, "SOURCE_CONFIG_KEY", "other.tool.note")
+        export_gguf(m, tmp_path / "m.gguf", outtype="f32")
+    assert field(open_gguf(tmp_path / "m.gguf"), "loratools.source_config") is None
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["model_type"] == MOE_FIXTURES[name].family
+    with Checkpoint.open(m) as a, Checkpoint.open(tmp_path / "back") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    assert np.array_equal(hf_logits(name, tmp_path / "back"), hf_logits(name, m))
+
+
+# llama.cpp's own converter (convert_hf_to_gguf.py of the llama-cpp-python sdist; Mixtral's llama
+# converter also needs sentencepiece): LORATOOLS_LLAMA_CPP_SRC=<sdist>/vendor/llama.cpp runs these
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
+def test_llama_cpp_converter_moe_gguf_imports_back(moe, tmp_path, name):
+    import os
+    import subprocess
+    import sys
+
+    src = os.environ.get("LORATOOLS_LLAMA_CPP_SRC")
+    if not src:
+        pytest.skip("set LORATOOLS_LLAMA_CPP_SRC to llama.cpp's source folder (its convert_hf_to_gguf.py)")
+    m = moe(name)
+    out = tmp_path / "conv.gguf"
+    subprocess.run([sys.executable, "-m", "fixtures.llama_cpp_convert", src, str(m), "--outtype", "f32",
+                    "--outfile", str(out)], check=True, capture_output=True)
+    ref = hf_logits(name, m)
+    assert np.abs(llamacpp.logits(out, IDS) - ref).max() <= TOL["f32"]
+    import_gguf(out, tmp_path / "back")
+    with Checkpoint.open(m) as a, Checkpoint.open(tmp_path / "back") as b:
+        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+    assert np.array_equal(hf_logits(name, tmp_path / "back"), ref)
+
+
+def test_mxfp4_gpt_oss_exports_its_dequantized_experts(moe, tmp_path):
+    """A gpt-oss checkpoint with MXFP4 experts (as published): the stacked tensors are the experts as
+    transformers dequantizes them; llama.cpp runs the f32 GGUF as our decoder runs the checkpoint."""
+    from fixtures.mxfp4 import make_mxfp4
+    from loratools.arch.experts import mxfp4_dequantize
+    from loratools.validate import validate
+
+    m = make_mxfp4(moe("gpt_oss"), tmp_path / "mxfp4")
+    export_gguf(m, tmp_path / "g.gguf", outtype="f32")
+    t = {x.name: x for x in open_gguf(tmp_path / "g.gguf").tensors}
+    with Checkpoint.open(m) as ck:
+        gu = mxfp4_dequantize(ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks"),
+                              ck.get("model.layers.0.mlp.experts.gate_up_proj_scales"))
+    assert torch.equal(torch.from_numpy(np.array(t["blk.0.ffn_up_exps.weight"].data)), gu[..., 1::2].transpose(1, 2))
+    rep = validate(m, [], [str(tmp_path / "g.gguf")], tokens=4, peft_check=False)
+    assert rep["passed"] and rep["candidates"][0]["metrics"]["max_abs"] <= 5e-5, rep["candidates"][0]["metrics"]

@@ -47,6 +47,9 @@ from ..errors import UnsupportedError
 # scale by (offset + w) (Gemma: 1 + w) is written w + offset
 NORM_ROLES = frozenset({"attn_norm", "ffn_norm", "output_norm", "post_attention_norm", "post_ffw_norm",
                         "attn_q_norm", "attn_k_norm", "post_norm", "per_layer_proj_norm"})
+# roles llama.cpp keeps in F32 whatever the file type (its converter and llama-quantize: the routers,
+# whose small errors would move tokens to other experts)
+F32_ROLES = frozenset({"ffn_gate_inp", "ffn_gate_inp_shexp"})
 QKV_BIASES = ("attn_q", "attn_k", "attn_v")  # create_tensor_qkv: optional on every architecture
 ALL_BIASES = QKV_BIASES + ("attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
@@ -594,6 +597,58 @@ IMPORTS: dict[str, tuple] = {
     "smollm3": ("smollm3", "SmolLM3ForCausalLM",
                 lambda key, names, meta: {"no_rope_layer_interval": 4, "use_sliding_window": False,
                                           "attention_bias": "blk.0.attn_q.bias" in names, **_pad(meta)}),
+}
+
+
+def _experts(key, field="num_experts"):
+    return {field: int(key("expert_count")), "num_experts_per_tok": int(key("expert_used_count"))}
+
+
+def _qwen_moe_import(renorm: bool, bias_field: str):
+    def extra(key, names, meta):
+        return {**_experts(key), "moe_intermediate_size": int(key("expert_feed_forward_length")),
+                "norm_topk_prob": renorm, "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+                "sliding_window": None, bias_field: "blk.0.attn_q.bias" in names, **_pad(meta)}
+    return extra
+
+
+def _qwen2moe_import(key, names, meta):
+    shared = key("expert_shared_feed_forward_length")
+    return {**_qwen_moe_import(False, "qkv_bias")(key, names, meta),
+            "shared_expert_intermediate_size": int(shared if shared is not None else key("feed_forward_length"))}
+
+
+def _gpt_oss_import(key, names, meta):
+    n = int(key("block_count"))
+    pattern = key("attention.sliding_window_pattern")
+    if not isinstance(pattern, list) or len(pattern) != n:
+        pattern = [i % 2 == 0 for i in range(n)]  # llama.cpp's default for gpt-oss: every other layer slides
+    rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 150000.0))}
+    if key("rope.scaling.type") == "yarn":
+        # llama.cpp rounds YaRN's correction range to whole dimensions: transformers' truncate=true
+        rope.update(rope_type="yarn", factor=float(key("rope.scaling.factor")), truncate=True,
+                    original_max_position_embeddings=int(key("rope.scaling.original_context_length")),
+                    beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                    beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)))
+    return {**_experts(key, "num_local_experts"), "intermediate_size": int(key("expert_feed_forward_length")),
+            "sliding_window": int(key("attention.sliding_window")),
+            "layer_types": ["sliding_attention" if p else "full_attention" for p in pattern],
+            "rope_parameters": rope, "rope_theta": None, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+            "attention_bias": True, **_pad(meta)}
+
+
+IMPORTS.update({
+    "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM", _qwen2moe_import),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM", _qwen_moe_import(True, "attention_bias")),
+    "olmoe": ("olmoe", "OlmoeForCausalLM", lambda key, names, meta: {**_experts(key), "norm_topk_prob": False,
+                                                                     "clip_qkv": None, **_pad(meta)}),
+    "gpt-oss": ("gpt_oss", "GptOssForCausalLM", _gpt_oss_import),
+})
+# an architecture whose GGUF with experts (an expert_count key) is another family: llama.cpp's
+# converter writes Mixtral as llama
+MOE_IMPORTS: dict[str, tuple] = {
+    "llama": ("mixtral", "MixtralForCausalLM",
+              lambda key, names, meta: {**_experts(key, "num_local_experts"), "sliding_window": None, **_pad(meta)}),
 }
 
 

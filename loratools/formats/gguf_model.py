@@ -268,7 +268,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                 shape = (shape[-1],)
                 plan.append((names[own], n, shape, F32, lambda n=n: view.tensor(n, mapped=True).reshape(-1)))
                 continue
-            plan.append((names[own], n, shape, _qtype_for(n, shape, qname), lambda n=n: view.tensor(n, mapped=True)))
+            q = F32 if gguf_arch.role(names[own]) in gguf_arch.F32_ROLES else _qtype_for(n, shape, qname)
+            plan.append((names[own], n, shape, q, lambda n=n: view.tensor(n, mapped=True)))
         for gname, shape, is_weight, get in stacked:
             plan.append((gname, None, shape, _qtype_for(gname, shape, qname) if is_weight else F32, get))
         if tied and fam.output == "required":  # the tied head written as its own tensor
@@ -341,9 +342,12 @@ def _check_moe(cfg, mv, shapes: dict, path, stored=None) -> None:
 
 # -- import --------------------------------------------------------------------------------
 _REQUIRED_INTS = ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
-_OPTIONAL_INTS = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size")
+_OPTIONAL_INTS = ("attention.head_count_kv", "attention.key_length", "rope.dimension_count", "context_length", "vocab_size",
+                  "expert_count", "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length",
+                  "attention.sliding_window", "rope.scaling.original_context_length")
 _OPTIONAL_FLOATS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor", "attention.scale",
-                    "embedding_scale", "residual_scale", "logit_scale")
+                    "embedding_scale", "residual_scale", "logit_scale", "rope.scaling.yarn_beta_fast",
+                    "rope.scaling.yarn_beta_slow")
 
 def field(reader, key: str, default=None):
     """A GGUF key's Python value (gguf_vocab's reader of fields), or ``default``."""
@@ -399,6 +403,8 @@ def config_from_gguf(reader, path) -> dict:
         raise UnsupportedError(f"GGUF architecture {arch!r} cannot be imported without loratools' source config "
                                f"({', '.join(gguf_arch.IMPORTS)})", path)
     model_type, hf_class, extra = gguf_arch.IMPORTS[arch]
+    if arch in gguf_arch.MOE_IMPORTS and field(reader, f"{arch}.expert_count"):
+        model_type, hf_class, extra = gguf_arch.MOE_IMPORTS[arch]
 
     def g(k, d=None):
         v = field(reader, f"{arch}.{k}", d)
@@ -429,6 +435,8 @@ def config_from_gguf(reader, path) -> dict:
            "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"), "dtype": "float32"}
     if extra is not None:
         cfg.update(extra(g, names, lambda k: field(reader, k)))
+        if cfg.get("rope_theta") is None:
+            cfg.pop("rope_theta", None)  # the base sits in rope_parameters (gpt-oss)
     if g("rope.scaling.type") == "linear":
         factor = g("rope.scaling.factor")
         if factor is None:
@@ -495,7 +503,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
         if hf is None:
             raise UnsupportedError(f"unexpected tensor {gname!r} for a {fam.arch} model", path)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if gname.endswith("ffn_gate_inp_shexp.weight"):  # a vector in llama.cpp, (1, H) in transformers
+        if gname.endswith("ffn_gate_inp_shexp.weight") and len(shape) == 1:  # a vector (ours), (1, H) in transformers
             shape = (1,) + shape
         plan.append((hf, shape, lambda t=t, shape=shape: gguf_arch.from_gguf(fam, t.name, deq(t, shape=shape), cfg)))
     plan += [(hf, shape, make) for hf, shape, make, _ in stacked]

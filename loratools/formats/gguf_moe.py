@@ -175,7 +175,8 @@ class ExpertReader:
 
     def consumed(self) -> set[str]:
         """The checkpoint tensors the stacked GGUF tensors are made of."""
-        out = set(self.ev.stored) | set(getattr(self.view, "expert_out", ()))  # and the MergedView's output names
+        # MXFP4: *_blocks / *_scales and the logical name; and the MergedView's expert output names
+        out = set(self.ev.stored) | set(self.ev.stored.values()) | set(getattr(self.view, "expert_out", ()))
         if self.mv.expert_bias:
             out |= {f"{block(self.mv, i)}.experts.{t}_bias" for i, m in enumerate(self.mv.moe_layers) if m
                     for t in ("gate_up_proj", "down_proj")}
