@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/onnx_bench.py
 	$(BIN)/python benchmarks/family_cut.py
+	$(BIN)/python benchmarks/moe_cut.py
 
 clean:
 	rm -rf build .pytest_cache

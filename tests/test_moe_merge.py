@@ -305,3 +305,25 @@ def test_cli_merge_mxfp4(moe_families, tmp_path, run_cli):
     assert "(16 experts changed)" in out and "quantization_config dropped" in out
     code, out, err = run_cli("merge", "--base", moe_families / "olmoe", "-a", ad, "-o", tmp_path / "bad")
     assert code == 3 and "does not have" in err and "8 experts in each of layers 0, 1" in err
+
+
+def test_gpt_oss_streams_expert_slabs(moe_families, tmp_path, monkeypatch):
+    """A fused gpt-oss stack is read, merged and written one expert slab at a time: every expert
+    read is 2-D and every changed stack arrives through write_part, expert by expert."""
+    from loratools.arch import experts as ex
+    from loratools.checkpoint import CheckpointWriter
+
+    reads, parts = [], []
+    real_read, real_part = ex.ExpertView.read_slab, CheckpointWriter.write_part
+    monkeypatch.setattr(ex.ExpertView, "read_slab",
+                        lambda self, ck, t, e, dtype=torch.float32: reads.append((t, e)) or real_read(self, ck, t, e, dtype))
+    monkeypatch.setattr(CheckpointWriter, "write_part",
+                        lambda self, n, i, p: parts.append((n, i, tuple(p.shape))) or real_part(self, n, i, p))
+    base = moe_families / "gpt_oss"
+    ad = per_expert_adapter(base, tmp_path / "ad", "gpt_oss")
+    api.merge(base, [ad], tmp_path / "m")
+    stacks = {f"model.layers.{L}.mlp.experts.{t}" for L in range(4) for t in ("gate_up_proj", "down_proj")}
+    assert {n for n, _, _ in parts} == stacks
+    assert sorted((n, i) for n, i, _ in parts) == sorted((n, i) for n in stacks for i in range(4))
+    assert all(len(s) == 2 for _, _, s in parts)
+    assert all(e is not None for _, e in reads) and len(reads) == len(parts)
