@@ -326,7 +326,11 @@ def peft_config_for(adapter: Adapter, base_model_name_or_path: str | None = None
         "revision": old.get("revision"),
     }
     if params:
-        cfg["target_parameters"] = sorted(list(fused) + [f"{n}.weight" for n in param_modules])
+        # as PEFT users write them: the names below the layer ("mlp.experts.gate_up_proj"), which PEFT matches as
+        # suffixes; a layer without LoRA for one of them gets PEFT's zero-initialised B (no effect). SGLang's
+        # loader expects this short form (it refuses more than the two expert parameters, see runtimes/moe_lora.py)
+        cfg["target_parameters"] = sorted({re.sub(r"^.*\.layers\.\d+\.", "", n)
+                                           for n in list(fused) + [f"{n}.weight" for n in param_modules]})
     if adapter.config.get("loratools"):
         cfg["loratools"] = adapter.config["loratools"]
     return cfg

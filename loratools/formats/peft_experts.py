@@ -313,10 +313,13 @@ def fused_keys(fused: dict[str, FusedParam], prefix: str) -> dict[str, torch.Ten
     for pname in fused:
         x, _, param = pname.rpartition(".")
         by_module.setdefault(x, []).append(param)
+    # target_parameters names each parameter for every layer (suffix form), so PEFT wraps every targeted
+    # parameter of every experts module, in definition order: the nesting follows that global set, also in a
+    # layer where one of them has no LoRA
+    targeted = [f for f in FUSED if any(f in params for params in by_module.values())]
     for x, params in by_module.items():
-        params = [f for f in FUSED if f in params]
-        for i, param in enumerate(params):
-            nest = ".base_layer" * (len(params) - 1 - i)
+        for param in (f for f in FUSED if f in params):
+            nest = ".base_layer" * (len(targeted) - 1 - targeted.index(param))
             fp = fused[f"{x}.{param}"]
             sd[f"{prefix}{x}{nest}.lora_A.weight"] = fp.A
             sd[f"{prefix}{x}{nest}.lora_B.weight"] = fp.B

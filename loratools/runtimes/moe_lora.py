@@ -63,17 +63,22 @@ FACTS: tuple[RuntimeFacts, ...] = (
     ),
     RuntimeFacts(
         "SGLang",
-        "main at commit 5aba980 (test/registered/unit/lora/test_peft_paramwrapper_moe_unit.py)",
+        "main: test/registered/unit/lora/test_peft_paramwrapper_moe_unit.py at commits 5aba980 / 3599d9b (the "
+        "loader they test; the release that carries it was not pinned)",
         "routed-expert LoRA is loaded into per-expert MoE LoRA buffers (A (E, r, in), B (E, out, r)) and applied "
         "in its LoRA MoE runners (python/sglang/srt/lora/lora_moe_runners.py)",
         "rewritten into its per-expert layout by LoRAAdapter._normalize_peft_paramwrapper_moe, gated on "
-        "target_parameters in adapter_config.json (sgl-project/sglang#27381); releases before it drop those "
-        "keys silently, or fail under --lora-strict-loading (as that PR describes)",
+        "target_parameters in adapter_config.json (sgl-project/sglang#27381): the base_layer / outer slots are "
+        "told apart by shape (lora_A's input width = hidden -> gate_up_proj, = moe_intermediate_size -> "
+        "down_proj), and more than two target_parameters entries (e.g. a router 'mlp.gate.weight') raise "
+        "ValueError; releases before it drop those keys silently, or fail under --lora-strict-loading (as that "
+        "PR describes)",
         "read directly (its native MoE layout: ...experts.<e>.<leaf>.lora_A/B)",
-        "a router ('gate') LoRA target is added per model (sgl-project/sglang#25528 adds it for LFM2-MoE); not "
-        "generally available",
+        "a router ('gate') LoRA target is wired per model (sgl-project/sglang#25528 adds it for LFM2-MoE); in "
+        "PEFT's target_parameters form a router entry makes the expert normalizer refuse the adapter (above)",
         "shared experts are ordinary linear layers (DeepSeek-style shared experts get their own buffer)",
-        ("test/registered/unit/lora/test_peft_paramwrapper_moe_unit.py", "sgl-project/sglang#27381, #25528"),
+        ("test/registered/unit/lora/test_peft_paramwrapper_moe_unit.py (slot resolution, >2 entries refused, "
+         "per-expert names untouched)", "sgl-project/sglang#27381, #25528"),
     ),
 )
 
