@@ -51,6 +51,7 @@ LLAMA_CPP_VARIANT = {
     "olmoe": ({"num_key_value_heads": 4}, "no grouped-query attention", UnsupportedError),
     "gpt_oss": ({"swiglu_limit": 7.0}, "clamps at 7.0", UnsupportedError),
 }
+PROMPT = "The experts of every layer, stacked as llama.cpp expects them, one slab at a time."
 TOL = {"f32": 3e-5, "f16": 3e-2, "q8_0": 4.0}
 TOP1_MIN = {"f32": 1.0, "f16": 0.95, "q8_0": 0.8}
 
@@ -294,7 +295,7 @@ def test_validate_moe_gguf_candidates_against_the_reference_decoder(moe, tmp_pat
     export_gguf(m, tmp_path / "base.gguf", outtype="f32")
     export_gguf_adapter(a, m, tmp_path / "lora.gguf")
     rep = validate(m, [ad], [str(tmp_path / "merged.gguf"), f"{tmp_path / 'base.gguf'}+{tmp_path / 'lora.gguf'}"],
-                   tokens=4, peft_check=False)
+                   prompts=[PROMPT], tokens=4, peft_check=False)
     assert rep["passed"], rep["candidates"]
     for c in rep["candidates"]:
         assert c["metrics"]["max_abs"] <= 5e-5 and c["metrics"]["top1"] == 1.0, (c["candidate"], c["metrics"])
@@ -356,5 +357,28 @@ def test_mxfp4_gpt_oss_exports_its_dequantized_experts(moe, tmp_path):
         gu = mxfp4_dequantize(ck.get("model.layers.0.mlp.experts.gate_up_proj_blocks"),
                               ck.get("model.layers.0.mlp.experts.gate_up_proj_scales"))
     assert torch.equal(torch.from_numpy(np.array(t["blk.0.ffn_up_exps.weight"].data)), gu[..., 1::2].transpose(1, 2))
-    rep = validate(m, [], [str(tmp_path / "g.gguf")], tokens=4, peft_check=False)
+    rep = validate(m, [], [str(tmp_path / "g.gguf")], prompts=[PROMPT], tokens=4, peft_check=False)
     assert rep["passed"] and rep["candidates"][0]["metrics"]["max_abs"] <= 5e-5, rep["candidates"][0]["metrics"]
+
+
+def test_fused_in_memory_layout_checkpoint_exports(moe, tmp_path):
+    """A checkpoint saved from transformers 5's in-memory state (experts fused: gate_up_proj
+    (E, 2I, H) = cat(gate, up), down_proj (E, H, I)) exports like the per-expert one."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    m = moe("qwen3_moe")
+    model = getattr(transformers, MOE_FIXTURES["qwen3_moe"].model_class).from_pretrained(str(m), dtype=torch.float32)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd
+    save_file(sd, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(m / f, fused / f)
+    export_gguf(m, tmp_path / "a.gguf", outtype="f32")
+    export_gguf(fused, tmp_path / "b.gguf", outtype="f32")
+    ta = {t.name: np.array(t.data) for t in open_gguf(tmp_path / "a.gguf").tensors}
+    tb = {t.name: np.array(t.data) for t in open_gguf(tmp_path / "b.gguf").tensors}
+    assert set(ta) == set(tb) and all(np.array_equal(ta[k], tb[k]) for k in ta)

@@ -140,7 +140,7 @@ class ExpertReader:
         from ..arch.experts import ExpertView
 
         self.view, self.cfg, self.mv, self.path = view, cfg, mv, path
-        self.ev = ExpertView.of(view.ck)
+        self.ev = getattr(view, "experts", None) or ExpertView.of(view.ck)
         self.index = {(w.layer, w.expert, w.part): w.name for w in self.ev.weights.values()}
         for layer, is_moe in enumerate(mv.moe_layers):
             for e in range(mv.experts if is_moe else 0):
@@ -158,6 +158,9 @@ class ExpertReader:
 
     def weight(self, layer: int, e: int, role: str) -> torch.Tensor:
         name = self.index[(layer, e, role)]
+        merged = getattr(self.view, "expert_weight", None)
+        if merged is not None:  # the MergedView merges one canonical expert weight (any stored layout)
+            return merged(name)
         slot = self.ev.weights[name].slot
         if slot.expert is None and slot.stored == "plain":  # a per-expert tensor: the view merges it
             return self.view.tensor(slot.tensor).float()
