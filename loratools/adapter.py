@@ -98,7 +98,15 @@ class Adapter:
         return {k: m.rank for k, m in self.modules.items()}
 
     def num_parameters(self) -> int:
-        return sum(m.num_parameters() for m in self.modules.values()) + sum(t.numel() for t in self.modules_to_save.values())
+        """Stored parameters; a tensor shared by modules (the one A of an expert's fused gate_up LoRA) counts once."""
+        seen: set[int] = set()
+        n = 0
+        for m in self.modules.values():
+            for t in (m.A, m.B, m.bias, m.magnitude):
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    n += t.numel()
+        return n + sum(t.numel() for t in self.modules_to_save.values())
 
     def dtype(self) -> torch.dtype | None:
         for m in self.modules.values():

@@ -565,3 +565,20 @@ def test_fused_layers_with_different_parameters(moe_families, tmp_path):
                 ex.gate_up_proj[e, slice(0, inter) if leaf == "gate_proj" else slice(inter, None)] += m.delta()
     d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "out"))) - _logits(ref)).abs().max())
     assert d <= 1e-5, d
+
+
+def test_extract_expert_budget(moe_families, tmp_path):
+    """--budget across modules: a fused gate/up pair is one knapsack item (cost 2I + H per component, one
+    shared A), the written adapter stays within the budget and reproduces a low-rank fine-tune."""
+    from peft import PeftModel
+
+    from loratools import api
+
+    base = moe_families / "qwen3_moe"
+    tuned = _make_tuned(base, tmp_path / "tuned", "qwen3_moe", "lowrank")
+    a, rep = api.extract(base, tuned, tmp_path / "b", budget="30000")
+    assert rep["parameters"] == a.num_parameters() <= 30000
+    g, u = a.modules["model.layers.0.mlp.experts.0.gate_proj"], a.modules["model.layers.0.mlp.experts.0.up_proj"]
+    assert g.A is u.A
+    d = float((_logits(PeftModel.from_pretrained(_load(base), str(tmp_path / "b"))) - _logits(_load(tuned))).abs().max())
+    assert d <= 1e-4, d

@@ -213,7 +213,7 @@ def test_saved_peft_adapter_runs_as_peft(moe_families, tmp_path, name):
     assert (model(IDS)[0] - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # per-expert block_sparse_moe on disk; fused, interleaved
 def test_validate_merged_checkpoint(moe_families, tmp_path, name):
     """validate: base + a PEFT expert adapter (the reference, unmerged) against the merged
     checkpoint (loratools' torch model and transformers both load it) and PeftModel."""
@@ -272,8 +272,7 @@ def test_train_a_few_steps_with_expert_lora(moe_families, tmp_path, name):
     assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0], losses
     conf = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     mc = load_config(d)
-    # gate_up_proj and down_proj (in PEFT's short suffix form since the adapters branch's 77e6025, or per layer)
-    assert {t.rsplit(".", 1)[-1] for t in conf["target_parameters"]} == {"gate_up_proj", "down_proj"}
+    assert {t.rsplit(".", 1)[-1] for t in conf["target_parameters"]} == {"gate_up_proj", "down_proj"}  # fused form
     a = api.load_adapter(tmp_path / "out", base=d)
     assert sum(".experts." in n for n in a.modules) == 3 * mc.moe.experts * sum(mc.moe.layers)
     if mc.moe.shared:

@@ -52,9 +52,10 @@ def case(moe_families, work):
             pm = peft_moe(m, name, seed=3)
             c["want"] = _logits(pm, ids)
             pm.save_pretrained(str(d / "peft"))
-            c["canonical"] = canonical_adapter(pm, load_config(m), name)  # built from PEFT's deltas
+            canonical = canonical_adapter(pm, load_config(m), name)  # built from PEFT's deltas
             del pm
-            c["adapter"] = a = api.load_adapter(d / "peft", base=m)       # read from PEFT's files
+            c["adapter"] = a = api.load_adapter(d / "peft", base=m)  # read from PEFT's files
+            assert set(a.modules) == set(canonical.modules)
             export_onnx(m, d / "slots", lora_slots="all-linear")
             export_onnx_adapter(a, d / "a.onnx_adapter", base=m)
             cache[name] = c
@@ -83,7 +84,6 @@ def _slot_names(onnx_dir):
 def test_merged_fp32_and_kv_cache_match_peft(case, name):
     c = case(name)
     export_onnx(c["model"], c["dir"] / "merged", [c["adapter"]])
-    export_onnx(c["model"], c["dir"] / "merged-canonical", [c["canonical"]])  # the same adapter, built in memory
     r = Runner(c["dir"] / "merged")
     ids, want = c["ids"], c["want"]
     d_full = float(np.abs(r.run(ids)[0] - want).max())
@@ -91,8 +91,6 @@ def test_merged_fp32_and_kv_cache_match_peft(case, name):
     d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - want).max())
     assert d_cache <= FP32, d_cache
     assert np.abs(want - c["base"]).max() > 0.1  # the adapter changes the logits
-    d_canon = float(np.abs(Runner(c["dir"] / "merged-canonical").run(ids)[0] - want).max())
-    assert d_canon <= FP32, d_canon
     # a left-padded row of a batch of 2 equals its own batch-1 run
     pad = 5
     feeds = {"input_ids": np.asarray([ids, [0] * pad + ids[:N - pad]], dtype=np.int64),
@@ -129,7 +127,7 @@ def test_lora_slots_with_expert_adapter_match_peft(case, name):
           f"(cached {d_cache:.2e})")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])  # shared expert and dense layer; sinks, YaRN, fused experts
 def test_validate_passes_on_onnx_candidates(case, name):
     """validate: the merged fp32 and fp16 exports and the slot export + .onnx_adapter against the
     reference (base + the PEFT adapter unmerged), which agrees with PeftModel."""

@@ -18,6 +18,13 @@ distinct rope (per layer type; none on NoPE layers; partial rotary), an additive
 distinct sliding window, and a KV cache for each layer (kv heads and head_dim per layer; the
 caches hold every position, the window is in the mask).
 
+Mixture-of-experts models: each expert matrix is a weight (and a possible LoRA slot) of its own,
+under its canonical per-expert name (``model.layers.L.mlp.experts.E.gate_proj``), read one expert
+at a time from any stored layout (per-expert, fused, gpt-oss's interleaved, MXFP4 dequantized). The
+graph routes as the decoder does (TopK, softmax) and runs every expert on every token, weighted
+by the routing weights scattered into a (tokens, experts) matrix (zero for the unselected ones):
+exact and free of data-dependent shapes, at E / k times the expert compute of a gathered run.
+
 LongRoPE: the graph holds both factor sets and chooses per call, from the furthest position
 (max(position_ids) + 1 > original_max_position_embeddings: long), as transformers' forward does.
 Keys cached under the short factors stay so; transformers' generate recomputes the cache once

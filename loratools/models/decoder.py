@@ -1,6 +1,8 @@
 """One readable decoder LM for every family in the registry (loratools/arch), with GQA, rope
-scaling (linear, Llama 3, LongRoPE), partial rotary, NoPE layers, sliding windows per layer type,
-tied embeddings, a KV cache, and LoRA applied unmerged. It reads the feature switches of its
+scaling (linear, Llama 3, LongRoPE, YaRN), partial rotary, NoPE layers, sliding windows per layer
+type, attention sinks, tied embeddings, a KV cache, mixture-of-experts MLPs (MoE: router, top-k
+routing, per-expert gate / up / down, a shared expert, clamped SwiGLU) and LoRA applied unmerged
+(on experts too: one module per expert and matrix). It reads the feature switches of its
 ModelConfig (arch/spec.py says what each means), never a family name.
 
 Module and parameter names are the Hugging Face ones, so a checkpoint's tensors load by name
@@ -11,7 +13,9 @@ Module and parameter names are the Hugging Face ones, so a checkpoint's tensors 
                                         │    x = h + m·down_proj(act(gate) · up)           gate, up = gate/up_proj(n2 h) or gate_up_proj
                                         └─ norm ─ lm_head ─ / logits_scaling ─ soft-cap ─ logits
 
-    attn = softmax(scale · q kᵀ, soft-capped, + mask) v; q/k norms per head or per projection;
+    moe:  y = Σ_{e in top-k(router(x))} w_e · expert_e(x)  (+ sigmoid(shared_expert_gate(x)) · shared_expert(x))
+
+    attn = softmax(scale · q kᵀ, soft-capped, + mask [, sink]) v; q/k norms per head or per projection;
     "sandwich" (Gemma) adds post-attention / pre- and post-feed-forward norms; "post" (OLMo 2)
     norms only the branch outputs.
 
