@@ -30,16 +30,23 @@ demo: $(STAMP)
 # llama.cpp's reference vocabularies (vocab-only GGUFs with test texts and expected ids), from the
 # llama-cpp-python source package of the installed version: the tokenizer tests check against them
 VOCABS := build/llama.cpp-models
+# llama.cpp's own HF -> GGUF converter (same sdist): tests import its output back
+LLAMA_SRC := build/llama.cpp-src
 $(VOCABS)/.done: $(STAMP)
 	rm -rf build/sdist && mkdir -p build/sdist $(VOCABS)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d build/sdist \
 	  "llama-cpp-python==$$($(BIN)/python -c 'import llama_cpp; print(llama_cpp.__version__)')"
-	tar -xzf build/sdist/llama_cpp_python-*.tar.gz -C build/sdist --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*'
-	cp build/sdist/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-* $(VOCABS)/ && rm -rf build/sdist
+	tar -xzf build/sdist/llama_cpp_python-*.tar.gz -C build/sdist --wildcards '*/vendor/llama.cpp/models/ggml-vocab-*' \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+	cp build/sdist/llama_cpp_python-*/vendor/llama.cpp/models/ggml-vocab-* $(VOCABS)/
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	cd build/sdist/llama_cpp_python-*/vendor/llama.cpp && cp -r convert_hf_to_gguf.py conversion gguf-py $(CURDIR)/$(LLAMA_SRC)/
+	rm -rf build/sdist
 	touch $@
 
 test: $(STAMP) $(VOCABS)/.done
-	CI=$${CI:-1} LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) $(BIN)/python -m pytest -q
+	CI=$${CI:-1} LORATOOLS_LLAMA_CPP_MODELS=$(CURDIR)/$(VOCABS) LORATOOLS_LLAMA_CPP_SRC=$(CURDIR)/$(LLAMA_SRC) \
+	  $(BIN)/python -m pytest -q
 
 fuzz: $(STAMP)
 	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py -k fuzz

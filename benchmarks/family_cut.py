@@ -79,7 +79,7 @@ def tensor_specs(cfg: dict) -> list[st.TensorInfo]:
     return [st.TensorInfo(n, torch.bfloat16, tuple(p.shape)) for n, p in model.named_parameters()]  # tied: no lm_head
 
 
-def write_checkpoint(path: Path, cfg: dict, specs, seed: int, delta_rank: int = 0) -> None:
+def write_checkpoint(path: Path, cfg: dict, specs, seed: int, delta_rank: int = 0, norm_center: float = 0.0) -> None:
     """Random weights (or, with delta_rank, the same weights plus a rank-``delta_rank`` change on
     every 2-D weight: a stand-in for a full fine-tune), one tensor at a time."""
     from fixtures.generate import make_tokenizer, tokenizer_config
@@ -88,7 +88,7 @@ def write_checkpoint(path: Path, cfg: dict, specs, seed: int, delta_rank: int = 
         for i, s in enumerate(specs):
             g = torch.Generator().manual_seed(seed * 100003 + i)
             if len(s.shape) == 1:
-                t = 0.1 * torch.randn(s.shape, generator=g)
+                t = norm_center + 0.1 * torch.randn(s.shape, generator=g)  # norms (Gemma stores them around 0)
             else:
                 t = torch.randn(s.shape, generator=g) / math.sqrt(s.shape[-1])
                 if delta_rank:

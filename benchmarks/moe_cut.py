@@ -19,7 +19,6 @@ expert (its three matrices) and one layer of experts (bf16 bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -31,10 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._peak import machine, run_child  # noqa: E402
+from benchmarks import family_cut  # noqa: E402
 from benchmarks.family_cut import CLI  # noqa: E402
 from loratools import st  # noqa: E402
 from loratools.adapter import Adapter, LoraModule  # noqa: E402
-from loratools.checkpoint import CheckpointWriter  # noqa: E402
 from loratools.formats.peft import write_peft  # noqa: E402
 
 PEER = """
@@ -95,26 +94,9 @@ def tensor_specs(cfg: dict) -> list[st.TensorInfo]:
 
 
 def write_checkpoint(path: Path, cfg: dict, specs, seed: int, delta_rank: int = 0) -> None:
-    """Random weights (with delta_rank: plus a rank-``delta_rank`` change on every 2-D weight)."""
-    from fixtures.generate import make_tokenizer, tokenizer_config
-
-    with CheckpointWriter(path, specs, max_shard_size="2GB", config=cfg) as w:
-        for i, s in enumerate(specs):
-            g = torch.Generator().manual_seed(seed * 100003 + i)
-            if len(s.shape) == 1:
-                t = 1.0 + 0.1 * torch.randn(s.shape, generator=g)
-            else:
-                t = torch.randn(s.shape, generator=g) / math.sqrt(s.shape[-1])
-                if delta_rank:
-                    gd = torch.Generator().manual_seed(7 + i)
-                    u = torch.randn(s.shape[0], delta_rank, generator=gd)
-                    v = torch.randn(delta_rank, s.shape[1], generator=gd)
-                    t.addmm_(u, v, alpha=0.01 / math.sqrt(s.shape[-1]))
-            w.write(s.name, t.to(torch.bfloat16))
-            del t
-    tok = make_tokenizer()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+    """Random weights (with delta_rank: plus a rank-``delta_rank`` change on every 2-D weight), norms
+    around 1 as Qwen stores them."""
+    family_cut.write_checkpoint(path, cfg, specs, seed, delta_rank, norm_center=1.0)
 
 
 def write_adapter(path: Path, specs, cfg: dict) -> Path:

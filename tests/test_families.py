@@ -1,7 +1,9 @@
 """Every family of the registry against transformers and PEFT, on fixtures transformers builds
 (fixtures/families.py): reference logits (full, KV cache, padding), PEFT adapters both ways,
 merge reloaded by transformers, extract, train. Parametrized over FIXTURES; every registry
-family must have a fixture, so a new registry entry without one fails here."""
+family must have a fixture, so a new registry entry without one fails here. The reference-logit
+tests (full, KV cache, padding) run the mixture-of-experts fixtures (MOE_FIXTURES) too; their other
+paths are in tests/test_moe_*.py (expert LoRA needs PEFT's target_parameters)."""
 import json
 import math
 import shutil
@@ -23,10 +25,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 NAMES = list(FIXTURES)
+WITH_MOE = NAMES + list(MOE_FIXTURES)
 TOL = 1e-5
 IDS = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))  # longer than every window
 # every linear module of the text decoder, fused ones included; not a vision tower's
 TEXT_LINEAR = (r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj|qkv_proj|o_proj|gate_proj|up_proj|gate_up_proj|down_proj)$")
+
+
+def fixture_dir(request, name):
+    """The folder of fixture ``name`` in the session tree of its table."""
+    return request.getfixturevalue("moe_families" if name in MOE_FIXTURES else "families") / name
 
 
 def hf_model(d):
@@ -57,20 +65,20 @@ def test_every_registry_family_has_a_fixture():
 
 
 # -- reference decoder -------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
-def test_logits_match_transformers(families, name):
-    d = families / name
+@pytest.mark.parametrize("name", WITH_MOE)
+def test_logits_match_transformers(request, name):
+    d = fixture_dir(request, name)
     ours, _ = load_model(d)(IDS)
     ref = hf_logits(d)
     assert ref.abs().max() > 1.0  # a non-trivial model
     assert (ours - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_kv_cache_matches_transformers(families, name):
+@pytest.mark.parametrize("name", WITH_MOE)
+def test_kv_cache_matches_transformers(request, name):
     """Prefill 10 tokens, then 14 single cached steps, against transformers' own cache (LongRoPE
     switches to its long factors mid-way, as transformers does per call)."""
-    d = families / name
+    d = fixture_dir(request, name)
     ids = IDS[:1]
     model, hf = load_model(d), hf_model(d)
     ours, past = model(ids[:, :10])
@@ -87,9 +95,9 @@ def test_kv_cache_matches_transformers(families, name):
     assert (torch.cat(steps, 1) - torch.cat(refs, 1)).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_padding_mask_matches_transformers(families, name):
-    d = families / name
+@pytest.mark.parametrize("name", WITH_MOE)
+def test_padding_mask_matches_transformers(request, name):
+    d = fixture_dir(request, name)
     mask = torch.ones_like(IDS)
     mask[0, :5] = 0  # left padding in the first row
     ours, _ = load_model(d)(IDS, attention_mask=mask)

@@ -14,21 +14,15 @@ from loratools.arch import load_config
 from loratools.formats.onnx_model import export_onnx, export_onnx_adapter
 from loratools.runtimes.onnxruntime import Runner
 from tests.test_moe_decoder import canonical_adapter, hf_model, peft_moe
+from tests.test_onnx_families import N, PREFILL, _cached, _ids, _slot_names, slot_errors
 
 NAMES = list(MOE_FIXTURES)
-N = 28       # longer than every fixture's sliding window and gpt-oss's YaRN original length
-PREFILL = 18
 FP32 = 1e-4  # as tests/test_onnx_families.py (measured about 1e-5)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("moe-onnx")
-
-
-def _ids(model_dir, n=N, seed=9):
-    vocab = load_config(model_dir).vocab_size
-    return [int(x) for x in torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
 
 
 def _logits(model, ids):
@@ -64,22 +58,6 @@ def case(moe_families, work):
     return get
 
 
-def _cached(r, ids, prefill, upto):
-    lg, past = r.run(ids[:prefill])
-    rows = list(lg)
-    for t in range(prefill, upto):
-        lg, past = r.run([ids[t]], past, t)
-        rows.append(lg[-1])
-    return np.stack(rows), past
-
-
-def _slot_names(onnx_dir):
-    import onnx
-
-    g = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
-    return sorted(i.name.removesuffix(".lora_A") for i in g.input if i.name.endswith(".lora_A"))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_merged_fp32_and_kv_cache_match_peft(case, name):
     c = case(name)
@@ -113,16 +91,7 @@ def test_lora_slots_with_expert_adapter_match_peft(case, name):
     assert len(experts) == 3 * cfg.moe.experts * sum(cfg.moe.layers)
     assert set(c["adapter"].modules) <= set(slots)
     ids = c["ids"]
-    base = Runner(c["dir"] / "slots")
-    d_base = float(np.abs(base.run(ids)[0] - c["base"]).max())
-    assert d_base <= FP32, d_base
-    d_base_cache = float(np.abs(_cached(base, ids, PREFILL, N)[0] - c["base"]).max())
-    assert d_base_cache <= FP32, d_base_cache
-    r = Runner(c["dir"] / "slots", adapter=c["dir"] / "a.onnx_adapter")
-    d = float(np.abs(r.run(ids)[0] - c["want"]).max())
-    assert d <= FP32, d
-    d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - c["want"]).max())
-    assert d_cache <= FP32, d_cache
+    d_base, d_base_cache, d, d_cache = slot_errors(c, ids)
     print(f"\n{name}: ONNX slots base max|Δ| {d_base:.2e} (cached {d_base_cache:.2e}); slots+adapter vs PEFT {d:.2e} "
           f"(cached {d_cache:.2e})")
 

@@ -50,6 +50,20 @@ def _ids(model_dir, n=N, seed=9):
     return [int(x) for x in torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))]
 
 
+def slot_errors(c, ids):
+    """max |Δlogit| of the LoRA-slot export ``c["dir"]/slots``: fed nothing against ``c["base"]`` and
+    fed ``a.onnx_adapter`` against ``c["want"]``, each in one call and cached (prefill, then one token
+    at a time); each within FP32."""
+    base = Runner(c["dir"] / "slots")
+    r = Runner(c["dir"] / "slots", adapter=c["dir"] / "a.onnx_adapter")
+    out = (float(np.abs(base.run(ids)[0] - c["base"]).max()),
+           float(np.abs(_cached(base, ids, PREFILL, N)[0] - c["base"]).max()),
+           float(np.abs(r.run(ids)[0] - c["want"]).max()),
+           float(np.abs(_cached(r, ids, PREFILL, N)[0] - c["want"]).max()))
+    assert max(out) <= FP32, out
+    return out
+
+
 def _hf(model_dir, name):
     import transformers
 
@@ -228,16 +242,7 @@ def test_lora_slots_with_peft_adapter_match_peft(case, name):
     slots = _slot_names(c["dir"] / "slots")
     cfg = load_config(c["model"])
     assert slots == sorted(cfg.to_internal(n) for n in c["peft_modules"])  # every linear layer of the blocks, fused ones included
-    base = Runner(c["dir"] / "slots")
-    d_base = float(np.abs(base.run(ids)[0] - c["base"]).max())
-    assert d_base <= FP32, d_base
-    d_base_cache = float(np.abs(_cached(base, ids, PREFILL, N)[0] - c["base"]).max())
-    assert d_base_cache <= FP32, d_base_cache
-    r = Runner(c["dir"] / "slots", adapter=c["dir"] / "a.onnx_adapter")
-    d = float(np.abs(r.run(ids)[0] - c["want"]).max())
-    assert d <= FP32, d
-    d_cache = float(np.abs(_cached(r, ids, PREFILL, N)[0] - c["want"]).max())
-    assert d_cache <= FP32, d_cache
+    d_base, d_base_cache, d, d_cache = slot_errors(c, ids)
     assert np.abs(c["want"] - c["base"]).max() > 0.1  # the adapter changes the logits
     # without the base model, the slot names come from the known layouts (a multimodal prefix too)
     import onnxruntime as ort
