@@ -128,8 +128,15 @@ def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", ov
 
 
 def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, base=None, overwrite=False,
-                    expert_form: str | None = None) -> Path:
-    a = load_adapter(src, base)
+                    expert_form: str | None = None, include=None, exclude=None, report: dict | None = None) -> Path:
+    """Convert (and with ``include``/``exclude`` regexes, select modules by name: extract's rule);
+    ``report``, when given, receives the modules dropped."""
+    from .ops.common import check_patterns, select_adapter
+
+    check_patterns(include, exclude)
+    a, dropped = select_adapter(load_adapter(src, base), include, exclude)
+    if report is not None:
+        report["dropped"] = dropped
     return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base),
                         expert_form=expert_form)
 
@@ -368,17 +375,20 @@ def _itemsize(dt) -> int:
 
 
 def resize(adapter, out, rule=None, *, budget: str | None = None, base=None, fmt: str | None = None,
-           dtype: str = "keep", overwrite: bool = False, expert_form: str | None = None) -> tuple[Adapter, dict]:
-    """Shrink an adapter's ranks optimally and write it (format: the input's unless ``fmt``)."""
-    from .ops.common import parse_dtype
+           dtype: str = "keep", overwrite: bool = False, expert_form: str | None = None,
+           include=None, exclude=None) -> tuple[Adapter, dict]:
+    """Shrink an adapter's ranks optimally and write it (format: the input's unless ``fmt``);
+    ``include``/``exclude``: regexes selecting modules by name (extract's rule)."""
+    from .ops.common import check_patterns, parse_dtype
     from .ops.factor import parse_budget
     from .ops.resize import resize as run
 
+    check_patterns(include, exclude)
     rule = rule if rule is not None else RankRule()
     a = load_adapter(adapter, base=base)
     dt = parse_dtype(dtype)
     bp = parse_budget(budget, _itemsize(dt or a.dtype())) if budget else None
-    res, rep = run(a, rule, bp, dt)
+    res, rep = run(a, rule, bp, dt, include=include, exclude=exclude)
     rep["format"] = fmt or a.format
     save_adapter(res, out, rep["format"], overwrite=overwrite, inputs=[adapter, base], num_layers=_num_layers(base),
                  expert_form=expert_form)

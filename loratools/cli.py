@@ -96,6 +96,22 @@ def inspect(path, base, as_json, allow_pickle, plot, overwrite):
         click.echo(f"wrote plot to {plot}")
 
 
+# -- module selection (extract, resize, convert) ------------------------------------------------
+def select_options(f):
+    """--include / --exclude, one rule for every command that has them (loratools.ops.common.selected)."""
+    f = click.option("--exclude", multiple=True, metavar="REGEX",
+                     help="Regex: skip modules whose name matches (repeatable: any match).")(f)
+    return click.option("--include", multiple=True, metavar="REGEX",
+                        help="Regex: only modules whose name matches (repeatable: any match).")(f)
+
+
+def _dropped_line(dropped: list[str]) -> str:
+    if not dropped:
+        return "dropped no module (--include/--exclude matched every module)"
+    shown = ", ".join(dropped[:6]) + (f", ... ({len(dropped) - 6} more)" if len(dropped) > 6 else "")
+    return f"dropped {len(dropped)} module(s): {shown}"
+
+
 # -- convert -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("adapter", type=click.Path())
@@ -103,12 +119,17 @@ def inspect(path, base, as_json, allow_pickle, plot, overwrite):
 @click.option("--to", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
 @click.option("--base", type=click.Path(), help="Base model (checks shapes; resolves kohya names exactly).")
 @click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
+@select_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True)
-def convert(adapter, output, fmt, base, expert_form, overwrite, as_json):
-    """Convert an adapter between PEFT and kohya formats (scales folded exactly), or between PEFT's two forms of expert LoRA."""
-    out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite, expert_form=expert_form)
-    _done(f"{fmt} adapter", out, {"input": adapter, "out": str(out), "format": fmt}, as_json)
+def convert(adapter, output, fmt, base, expert_form, include, exclude, overwrite, as_json):
+    """Convert an adapter between PEFT and kohya formats (scales folded exactly), or between PEFT's two forms of expert LoRA;
+    --include/--exclude keep or drop modules (and modules_to_save) by name."""
+    rep = {"input": adapter, "format": fmt}
+    out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite, expert_form=expert_form,
+                              include=include, exclude=exclude, report=rep)
+    rep["out"] = str(out)
+    _done(f"{fmt} adapter", out, rep, as_json, _dropped_line(rep["dropped"]) if include or exclude else "")
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -183,8 +204,7 @@ def _done(what: str, path, report: dict | None, as_json: bool, summary: str = ""
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output PEFT adapter folder.")
 @rank_options
 @click.option("--exact", is_flag=True, help="Full SVD instead of the seeded randomized SVD.")
-@click.option("--include", help="Regex: only modules whose name matches.")
-@click.option("--exclude", help="Regex: skip modules whose name matches.")
+@select_options
 @click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
               help="embed_tokens/lm_head deltas: embedding LoRA, full modules_to_save, or skip (with a warning).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -223,17 +243,22 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
 @click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output format (default: the input's).")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
 @click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
+@select_options
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, expert_form, overwrite, as_json):
-    """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix)."""
+def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_rank, base, fmt, dtype, expert_form,
+           include, exclude, overwrite, as_json):
+    """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix); --include/--exclude keep or drop
+    modules (and modules_to_save) by name."""
     rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
     res, rep = api.resize(adapter, output, rule, budget=budget, base=base, fmt=fmt, dtype=dtype, overwrite=overwrite,
-                          expert_form=expert_form)
+                          expert_form=expert_form, include=include, exclude=exclude)
     before, after = rep["parameters_before"], rep["parameters_after"]
-    _done(f"{rep.pop('format')} adapter", output, rep, as_json,
-          f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, min retained energy "
-          f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%")
+    lines = [_dropped_line(rep["dropped"])] if include or exclude else []
+    lines.append(f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, retained vs input adapter "
+                 f"{100 * rep['retained_vs_input']:.2f}% (lowest module "
+                 f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%)")
+    _done(f"{rep.pop('format')} adapter", output, rep, as_json, "\n".join(lines))
 
 
 def _weights(weights: str | None, n: int):
@@ -525,7 +550,8 @@ def validate_extraction(base, tuned, adapter, prompts, device, as_json):
         click.echo(json.dumps(rep, indent=2))
         return
     worst = max(rep["modules"].items(), key=lambda kv: kv[1]["rel_error"])
-    click.echo(f"{len(rep['modules'])} modules: mean retained energy {100 * rep['mean_module_retained_energy']:.2f}%, "
+    click.echo(f"{len(rep['modules'])} modules: retained energy {100 * rep['retained_energy']:.2f}% "
+               f"(mean per-module retention {100 * rep['mean_module_retention']:.2f}%), "
                f"worst relative error {worst[1]['rel_error']:.4f} ({worst[0]})")
     for l in rep["layers"]:
         click.echo(f"  layer {l['layer']:>3}: hidden-state error {l['rel_error_with_adapter']:.4f} with the adapter, "

@@ -307,6 +307,12 @@ def peft_reference(base: str | os.PathLike, adapter: str | os.PathLike, ids_list
 def _relative_error(wt: torch.Tensor, wb: torch.Tensor, m, rows: int = 1 << 22) -> float:
     """‖(W_t − W_b) − s·B A‖ / ‖W_t − W_b‖ in float64, a block of rows at a time (whole float64
     copies of a large embedding would take gigabytes)."""
+    num, den = _squared_errors(wt, wb, m, rows)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
+
+
+def _squared_errors(wt: torch.Tensor, wb: torch.Tensor, m, rows: int = 1 << 22) -> tuple[float, float]:
+    """(‖(W_t − W_b) − s·B A‖², ‖W_t − W_b‖²) in float64, a block of rows at a time."""
     A, B = m.A.double(), m.B.double()
     step = max(1, rows // max(1, wt.shape[1]))
     num = den = 0.0
@@ -315,7 +321,7 @@ def _relative_error(wt: torch.Tensor, wb: torch.Tensor, m, rows: int = 1 << 22) 
         approx = (A[:, r:r + step].T @ B.T if m.kind == "embedding" else B[r:r + step] @ A) * m.scale
         num += float((d - approx).pow(2).sum())
         den += float(d.pow(2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
+    return num, den
 
 
 def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapter: str | os.PathLike,
@@ -333,6 +339,9 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     modules = {}
     from .modelinfo import head_source, read_model_info, tied_pair
 
+    from .ops.common import delta_sq, retained_energy
+
+    residual: dict[str, float] = {}  # stored tensor -> ‖ΔW − ΔŴ‖² where the adapter carries it
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
         tied = tied_pair(read_model_info(base), kb.keys())
         for name, m in sorted(a.modules.items()):
@@ -342,9 +351,30 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
             if key not in kt:
                 raise InputError(f"tuned checkpoint lacks {key!r}", tuned)
             wt, wb = kt.get(key), kb.get(key)
-            err = _relative_error(wt, wb, m)
+            num, den = _squared_errors(wt, wb, m)
+            err = math.sqrt(num) / max(math.sqrt(den), 1e-300)
             del wt, wb
             modules[name] = {"rel_error": err, "retained_energy": max(0.0, 1 - err * err), "rank": m.rank}
+            if key not in residual or key == f"{name}.weight":
+                # one stored tensor counts once: a tied embedding by its own module when it has one
+                residual[key] = num
+            bkey = f"{name}.bias"
+            if m.bias is not None and bkey in kb and bkey in kt:
+                d = kt.get(bkey).float() - kb.get(bkey).float()
+                residual[bkey] = float((d.double() - m.bias.double() * m.scale).pow(2).sum())
+        for key, t in a.modules_to_save.items():
+            if key in kb and key in kt:
+                residual[key] = float((kt.get(key).double() - t.double()).pow(2).sum())
+        # the fine-tune's whole delta, as extract sums it (fp32 differences, in row blocks)
+        total = unc = 0.0
+        for key in sorted(kb.keys()):
+            if key not in kt or not kb.info(key).dtype.is_floating_point or kb.info(key).shape != kt.info(key).shape:
+                continue
+            d, e = delta_sq(kb.get_mapped(key), kt.get_mapped(key), "cpu")
+            del d
+            total += e
+            unc += residual.get(key, e)
+        whole = {"total_delta_energy": total, "retained_energy": retained_energy(unc, total)}
     prompts = list(prompts or DEFAULT_PROMPTS)
     ids_list = [api.tokenize(base, p) for p in prompts]
 
@@ -369,7 +399,7 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
         layers.append({"layer": li, "rel_error_with_adapter": num / den, "rel_error_base": num_b / den})
     kl_ad = float(np.mean([kl_rows(tp[0], wp[0]).mean() for tp, wp in zip(t, w)]))
     kl_base = float(np.mean([kl_rows(tp[0], bp[0]).mean() for tp, bp in zip(t, b)]))
-    return {"schema": "loratools.validate-extraction/1", "base": str(base), "tuned": str(tuned), "adapter": str(adapter),
-            "modules": modules, "layers": layers, "kl_tuned_vs_base_plus_adapter": kl_ad, "kl_tuned_vs_base": kl_base,
+    return {"schema": "loratools.validate-extraction/2", "base": str(base), "tuned": str(tuned), "adapter": str(adapter),
+            **whole, "modules": modules, "layers": layers, "kl_tuned_vs_base_plus_adapter": kl_ad, "kl_tuned_vs_base": kl_base,
             "fraction_of_kl_removed": 1 - kl_ad / kl_base if kl_base > 0 else 1.0,
-            "mean_module_retained_energy": float(np.mean([m["retained_energy"] for m in modules.values()])) if modules else 0.0}
+            "mean_module_retention": float(np.mean([m["retained_energy"] for m in modules.values()])) if modules else 0.0}

@@ -119,7 +119,8 @@ def test_validate_extraction_reports_what_the_adapter_carries(fx, tmp_path, run_
         reps[k] = _json.loads(out)
     r2, r6 = reps["a2"], reps["a6"]
     assert r6["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base_plus_adapter"] < r2["kl_tuned_vs_base"]
-    assert r6["mean_module_retained_energy"] > r2["mean_module_retained_energy"] > 0.5
+    assert r6["mean_module_retention"] > r2["mean_module_retention"] > 0.5
+    assert r6["retained_energy"] > r2["retained_energy"] > 0.5
     assert all(l["rel_error_with_adapter"] < l["rel_error_base"] for l in r6["layers"])
 
 

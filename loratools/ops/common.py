@@ -1,6 +1,7 @@
 """Helpers shared by the operations: dtype names, progress bars (the device picker is loratools.device)."""
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -82,3 +83,63 @@ def delta_sq(wb: torch.Tensor, wt: torch.Tensor, device, transposed: bool = Fals
         e += float(blk.double().pow(2).sum())
         rd[i:i + step].copy_(blk)
     return delta, e
+
+
+# -- module selection (extract, resize, convert: --include / --exclude) -------------------------
+def _patterns(pats) -> list[str]:
+    if pats is None:
+        return []
+    return [pats] if isinstance(pats, str) else [p for p in pats if p]
+
+
+def check_patterns(*pats) -> None:
+    """Refuse a pattern that is not a valid regex (one line, before anything runs)."""
+    for group in pats:
+        for pat in _patterns(group):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise LoratoolsError(f"invalid regex {pat!r}: {e}") from e
+
+
+def selected(name: str, include=None, exclude=None) -> bool:
+    """The one --include/--exclude rule: a module is kept when its name matches (``re.search``)
+    one of the include regexes (any, when none is given) and none of the exclude regexes.
+    ``include``/``exclude``: None, one regex or several."""
+    inc, exc = _patterns(include), _patterns(exclude)
+    if inc and not any(re.search(p, name) for p in inc):
+        return False
+    return not any(re.search(p, name) for p in exc)
+
+
+def select_adapter(adapter, include=None, exclude=None):
+    """(the adapter restricted to the selected modules, the names dropped): LoRA modules by module
+    name, modules_to_save tensors by the name of their module (``lm_head`` for ``lm_head.weight``).
+    Nothing left is a one-line error."""
+    from dataclasses import replace
+
+    check_patterns(include, exclude)
+    if not _patterns(include) and not _patterns(exclude):
+        return adapter, []
+    mods = {n: m for n, m in adapter.modules.items() if selected(n, include, exclude)}
+    mts = {k: t for k, t in adapter.modules_to_save.items() if selected(k.rpartition(".")[0] or k, include, exclude)}
+    dropped = sorted(set(adapter.modules) - set(mods)) + sorted(set(adapter.modules_to_save) - set(mts))
+    if not mods and not mts:
+        rules = " ".join([f"--include {p!r}" for p in _patterns(include)] + [f"--exclude {p!r}" for p in _patterns(exclude)])
+        raise LoratoolsError(f"{rules} leave(s) no module of the adapter's {len(adapter.modules) + len(adapter.modules_to_save)}; "
+                             "nothing to write")
+    return replace(adapter, modules=mods, modules_to_save=mts), dropped
+
+
+# -- retained energy: the one definition --------------------------------------------------------
+def retained_energy(residual_sq: float, total_sq: float) -> float:
+    """**Retained energy**, the one quantity loratools reports under that name (``retained_energy``):
+    the share of the fine-tune's weight change ΔW, all its tensors together, that an adapter
+    reproduces, 1 − ‖ΔW − ΔŴ‖²_F / ‖ΔW‖²_F. Tensors the adapter does not carry count whole in
+    the residual. For truncated SVDs (extract) the residual is the dropped σ², so it is
+    Σ kept σ² / Σ all σ² across modules, energy-weighted. Other ratios are named apart: "mean
+    per-module retention" (validate-extraction, an unweighted mean) and "retained vs input
+    adapter" (resize, which does not see the fine-tune)."""
+    if total_sq <= 0:
+        return 1.0
+    return max(0.0, 1.0 - residual_sq / total_sq)

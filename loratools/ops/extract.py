@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,18 +27,10 @@ from ..device import pick_device
 from ..fsutil import check_output, check_space
 from ..modelinfo import EMBED, embed_name, head_name, read_model_info, tied_pair
 from . import factor
-from .common import check_finite, delta_sq, progress, sum_sq
+from .common import check_finite, check_patterns, delta_sq, progress, retained_energy, selected as _selected, sum_sq
 
 EMBED_NAMES = ("model.embed_tokens", "lm_head")  # the usual layout; the checkpoint's own names are found by modelinfo
 REPORT = "extract_report.json"
-
-
-def _selected(name: str, include: str | None, exclude: str | None) -> bool:
-    if include and not re.search(include, name):
-        return False
-    if exclude and re.search(exclude, name):
-        return False
-    return True
 
 
 def _scratch_dir(out) -> str | None:
@@ -59,12 +50,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     """Extract a LoRA adapter; write it (PEFT, with ``extract_report.json``) when ``out`` is given."""
     if embeddings not in ("lora", "full", "skip"):
         raise LoratoolsError(f"--embeddings must be lora, full or skip, got {embeddings!r}")
-    for pat in (include, exclude):
-        if pat:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise LoratoolsError(f"invalid regex {pat!r}: {e}") from e
+    check_patterns(include, exclude)
     if out is not None:
         check_output(out, [base, tuned], overwrite)
     dev = pick_device(device)
@@ -184,7 +170,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 if embeddings == "full":
                     wt = kt.get(name)  # modules_to_save: the tuned tensor itself, in its own dtype (a copy, not the map)
                     full[name] = wt
-                    report["embeddings"][mod] = {"mode": "full", "params": wt.numel()}
+                    report["embeddings"][mod] = {"mode": "full", "params": wt.numel(), "energy": 1.0, "total_energy": e}
                     continue
                 del embed_energy[name]
             M = delta.T if mod == emb_mod else delta  # PEFT's embedding orientation
@@ -197,6 +183,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             for group in (leaves[:2], leaves[2:]):
                 mods = [f"{pre}.{e_idx}.{lf}" for lf in group]
                 if not all(_selected(m, include, exclude) for m in mods):
+                    for m in mods:  # not carried, but part of the fine-tune's delta (retained energy's denominator)
+                        wb, wt = vb.read(kb, m), vt.read(kt, m)
+                        energy_total += sum_sq(wt.float() - wb.float())
+                        del wb, wt
                     continue
                 ds = []
                 for m in mods:
@@ -225,6 +215,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 entry = report["modules"].get(mod) or report["embeddings"][mod]
                 if k == 0:
                     del modules[mod]
+                    entry.update(rank=0, energy=0.0, rel_error=1.0)
                     continue
                 f = st.load_file(scratch[mod])
                 modules[mod] = LoraModule(A=f["A"][:k].clone(), B=f["B"][:, :k].clone(), scale=1.0, alpha=float(k),
@@ -278,7 +269,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                       num_experts=max(vb.num_experts.values()) if vb else None)
     kept = sum(v["energy"] * v["total_energy"] for v in list(report["modules"].values()) + list(report["embeddings"].values())
                if "energy" in v)
-    report.update(total_delta_energy=energy_total, retained_energy=kept / energy_total if energy_total else 1.0,
+    kept += sum(sum_sq(d) for mod, d in bias_deltas.items() if report["bias"][mod].get("carried"))
+    # Σ kept σ² / Σ σ²: a truncated SVD's residual is its dropped σ² (the one definition: common.retained_energy)
+    report.update(total_delta_energy=energy_total, retained_energy=retained_energy(energy_total - kept, energy_total),
                   parameters=adapter.num_parameters(), seconds=time.perf_counter() - t0,
                   ranks={k: m.rank for k, m in sorted(modules.items())})
     if not modules and not full:

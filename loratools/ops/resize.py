@@ -14,16 +14,29 @@ import torch
 from ..adapter import Adapter, LoraModule
 from ..errors import UnsupportedError
 from . import factor
+from .common import select_adapter
 from ..formats.peft_experts import gate_up_pairs
 
 
+def _energy(m: LoraModule) -> float:
+    """‖s·B·A‖²_F = s²·tr((BᵀB)(AAᵀ)) in float64, without forming B·A."""
+    B, A = m.B.double(), m.A.double()
+    return float(((B.T @ B) * (A @ A.T)).sum()) * m.scale ** 2
+
+
 def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = None,
-           dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> tuple[Adapter, dict]:
-    """Return (resized adapter, report). ``dtype`` None keeps each module's dtype."""
+           dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+           include=None, exclude=None) -> tuple[Adapter, dict]:
+    """Return (resized adapter, report). ``dtype`` None keeps each module's dtype; ``include`` /
+    ``exclude``: regexes selecting modules by name (extract's rule, common.selected)."""
     if adapter.use_dora:
         raise UnsupportedError("resizing a DoRA adapter would change the direction its magnitude vector normalizes; merge it instead",
                                adapter.source or None)
-    report = {"rule": rule.describe(), "budget_params": budget_params, "modules": {}}
+    whole = adapter
+    adapter, dropped = select_adapter(adapter, include, exclude)
+    report = {"rule": rule.describe(), "budget_params": budget_params, "dropped": dropped, "modules": {}}
+    input_energy = sum(_energy(m) for m in whole.modules.values())  # the input adapter's ‖ΔŴ‖², dropped modules included
+    kept_energy = 0.0
     svds = {}
     t0 = time.perf_counter()
     # an expert's gate and up LoRA that share one A (a fused gate_up LoRA) are resized as one matrix,
@@ -56,6 +69,7 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
         k = min(ranks[name], m.rank, S.numel())
         total = float(S.double().pow(2).sum())
         energy, err = factor.tail_error(S, k, total)
+        kept_energy += energy * total
         report["modules"][name] = {"from_rank": m.rank, "rank": k, "energy": energy, "rel_error": err,
                                    "singular_values": [float(x) for x in S[:k]]}
         if k == 0:
@@ -75,7 +89,10 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
     cfg = dict(adapter.config)
     cfg.update(use_rslora=False, rank_pattern={}, alpha_pattern={})
     report["seconds"] = time.perf_counter() - t0
-    report["parameters_before"] = adapter.num_parameters()
+    # "retained vs input adapter": not retained energy (common.retained_energy), which is relative to
+    # the fine-tune; resize sees only the adapter
+    report["retained_vs_input"] = kept_energy / input_energy if input_energy > 0 else 1.0
+    report["parameters_before"] = whole.num_parameters()
     res = Adapter(modules=out, modules_to_save=dict(adapter.modules_to_save), config=cfg, source=adapter.source,
                   format=adapter.format, family=adapter.family, num_experts=adapter.num_experts)
     report["parameters_after"] = res.num_parameters()
