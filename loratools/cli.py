@@ -327,6 +327,10 @@ def _merge_cmd(unmerge: bool):
             msg += f" ({rep['experts_changed']} experts changed)"
         if "dequantized" in rep:
             msg += f"; MXFP4 experts written as {rep['dequantized']['to']}, quantization_config dropped from config.json"
+        if "tied_embeddings" in rep:
+            msg += ("; tied embeddings untied (the merged embedding and head differ): lm_head.weight written, "
+                    "tie_word_embeddings false" if rep.get("untied_embeddings") else
+                    "; tied embeddings kept (the merged embedding and head are equal): tie_word_embeddings true")
         _done("checkpoint", output, rep, as_json, msg)
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")

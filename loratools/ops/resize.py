@@ -12,9 +12,27 @@ import time
 import torch
 
 from ..adapter import Adapter, LoraModule
+from ..modelinfo import head_name
 from ..errors import UnsupportedError
 from . import factor
 from ..formats.peft_experts import gate_up_pairs
+
+
+def tied_mirrors(modules: dict[str, LoraModule]) -> dict[str, str]:
+    """{embedding module: head module} for each embedding LoRA whose head (``modelinfo.head_name``)
+    carries exactly the same delta in its own orientation (B_head = Aᵀ, A_head = Bᵀ, the same scale)."""
+    out = {}
+    for n, m in modules.items():
+        if m.kind != "embedding" or m.magnitude is not None:
+            continue
+        h = head_name(n + ".weight")[: -len(".weight")]
+        hm = modules.get(h)
+        if hm is None or hm.kind != "linear" or hm.magnitude is not None or hm.bias is not None or hm.scale != m.scale:
+            continue
+        if hm.B.shape == m.A.T.shape and hm.A.shape == m.B.T.shape and hm.B.dtype == m.A.dtype and \
+                torch.equal(hm.B, m.A.T) and torch.equal(hm.A, m.B.T):
+            out[n] = h
+    return out
 
 
 def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = None,
@@ -23,16 +41,20 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
     if adapter.use_dora:
         raise UnsupportedError("resizing a DoRA adapter would change the direction its magnitude vector normalizes; merge it instead",
                                adapter.source or None)
-    report = {"rule": rule.describe(), "budget_params": budget_params, "modules": {}}
+    report = {"rule": factor.describe_rule(rule, budget_params), "budget_params": budget_params, "modules": {}}
     svds = {}
     t0 = time.perf_counter()
     # an expert's gate and up LoRA that share one A (a fused gate_up LoRA) are resized as one matrix,
     # [s_g·B_g; s_u·B_u]·A: the optimum for the fused parameter, and the pair keeps one shared A
     pairs = {g: u for g, u in gate_up_pairs(adapter.modules, adapter.family)}
     paired = set(pairs.values())
+    # a tied model's embedding LoRA carried on lm_head too (as extract writes it: the head's B is the
+    # embedding's Aᵀ, its A the embedding's Bᵀ) is resized once and mirrored, so that the two stay equal
+    # (a merge keeps the tie) and each component is paid for twice
+    mirrors = tied_mirrors(adapter.modules)
     units: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
-        if name in paired:
+        if name in paired or name in mirrors.values():
             continue
         if name in pairs:
             u = adapter.modules[pairs[name]]
@@ -44,7 +66,8 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
         U, S, Vh = factor.svd_factored(m.B.to(device), m.A.to(device), m.scale)
         svds[name] = (U, S, Vh)
     if budget_params is not None:
-        spectra = {n: (S, units[n].out_features + units[n].in_features) for n, (_, S, _) in svds.items()}
+        spectra = {n: (S, (units[n].out_features + units[n].in_features) * (2 if n in mirrors else 1))
+                   for n, (_, S, _) in svds.items()}
         if rule.max_rank:
             spectra = {n: (S[:rule.max_rank], c) for n, (S, c) in spectra.items()}
         ranks = factor.allocate_budget(spectra, budget_params)
@@ -72,6 +95,11 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
             report["modules"][pairs[name]] = dict(report["modules"][name], fused_with=name)
             continue
         out[name] = LoraModule(A=A, B=B, scale=1.0, alpha=float(k), bias=bias, kind=m.kind)
+        if name in mirrors:  # ΔE = (B A)ᵀ = Aᵀ Bᵀ: the head's linear LoRA is B' = Aᵀ, A' = Bᵀ
+            h = mirrors[name]
+            dt = dtype or adapter.modules[h].A.dtype
+            out[h] = LoraModule(A=B.T.to(dt).contiguous(), B=A.T.to(dt).contiguous(), scale=1.0, alpha=float(k), kind="linear")
+            report["modules"][h] = dict(report["modules"][name], tied_to=name)
     cfg = dict(adapter.config)
     cfg.update(use_rslora=False, rank_pattern={}, alpha_pattern={})
     report["seconds"] = time.perf_counter() - t0
