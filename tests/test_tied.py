@@ -205,3 +205,28 @@ def test_smollm2_extracted_adapter_budget_merge_and_gguf(tmp_path):
     assert np.abs(lc - got).max() <= 2e-3 * np.abs(got).max(), np.abs(lc - got).max()
     with pytest.raises(UnsupportedError, match="input lookup only"):
         export_gguf_adapter(read_peft(tmp_path / "ex"), hf, tmp_path / "a.gguf")
+
+
+def test_gemma2_extracted_tied_adapter_exports_merged(tmp_path):
+    """Gemma 2's llama.cpp graph always uses token_embd as its output layer: an extracted tied adapter
+    (the same delta on both sides) used to be refused ("changes only one side"); it now exports, tie kept."""
+    import contextlib
+    import io
+
+    from fixtures.families import make_family
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        base = make_family(tmp_path / "gemma2", "gemma2", seed=7, query_pre_attn_scalar=32)
+    tuned = _tuned(base, tmp_path / "tuned", embed_rank=3, embed_scale=0.05)
+    extract(base, tuned, tmp_path / "ex", RankRule("rank", 4), exact=True)
+    a = read_peft(tmp_path / "ex")
+    assert {"model.embed_tokens", "lm_head"} <= set(a.modules)
+    rep = export_gguf(base, tmp_path / "g.gguf", [a], outtype="f32")
+    assert "untied_embeddings" not in rep
+    assert "output.weight" not in {t.name for t in open_gguf(tmp_path / "g.gguf").tensors}
+    merge(base, [read_peft(tmp_path / "ex")], tmp_path / "m")
+    assert _keeps_tie(tmp_path / "m")
+    want = hf_logits(hf_model(tmp_path / "m"))
+    assert np.abs(want - peft_logits(base, tmp_path / "ex")).max() <= 1e-4
+    got = llamacpp.logits(tmp_path / "g.gguf", IDS)
+    assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.95 and np.abs(want - got).max() <= 2e-2, np.abs(want - got).max()
