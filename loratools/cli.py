@@ -210,7 +210,8 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
             click.echo(f"warning: {w}", err=True)
     ranks = sorted(set(rep["ranks"].values()))
     _done("PEFT adapter", output, rep, as_json,
-          f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters, "
+          f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters"
+          + (f" (budget {rep['budget_params']:,})" if rep.get("budget_params") is not None else "") + ", "
           f"retained energy {100 * rep['retained_energy']:.2f}% in {rep['seconds']:.1f} s (report: {output}/{api.EXTRACT_REPORT})"
           if ranks else "")
 
@@ -232,7 +233,8 @@ def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_ran
                           expert_form=expert_form)
     before, after = rep["parameters_before"], rep["parameters_after"]
     _done(f"{rep.pop('format')} adapter", output, rep, as_json,
-          f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, min retained energy "
+          f"{len(res.modules)} modules, {before:,} -> {after:,} parameters"
+          + (f" (budget {rep['budget_params']:,})" if rep.get("budget_params") is not None else "") + ", min retained energy "
           f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%")
 
 

@@ -147,6 +147,19 @@ def test_budget_runs_count_the_tied_lora_twice(tied, tmp_path):
     assert np.abs(hf_logits(hf_model(tmp_path / "ms")) - peft_logits(base, tmp_path / "s")).max() <= 1e-4
 
 
+def test_budget_cli_summaries_say_the_budget(tied, tmp_path, run_cli):
+    base, tuned, _ = tied
+    code, out, err = run_cli("extract", "--base", str(base), "--tuned", str(tuned), "-o", str(tmp_path / "b"),
+                             "--budget", "20000", "--exact", "--quiet")
+    assert code == 0, err
+    written = read_peft(tmp_path / "b").num_parameters()
+    assert f"{written:,} parameters (budget 20,000)" in out and written <= 20_000, out
+    code, out, err = run_cli("resize", str(tmp_path / "b"), "-o", str(tmp_path / "s"), "--budget", "8000")
+    assert code == 0, err
+    after = read_peft(tmp_path / "s").num_parameters()
+    assert f"-> {after:,} parameters (budget 8,000)" in out and after <= 8_000, out
+
+
 def test_budget_plot_title_says_the_budget(tied, tmp_path):
     pytest.importorskip("matplotlib")
     base, tuned, _ = tied
