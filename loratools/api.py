@@ -365,7 +365,7 @@ def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, in
     if plot:
         from .plot import plot_spectra
 
-        plot_spectra(spectra, plot, f"extract {tuned} − {base}: rule {rule.describe()}")
+        plot_spectra(spectra, plot, f"extract {tuned} − {base}: {rep['rule']}")
         rep["plot"] = str(plot)
     return a, rep
 

@@ -230,7 +230,8 @@ def extract(base, tuned, output, rank, energy, fro, ratio, threshold, budget, ma
             click.echo(f"warning: {w}", err=True)
     ranks = sorted(set(rep["ranks"].values()))
     _done("PEFT adapter", output, rep, as_json,
-          f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters, "
+          f"{len(rep['ranks'])} modules, ranks {ranks[0]}..{ranks[-1]}, {rep['parameters']:,} parameters"
+          + (f" (budget {rep['budget_params']:,})" if rep.get("budget_params") is not None else "") + ", "
           f"retained energy {100 * rep['retained_energy']:.2f}% in {rep['seconds']:.1f} s (report: {output}/{api.EXTRACT_REPORT})"
           if ranks else "")
 
@@ -255,8 +256,9 @@ def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_ran
                           expert_form=expert_form, include=include, exclude=exclude)
     before, after = rep["parameters_before"], rep["parameters_after"]
     lines = [_dropped_line(rep["dropped"])] if include or exclude else []
-    lines.append(f"{len(res.modules)} modules, {before:,} -> {after:,} parameters, retained vs input adapter "
-                 f"{100 * rep['retained_vs_input']:.2f}% (lowest module "
+    lines.append(f"{len(res.modules)} modules, {before:,} -> {after:,} parameters"
+                 + (f" (budget {rep['budget_params']:,})" if rep.get("budget_params") is not None else "")
+                 + f", retained vs input adapter {100 * rep['retained_vs_input']:.2f}% (lowest module "
                  f"{100 * min((m['energy'] for m in rep['modules'].values()), default=1):.2f}%)")
     _done(f"{rep.pop('format')} adapter", output, rep, as_json, "\n".join(lines))
 
@@ -352,6 +354,10 @@ def _merge_cmd(unmerge: bool):
             msg += f" ({rep['experts_changed']} experts changed)"
         if "dequantized" in rep:
             msg += f"; MXFP4 experts written as {rep['dequantized']['to']}, quantization_config dropped from config.json"
+        if "tied_embeddings" in rep:
+            msg += ("; tied embeddings untied (the merged embedding and head differ): lm_head.weight written, "
+                    "tie_word_embeddings false" if rep.get("untied_embeddings") else
+                    "; tied embeddings kept (the merged embedding and head are equal): tie_word_embeddings true")
         _done("checkpoint", output, rep, as_json, msg)
     cmd.__doc__ = ("Subtract adapters from merged weights: W = W' − s·B·A (fp32, rounded once)." if unmerge else
                    "Merge adapters into base weights: W' = W + s·B·A in fp32, rounded once; streamed.")

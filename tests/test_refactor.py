@@ -323,11 +323,15 @@ def test_merged_checkpoint_equals_unmerged_and_loads_in_transformers(fx, tmp_pat
 
 
 def test_merge_tied_embeddings_with_embedding_lora_unties(fx, tmp_path):
+    """An embedding LoRA alone changes the input side only: the merge unties. What extract writes on a
+    tied model (the same delta on embed_tokens and lm_head) keeps the tie (tests/test_tied.py)."""
     base = fx / "models" / "qwen2"
     a, _ = extract(base, fx / "models" / "qwen2-tuned", None, RankRule("rank", 4))
-    assert "model.embed_tokens" in a.modules
+    assert "model.embed_tokens" in a.modules and "lm_head" in a.modules
+    assert merge(base, [a], tmp_path / "kept")["tied_embeddings"] == "kept"
+    del a.modules["lm_head"]
     rep = merge(base, [a], tmp_path / "m")
-    assert rep["untied_embeddings"]
+    assert rep["untied_embeddings"] and rep["tied_embeddings"] == "untied"
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
     assert (hf_logits(tmp_path / "m") - logits(base, [a])).abs().max() <= 1e-5
@@ -393,8 +397,9 @@ def test_full_rank_extract_then_merge_reproduces_the_tuned_weights(fx, tmp_path,
         for k in t.keys():
             if t.info(k).shape.__len__() == 2:
                 assert torch.allclose(m.get(k), t.get(k), atol=2e-6), k
-        if arch == "qwen2":  # tied: the head's change is carried too (the merged model is untied)
-            assert torch.allclose(m.get("lm_head.weight"), t.get("model.embed_tokens.weight"), atol=2e-6)
+        if arch == "qwen2":  # tied: the head's change is carried too, by the same delta (the tie is kept)
+            assert "lm_head.weight" not in m.keys()
+            assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
 def test_partial_layer_adapter_round_trips_through_peft(fx, tmp_path):

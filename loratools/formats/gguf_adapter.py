@@ -74,6 +74,13 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
     biased = [n for n, m in adapter.modules.items() if m.bias is not None]
     if biased:
         raise UnsupportedError(f"llama.cpp adapters have no lora_bias (module {biased[0]!r}); merge the adapter instead", src)
+    emb = [n for n, m in adapter.modules.items() if m.kind == "embedding"]
+    if "lm_head" in adapter.modules and emb and cfg.tie_word_embeddings:
+        # what extract writes on a tied model: the same ΔE on embed_tokens and on lm_head
+        raise UnsupportedError(f"the adapter changes the tied embedding on both sides ({emb[0]!r} and 'lm_head'), and a llama.cpp "
+                               "adapter cannot: its token_embd LoRA is applied to the input lookup only (its layout does not fit "
+                               "the tied output matmul); export the merged model instead (export gguf -a), which keeps the tie, "
+                               "or drop the embedding LoRA (extract --embeddings skip)", src)
     if "lm_head" in adapter.modules and cfg.tie_word_embeddings:
         raise UnsupportedError("the adapter targets lm_head, but the base model ties it to the embeddings: llama.cpp has "
                                "no separate output tensor to apply it to; merge the adapter instead", src)

@@ -206,8 +206,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
                 overwrite: bool = False, quiet: bool = True) -> dict:
     """Write ``model_dir`` (with ``adapters`` merged) as a llama.cpp GGUF model.
 
-    An adapter that changes one side of tied embeddings unties them, as merge does: output.weight
-    is written and the stored source config says tie_word_embeddings=false."""
+    An adapter that changes the two sides of tied embeddings differently unties them, as merge does:
+    output.weight is written and the stored source config says tie_word_embeddings=false. One that
+    changes both by the same delta (as extract writes it) keeps the tie."""
     from ..ops.common import progress
     from ..ops.merge import MergedView
     from . import gguf_vocab
@@ -242,7 +243,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             _check_moe(cfg, mv, shapes, ck.path, stored=consumed)
             report["experts"] = {"count": mv.experts, "used": mv.top_k, "layers": sum(mv.moe_layers)}
         if view.untie and fam.output == "never":
-            raise UnsupportedError(f"the adapter changes only one side of tied embeddings, and llama.cpp's {fam.arch} "
+            raise UnsupportedError(f"the adapter changes the tied embedding and output head differently (the merged "
+                                   f"embedding and head are no longer equal), and llama.cpp's {fam.arch} "
                                    "architecture always uses token_embd as its output layer: the untied model cannot be "
                                    "written as GGUF", model_dir)
         tied = cfg.tie_word_embeddings and not view.untie

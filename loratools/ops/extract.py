@@ -63,7 +63,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget_params = factor.parse_budget(budget, itemsize) if isinstance(budget, str) else budget
     t0 = time.perf_counter()
-    report: dict = {"base": str(base), "tuned": str(tuned), "rule": rule.describe(), "exact": exact,
+    report: dict = {"base": str(base), "tuned": str(tuned), "rule": factor.describe_rule(rule, budget_params), "exact": exact,
                     "budget_params": budget_params, "seed": seed, "oversample": oversample,
                     "power_iters": power_iters, "device": str(dev), "modules": {}, "embeddings": {},
                     "bias": {}, "norms": {}, "unchanged": [], "warnings": []}
@@ -95,6 +95,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
         tied = tied_pair(cb, keys_b)
         emb_mod = (tied[0] if tied else (embed_name(keys_b) or EMBED)).rpartition(".")[0]
         head_mod = (tied[1] if tied else head_name(embed_name(keys_b))).rpartition(".")[0]
+        mirrored = tied is not None and tied[1] not in keys_b  # the embedding's LoRA is carried on lm_head too
         if budget_params is not None:
             scratch = {}
             cap_of = lambda shape: min(rule.max_rank or 256, *shape)  # noqa: E731
@@ -107,7 +108,9 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             if budget_params is not None:
                 cap = min(rule.max_rank or 256, min(M.shape))
                 B, A, S, info_f = factor.factorize(M, factor.RankRule("rank", cap), exact, oversample, power_iters, seed)
-                spectra[mod] = (S.cpu(), sum(M.shape))
+                # a tied model's embedding LoRA is written twice (embed_tokens and lm_head, below): each
+                # of its components costs twice
+                spectra[mod] = (S.cpu(), sum(M.shape) * (2 if kind == "embedding" and mirrored else 1))
             else:
                 r_mod = rule
                 if vb and rule.kind == "rank" and int(rule.value) > min(M.shape):

@@ -50,6 +50,13 @@ class RankRule:
         return s + (f", max_rank={self.max_rank}" if self.max_rank else "")
 
 
+def describe_rule(rule: RankRule, budget_params: int | None) -> str:
+    """The rule a run used, as reports and plot titles say it: the budget when there is one."""
+    if budget_params is None:
+        return rule.describe()
+    return f"budget={budget_params:,} parameters" + (f", max_rank={rule.max_rank}" if rule.max_rank else "")
+
+
 def choose_rank(S: torch.Tensor, rule: RankRule, total_energy: float | None = None) -> int:
     """Rank chosen by ``rule`` from singular values ``S`` (descending). ``total_energy`` is
     ‖M‖_F² when ``S`` is a truncated spectrum (default: Σ S²). Returns at least 1 when any

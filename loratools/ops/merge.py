@@ -7,10 +7,12 @@ computed in fp32 and rounded once to the output dtype. The output manifest (name
 dtypes) is known from the base's headers, so the sharded writer places every tensor as soon as
 it is computed: peak memory is about one tensor, not one shard or one model.
 
-Tied embeddings: when an adapter changes only one of embed_tokens / lm_head of a tied model,
-the unmerged model uses the changed weight on one side and the base weight on the other; the
-merged checkpoint unties them (tie_word_embeddings=false, lm_head.weight written) so that it
-computes the same thing.
+Tied embeddings: when an adapter changes embed_tokens and lm_head of a tied model by exactly the
+same delta (as ``extract`` writes them), the merged embedding is also the merged head: the tie is
+kept (tie_word_embeddings stays true, only the embedding is written). When the two sides differ
+(an adapter on one of them, or different deltas), the unmerged model uses the changed weight on
+one side and another on the other; the merged checkpoint unties them (tie_word_embeddings=false,
+lm_head.weight written, reported as ``untied_embeddings``) so that it computes the same thing.
 """
 from __future__ import annotations
 
@@ -111,10 +113,37 @@ class MergedView:
                 if m.bias is not None:
                     self.updates.setdefault(f"{n}.bias", []).append((m, w * sign))
         # a tied model (even one that also stores lm_head.weight, which transformers then ignores)
-        # must be untied when an adapter changes only one side of the tie
-        self.untie = self.tied is not None and any(k in self.updates or k in self.saved for k in self.tied)
+        # stays tied when both sides receive the same change (then only the embedding is written and
+        # the head computes with it); it is untied only when the merged embedding and head differ
+        self.untie = self.tied is not None and any(k in self.updates or k in self.saved for k in self.tied) and \
+            not self._same_change(*self.tied)
         self.modified: list[str] = []
         self._plan_experts()
+
+    def _same_change(self, emb: str, head: str) -> bool:
+        """Whether the tied embedding and head receive exactly the same change: the same saved tensor
+        (or none) and, update for update, the same weight and LoRA delta, each side's in the orientation
+        it uses (the embedding's ΔE = s·(B A)ᵀ; the head's ΔW = s'·B' A', so B' = Aᵀ, A' = Bᵀ and s' = s),
+        with no DoRA magnitude or bias. Then the merged embedding equals the merged head."""
+        se, sh = self.saved.get(emb), self.saved.get(head)
+        if (se is None) != (sh is None) or (se is not None and not (se.shape == sh.shape and torch.equal(se, sh))):
+            return False
+        ue, uh = self.updates.get(emb, []), self.updates.get(head, [])
+        if len(ue) != len(uh):
+            return False
+        for (me, we), (mh, wh) in zip(ue, uh):
+            if we != wh or me.magnitude is not None or mh.magnitude is not None or me.scale != mh.scale:
+                return False
+            if f"{emb[:-len('.weight')]}.bias" in self.updates or f"{head[:-len('.weight')]}.bias" in self.updates:
+                return False
+
+            def oriented(m):  # (left, right) factors with ΔW = s·left·right in the (vocab, hidden) layout
+                return (m.A.T, m.B.T) if m.kind == "embedding" else (m.B, m.A)
+            (le, re_), (lh, rh) = oriented(me), oriented(mh)
+            if le.shape != lh.shape or re_.shape != rh.shape or not (torch.equal(le.float(), lh.float()) and
+                                                                     torch.equal(re_.float(), rh.float())):
+                return False
+        return True
 
     # -- experts ---------------------------------------------------------------------------------
     def _plan_experts(self) -> None:
@@ -374,6 +403,8 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
         if view.dequantized:
             report["dequantized"] = {"from": "mxfp4", "to": CONFIG_DTYPE[dtype or torch.bfloat16],
                                      "layers": view.dequantized, "quantization_config": "dropped from config.json"}
+    if view.tied is not None and any(k in view.updates or k in view.saved for k in view.tied):
+        report["tied_embeddings"] = "untied" if view.untie else "kept"
     if view.untie:
         report["untied_embeddings"] = True
     if view.switches:

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..adapter import Adapter, LoraModule
+from ..modelinfo import head_name
 from ..errors import UnsupportedError
 from . import factor
 from .common import select_adapter
@@ -24,6 +25,23 @@ def _energy(m: LoraModule) -> float:
     return float(((B.T @ B) * (A @ A.T)).sum()) * m.scale ** 2
 
 
+def tied_mirrors(modules: dict[str, LoraModule]) -> dict[str, str]:
+    """{embedding module: head module} for each embedding LoRA whose head (``modelinfo.head_name``)
+    carries exactly the same delta in its own orientation (B_head = Aᵀ, A_head = Bᵀ, the same scale)."""
+    out = {}
+    for n, m in modules.items():
+        if m.kind != "embedding" or m.magnitude is not None:
+            continue
+        h = head_name(n + ".weight")[: -len(".weight")]
+        hm = modules.get(h)
+        if hm is None or hm.kind != "linear" or hm.magnitude is not None or hm.bias is not None or hm.scale != m.scale:
+            continue
+        if hm.B.shape == m.A.T.shape and hm.A.shape == m.B.T.shape and hm.B.dtype == m.A.dtype and \
+                torch.equal(hm.B, m.A.T) and torch.equal(hm.A, m.B.T):
+            out[n] = h
+    return out
+
+
 def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = None,
            dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
            include=None, exclude=None) -> tuple[Adapter, dict]:
@@ -34,7 +52,8 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
                                adapter.source or None)
     whole = adapter
     adapter, dropped = select_adapter(adapter, include, exclude)
-    report = {"rule": rule.describe(), "budget_params": budget_params, "dropped": dropped, "modules": {}}
+    report = {"rule": factor.describe_rule(rule, budget_params), "budget_params": budget_params, "dropped": dropped,
+              "modules": {}}
     input_energy = sum(_energy(m) for m in whole.modules.values())  # the input adapter's ‖ΔŴ‖², dropped modules included
     kept_energy = 0.0
     svds = {}
@@ -43,9 +62,13 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
     # [s_g·B_g; s_u·B_u]·A: the optimum for the fused parameter, and the pair keeps one shared A
     pairs = {g: u for g, u in gate_up_pairs(adapter.modules, adapter.family)}
     paired = set(pairs.values())
+    # a tied model's embedding LoRA carried on lm_head too (as extract writes it: the head's B is the
+    # embedding's Aᵀ, its A the embedding's Bᵀ) is resized once and mirrored, so that the two stay equal
+    # (a merge keeps the tie) and each component is paid for twice
+    mirrors = tied_mirrors(adapter.modules)
     units: dict[str, LoraModule] = {}
     for name, m in adapter.modules.items():
-        if name in paired:
+        if name in paired or name in mirrors.values():
             continue
         if name in pairs:
             u = adapter.modules[pairs[name]]
@@ -57,7 +80,8 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
         U, S, Vh = factor.svd_factored(m.B.to(device), m.A.to(device), m.scale)
         svds[name] = (U, S, Vh)
     if budget_params is not None:
-        spectra = {n: (S, units[n].out_features + units[n].in_features) for n, (_, S, _) in svds.items()}
+        spectra = {n: (S, (units[n].out_features + units[n].in_features) * (2 if n in mirrors else 1))
+                   for n, (_, S, _) in svds.items()}
         if rule.max_rank:
             spectra = {n: (S[:rule.max_rank], c) for n, (S, c) in spectra.items()}
         ranks = factor.allocate_budget(spectra, budget_params)
@@ -69,7 +93,7 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
         k = min(ranks[name], m.rank, S.numel())
         total = float(S.double().pow(2).sum())
         energy, err = factor.tail_error(S, k, total)
-        kept_energy += energy * total
+        kept_energy += energy * total * (2 if name in mirrors else 1)  # a mirrored head keeps as much as its embedding
         report["modules"][name] = {"from_rank": m.rank, "rank": k, "energy": energy, "rel_error": err,
                                    "singular_values": [float(x) for x in S[:k]]}
         if k == 0:
@@ -86,6 +110,11 @@ def resize(adapter: Adapter, rule: factor.RankRule, budget_params: int | None = 
             report["modules"][pairs[name]] = dict(report["modules"][name], fused_with=name)
             continue
         out[name] = LoraModule(A=A, B=B, scale=1.0, alpha=float(k), bias=bias, kind=m.kind)
+        if name in mirrors:  # ΔE = (B A)ᵀ = Aᵀ Bᵀ: the head's linear LoRA is B' = Aᵀ, A' = Bᵀ
+            h = mirrors[name]
+            dt = dtype or adapter.modules[h].A.dtype
+            out[h] = LoraModule(A=B.T.to(dt).contiguous(), B=A.T.to(dt).contiguous(), scale=1.0, alpha=float(k), kind="linear")
+            report["modules"][h] = dict(report["modules"][name], tied_to=name)
     cfg = dict(adapter.config)
     cfg.update(use_rslora=False, rank_pattern={}, alpha_pattern={})
     report["seconds"] = time.perf_counter() - t0
