@@ -142,6 +142,42 @@ def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
     _emit(d, as_json, human)
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(),
+              help="Adapter to apply (repeatable for a checkpoint; one .gguf / .onnx_adapter for those models).")
+@click.option("--weights", help="Comma-separated weight per adapter.")
+@click.option("-p", "--prompt", help="Text to continue (tokenized with the model's tokenizer).")
+@click.option("--chat", help="Chat messages: a JSON list of {role, content}, or a .json file holding one.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--greedy", "greedy", flag_value=True, default=True, help="Greedy decoding (the default).")
+@click.option("--sample", "greedy", flag_value=False, help="Sample (reference decoder only), with --temperature/--top-p/--seed.")
+@click.option("--temperature", type=float, help="Sampling temperature (implies --sample).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass (implies --sample).")
+@click.option("--seed", type=int, help="Sampling seed (implies --sample; default 0).")
+@click.option("--no-stop", is_flag=True, help="Run all --max-new-tokens even past the end-of-sequence token.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def generate(model, adapters, weights, prompt, chat, max_new_tokens, greedy, temperature, top_p, seed, no_stop,
+             device, as_json):
+    """Generate text from MODEL: a checkpoint folder (the reference decoder, adapters unmerged), a
+    .gguf (llama.cpp) or an ONNX export folder (ONNX Runtime)."""
+    if (prompt is None) == (chat is None):
+        raise click.UsageError("give exactly one of --prompt or --chat")
+    sampling = not greedy or any(v is not None for v in (temperature, top_p, seed))
+    ws = _weights(weights, len(adapters)) if weights else None
+    d = api.generate(model, adapters, ws, prompt, chat, max_new_tokens, not sampling,
+                     1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p,
+                     0 if seed is None else seed, device, not no_stop)
+
+    def human(d):
+        how = "greedy" if d["mode"] == "greedy" else f"sampled (T={d['temperature']}, top-p={d['top_p']}, seed={d['seed']})"
+        click.echo(f"{d['runtime']}, {how}, {len(d['prompt_ids'])} prompt tokens -> {len(d['ids'])} new"
+                   + (" (stopped at end of sequence)" if d["stopped_at_eos"] else ""), err=True)
+        click.echo(d["text"])
+    _emit(d, as_json, human)
+
+
 # -- re-factorization ---------------------------------------------------------------------------
 def rank_options(f):
     """The rank rules shared by extract and resize (exactly one of them, or --budget)."""
