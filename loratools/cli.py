@@ -532,12 +532,23 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
         click.echo(f"reference: {base} + {len(adapters)} adapter(s), torch fp32 on {ref['device']}; "
                    f"{rep['prompts']} prompts, {tokens} greedy tokens")
         click.echo(f"  {'candidate':<40} {'size':>8} {'runtime':<24} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
+        eff = rep.get("adapter_effect")
+        if eff:  # the yardstick: the base model without the adapters, against the same reference
+            click.echo(f"  {'(base without the adapters)':<40} {'':>8} {'torch':<24} {'fp32':<5} "
+                       f"{eff['max_abs']:>8.3g} {eff['mean_kl']:>9.2e} {100 * eff['top1']:>5.1f}% "
+                       f"{100 * eff['greedy_match']:>6.1f}%  the adapters' effect")
         for c in rep["candidates"]:
             m = c["metrics"]
             res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
+            if c.get("exceeds_adapter_effect"):
+                r = c["kl_over_adapter_effect"]
+                res += "; WARNING: error > the adapters' effect" + (f" ({r:.2g}x)" if r is not None else "")
             name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
             click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime'][:24]:<24} {c['precision']:<5} "
                        f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+        for c in rep["candidates"]:
+            for w in c.get("warnings", []):
+                click.echo(f"warning: {c['candidate']}: {w}", err=True)
         ind = rep.get("independent_reference")
         if ind:
             click.echo(f"  independent reference (transformers + PEFT) vs loratools' reference: max |Δ| {ind['max_abs_vs_reference']:.3g}, "
