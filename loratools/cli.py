@@ -511,7 +511,7 @@ def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json
 @click.option("--base", required=True, type=click.Path(), help="Base model folder (the reference runs it in fp32).")
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter applied unmerged (repeatable).")
 @click.option("--weights", help="Comma-separated weight per adapter.")
-@click.option("--prompts", type=click.Path(), help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")
+@click.option("--prompts", type=click.Path(), help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...} or {\"messages\": [...]}, a chat in the model's template).")
 @click.option("--tokens", type=click.IntRange(0), default=16, show_default=True, help="Greedy continuation length.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-kl", type=float, help="Override the mean-KL tolerance for every candidate.")

@@ -213,7 +213,7 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     if not cands:
         raise LoratoolsError("no candidate to validate")
     prompts = list(prompts or DEFAULT_PROMPTS)
-    ids_list = [api.tokenize(base, p) for p in prompts]
+    ids_list = [prompt_ids(base, p) for p in prompts]
     loaded = [api.load_adapter(a, base=base) for a in adapters]
     t0 = time.perf_counter()
     ref_model = load_model(base, adapters=loaded, weights=weights, device=str(dev))
@@ -283,8 +283,26 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     return report
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """A .txt file (one prompt per line) or .jsonl ({"prompt": ...} or {"text": ...} per line)."""
+def prompt_ids(base, prompt) -> list[int]:
+    """A text prompt through the tokenizer (special tokens as it adds them), or chat messages
+    rendered with the model's chat template (generation prompt appended) and encoded without
+    added special tokens, as transformers' apply_chat_template does."""
+    from . import api
+
+    if isinstance(prompt, str):
+        return api.tokenize(base, prompt)
+    from .generate import _HFTokenizer
+
+    tok = _HFTokenizer(Path(base))
+    ids = tok.encode(tok.template().render(prompt, add_generation_prompt=True), special=False)
+    if not ids:
+        raise InputError("a chat prompt renders to no tokens")
+    return ids
+
+
+def read_prompts(path: str | os.PathLike) -> list:
+    """A .txt file (one prompt per line) or .jsonl ({"prompt": ...} or {"text": ...} per line, or
+    {"messages": [{role, content}, ...]}: a chat, rendered with the model's template)."""
     p = Path(path)
     if not p.is_file():
         raise InputError("no such file", p)
@@ -298,9 +316,17 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
                 rec = json.loads(l)
             except json.JSONDecodeError as e:
                 raise InputError(f"line {n}: malformed JSON ({e.msg})", p) from e
+            if isinstance(rec, dict) and "messages" in rec:
+                from .generate import parse_chat
+
+                try:
+                    out.append(parse_chat(rec["messages"]))
+                except InputError as e:
+                    raise InputError(f"line {n}: {e.message.removeprefix('--chat: ')}", p) from None
+                continue
             text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                raise InputError(f"line {n}: expected {{\"prompt\": ...}} or {{\"text\": ...}}", p)
+                raise InputError(f"line {n}: expected {{\"prompt\": ...}}, {{\"text\": ...}} or {{\"messages\": [...]}}", p)
             out.append(text)
         lines = out
     if not lines:
@@ -371,7 +397,7 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
             del wt, wb
             modules[name] = {"rel_error": err, "retained_energy": max(0.0, 1 - err * err), "rank": m.rank}
     prompts = list(prompts or DEFAULT_PROMPTS)
-    ids_list = [api.tokenize(base, p) for p in prompts]
+    ids_list = [prompt_ids(base, p) for p in prompts]
 
     def run(model):
         hidden = []

@@ -139,3 +139,25 @@ def test_smollm2_greedy_tokens_agree_across_runtimes(tmp_path):
     assert base["ids"] != ref["ids"]
     for name, ids in got.items():
         assert ids == ref["ids"], f"{name}: {ids} vs {ref['ids']}"
+
+
+def test_validate_prompts_accept_chat_messages(fx, tmp_path, run_cli):
+    import transformers as tf
+
+    from loratools.validate import read_prompts
+
+    model, adapter = fx / "models" / "llama", fx / "adapters" / "llama-rslora"
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": PROMPT}) + "\n" + json.dumps({"messages": CHAT}) + "\n")
+    assert read_prompts(f) == [PROMPT, CHAT]
+    merged = tmp_path / "merged"
+    api.merge(model, [adapter], merged)
+    rep = api.validate(model, [adapter], [str(merged)], prompts=str(f), tokens=4)
+    tok = tf.AutoTokenizer.from_pretrained(str(model))
+    want = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert rep["passed"] and rep["prompt_tokens"] == [len(api.tokenize(model, PROMPT)), len(want)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    code, out, err = run_cli("validate", "--base", model, "-a", adapter, merged, "--prompts", bad)
+    assert code != 0 and "line 1" in err and len(err.strip().splitlines()) == 1
