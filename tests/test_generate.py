@@ -161,3 +161,20 @@ def test_validate_prompts_accept_chat_messages(fx, tmp_path, run_cli):
     bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
     code, out, err = run_cli("validate", "--base", model, "-a", adapter, merged, "--prompts", bad)
     assert code != 0 and "line 1" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runtime_adapters_generate_the_reference_tokens(fx, tmp_path):
+    """base.gguf -a adapter.gguf in llama.cpp and an ONNX slots export -a x.onnx_adapter."""
+    model, adapter = fx / "models" / "llama", fx / "adapters" / "llama-rslora"
+    ref = api.generate(model, [adapter], prompt=PROMPT, max_new_tokens=N, stop_at_eos=False, device="cpu")
+    base_gguf, ad_gguf = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
+    api.export_gguf(model, [], base_gguf, outtype="f32")
+    api.export_gguf_adapter(adapter, model, ad_gguf)
+    g = api.generate(base_gguf, [ad_gguf], prompt=PROMPT, max_new_tokens=N, stop_at_eos=False)
+    slots, ad_onnx = tmp_path / "slots", tmp_path / "x.onnx_adapter"
+    api.export_onnx(model, [], slots, lora_slots="all-linear")
+    api.export_onnx_adapter(adapter, ad_onnx, base=model, slot_model=slots)
+    o = api.generate(slots, [ad_onnx], prompt=PROMPT, max_new_tokens=N, stop_at_eos=False)
+    assert g["ids"] == ref["ids"] and o["ids"] == ref["ids"]
+    with pytest.raises(LoratoolsError):
+        api.generate(slots, [ad_gguf], prompt=PROMPT)
