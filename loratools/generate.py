@@ -205,4 +205,4 @@ def generate(model, adapters: Sequence = (), weights: Sequence[float] | None = N
             "mode": "greedy" if greedy else "sample", "temperature": None if greedy else temperature,
             "top_p": None if greedy else top_p, "seed": None if greedy else seed,
             "prompt": text, "prompt_ids": list(ids), "ids": list(new), "text": decoded,
-            "stopped_at_eos": bool(new) and new[-1] in tok.eos}
+            "stopped_at_eos": stop_at_eos and bool(new) and new[-1] in tok.eos}
