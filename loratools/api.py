@@ -27,7 +27,7 @@ from .ops.extract import REPORT as EXTRACT_REPORT  # noqa: F401 - the CLI names 
 __all__ = ["load_adapter", "save_adapter", "inspect", "forward", "convert_adapter", "Checkpoint", "load_model",
            "Adapter", "RankRule", "extract", "resize", "combine", "scale", "subtract", "merge", "unmerge",
            "export_gguf", "export_gguf_adapter", "export_onnx", "export_onnx_adapter", "import_gguf", "train",
-           "validate", "validate_extraction", "read_prompts", "forward_report", "check_plot"]
+           "validate", "validate_extraction", "read_prompts", "forward_report", "check_plot", "generate"]
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -336,6 +336,18 @@ def forward_report(model_dir, ids: Sequence[int], adapters: Sequence = (), weigh
         d["max_abs_logit_change"] = float((adapted - base).abs().max())
         d["top1_changed_positions"] = int((adapted.argmax(-1) != base.argmax(-1)).sum())
     return d
+
+
+def generate(model, adapters: Sequence = (), weights: Sequence[float] | None = None, prompt: str | None = None,
+             chat=None, max_new_tokens: int = 32, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int = 0, device: str = "auto", stop_at_eos: bool = True) -> dict:
+    """Generate text: the reference decoder (a checkpoint folder + adapters unmerged), a .gguf in
+    llama.cpp or an ONNX folder in ONNX Runtime; ``chat``: messages rendered with the model's
+    chat template. Greedy unless ``greedy`` is off (seeded sampling, reference only)."""
+    from .generate import generate as run
+
+    return run(model, adapters, weights, prompt, chat, max_new_tokens, greedy, temperature, top_p, seed, device,
+               stop_at_eos)
 
 
 # -- re-factorization ---------------------------------------------------------------------------

@@ -163,6 +163,42 @@ def forward(model, adapters, weights, prompt, ids, top_k, device, as_json):
     _emit(d, as_json, human)
 
 
+@cli.command()
+@click.argument("model", type=click.Path())
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(),
+              help="Adapter to apply (repeatable for a checkpoint; one .gguf / .onnx_adapter for those models).")
+@click.option("--weights", help="Comma-separated weight per adapter.")
+@click.option("-p", "--prompt", help="Text to continue (tokenized with the model's tokenizer).")
+@click.option("--chat", help="Chat messages: a JSON list of {role, content}, or a .json file holding one.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--greedy", "greedy", flag_value=True, default=True, help="Greedy decoding (the default).")
+@click.option("--sample", "greedy", flag_value=False, help="Sample (reference decoder only), with --temperature/--top-p/--seed.")
+@click.option("--temperature", type=float, help="Sampling temperature (implies --sample).")
+@click.option("--top-p", type=float, help="Nucleus sampling mass (implies --sample).")
+@click.option("--seed", type=int, help="Sampling seed (implies --sample; default 0).")
+@click.option("--no-stop", is_flag=True, help="Run all --max-new-tokens even past the end-of-sequence token.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def generate(model, adapters, weights, prompt, chat, max_new_tokens, greedy, temperature, top_p, seed, no_stop,
+             device, as_json):
+    """Generate text from MODEL: a checkpoint folder (the reference decoder, adapters unmerged), a
+    .gguf (llama.cpp) or an ONNX export folder (ONNX Runtime)."""
+    if (prompt is None) == (chat is None):
+        raise click.UsageError("give exactly one of --prompt or --chat")
+    sampling = not greedy or any(v is not None for v in (temperature, top_p, seed))
+    ws = _weights(weights, len(adapters)) if weights else None
+    d = api.generate(model, adapters, ws, prompt, chat, max_new_tokens, not sampling,
+                     1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p,
+                     0 if seed is None else seed, device, not no_stop)
+
+    def human(d):
+        how = "greedy" if d["mode"] == "greedy" else f"sampled (T={d['temperature']}, top-p={d['top_p']}, seed={d['seed']})"
+        click.echo(f"{d['runtime']}, {how}, {len(d['prompt_ids'])} prompt tokens -> {len(d['ids'])} new"
+                   + (" (stopped at end of sequence)" if d["stopped_at_eos"] else ""), err=True)
+        click.echo(d["text"])
+    _emit(d, as_json, human)
+
+
 # -- re-factorization ---------------------------------------------------------------------------
 def rank_options(f):
     """The rank rules shared by extract and resize (exactly one of them, or --budget)."""
@@ -506,7 +542,7 @@ def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json
 @click.option("--base", required=True, type=click.Path(), help="Base model folder (the reference runs it in fp32).")
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter applied unmerged (repeatable).")
 @click.option("--weights", help="Comma-separated weight per adapter.")
-@click.option("--prompts", type=click.Path(), help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")
+@click.option("--prompts", type=click.Path(), help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...} or {\"messages\": [...]}, a chat in the model's template).")
 @click.option("--tokens", type=click.IntRange(0), default=16, show_default=True, help="Greedy continuation length.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-kl", type=float, help="Override the mean-KL tolerance for every candidate.")
@@ -527,12 +563,23 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
         click.echo(f"reference: {base} + {len(adapters)} adapter(s), torch fp32 on {ref['device']}; "
                    f"{rep['prompts']} prompts, {tokens} greedy tokens")
         click.echo(f"  {'candidate':<40} {'size':>8} {'runtime':<24} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
+        eff = rep.get("adapter_effect")
+        if eff:  # the yardstick: the base model without the adapters, against the same reference
+            click.echo(f"  {'(base without the adapters)':<40} {'':>8} {'torch':<24} {'fp32':<5} "
+                       f"{eff['max_abs']:>8.3g} {eff['mean_kl']:>9.2e} {100 * eff['top1']:>5.1f}% "
+                       f"{100 * eff['greedy_match']:>6.1f}%  the adapters' effect")
         for c in rep["candidates"]:
             m = c["metrics"]
             res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
+            if c.get("exceeds_adapter_effect"):
+                r = c["kl_over_adapter_effect"]
+                res += "; WARNING: error > the adapters' effect" + (f" ({r:.2g}x)" if r is not None else "")
             name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
             click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime'][:24]:<24} {c['precision']:<5} "
                        f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+        for c in rep["candidates"]:
+            for w in c.get("warnings", []):
+                click.echo(f"warning: {c['candidate']}: {w}", err=True)
         ind = rep.get("independent_reference")
         if ind:
             click.echo(f"  independent reference (transformers + PEFT) vs loratools' reference: max |Δ| {ind['max_abs_vs_reference']:.3g}, "

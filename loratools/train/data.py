@@ -35,10 +35,16 @@ class Dataset:
 
 
 class ChatTemplate:
-    def __init__(self, model_dir: Path):
+    """The model's chat template, rendered in a sandbox as transformers renders it. ``source``
+    (with ``specials``): a template read elsewhere (a GGUF's tokenizer.chat_template)."""
+
+    def __init__(self, model_dir: Path, source: str | None = None, specials: dict | None = None):
+        model_dir = Path(model_dir)
         tc = model_dir / "tokenizer_config.json"
-        src = None
-        if (model_dir / "chat_template.jinja").is_file():
+        src = source
+        if src is not None:
+            pass
+        elif (model_dir / "chat_template.jinja").is_file():
             src = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
         elif tc.is_file():
             src = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
@@ -63,6 +69,9 @@ class ChatTemplate:
             self.template = env.from_string(src)
         except jinja2.TemplateError as e:
             raise InputError(f"the chat template does not parse: {e}", model_dir) from None
+        if specials is not None:
+            self.specials = dict(specials)
+            return
         cfg = json.loads(tc.read_text(encoding="utf-8")) if tc.is_file() else {}
         self.specials = {k: _content(cfg.get(k)) for k in ("bos_token", "eos_token")}
 
