@@ -115,28 +115,39 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     return int(torch.multinomial(p / p.sum(), 1, generator=gen))
 
 
-def _reference(model_dir, ids, n, adapters, weights, device, sampler, eos, stop):
-    from .device import pick_device
+def decode(model, ids, n, dev, pick=None, eos=(), stop=False) -> tuple[torch.Tensor, list[int]]:
+    """(the prompt's logits, up to ``n`` new token ids) from the reference decoder with its KV cache;
+    ``pick`` chooses each token from the last logits (greedy when None); ``stop``: end at a token in
+    ``eos``. LongRoPE: the cache is recomputed once past the original length, as transformers' generate
+    does."""
     from .formats.onnx_model import longrope_switch
-    from .models.decoder import load_model
 
-    dev = pick_device(device)
-    model = load_model(model_dir, adapters=adapters, weights=weights, device=str(dev))
     switch = longrope_switch(model.cfg)
-    pick = (lambda lg: int(lg.argmax())) if sampler is None else sampler  # noqa: E731
+    pick = pick or (lambda lg: int(lg.argmax()))
     out: list[int] = []
     with torch.no_grad():
-        logits, past = model(torch.tensor([list(ids)], device=dev))
+        first, past = model(torch.tensor([list(ids)], device=dev))
+        logits = first
         while len(out) < n:
             nxt = pick(logits[0, -1])
             out.append(nxt)
             if len(out) == n or (stop and nxt in eos):
                 break
             seq = list(ids) + out
-            if switch is not None and len(seq) - 1 <= switch < len(seq):  # as transformers' generate
+            if switch is not None and len(seq) - 1 <= switch < len(seq):
                 logits, past = model(torch.tensor([seq], device=dev))
             else:
                 logits, past = model(torch.tensor([[nxt]], device=dev), past=past)
+    return first, out
+
+
+def _reference(model_dir, ids, n, adapters, weights, device, sampler, eos, stop):
+    from .device import pick_device
+    from .models.decoder import load_model
+
+    dev = pick_device(device)
+    model = load_model(model_dir, adapters=adapters, weights=weights, device=str(dev))
+    _, out = decode(model, ids, n, dev, sampler, eos, stop)
     return out, f"reference (torch fp32, {dev})"
 
 

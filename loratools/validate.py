@@ -160,23 +160,11 @@ def _greedy_match(a: list[int], b: list[int]) -> int:
 
 
 def _torch_run(model, ids, n_new, dev):
-    from .formats.onnx_model import longrope_switch
+    """The prompt's logits (numpy) and ``n_new`` greedy tokens from the reference decoder."""
+    from .generate import decode
 
-    switch = longrope_switch(model.cfg)  # LongRoPE: recompute the cache once past the original length
-    with torch.no_grad():
-        logits, past = model(torch.tensor([ids], device=dev))
-        out, nxt = [], int(logits[0, -1].argmax())
-        for k in range(n_new):
-            out.append(nxt)
-            if k + 1 == n_new:
-                break
-            seq = list(ids) + out
-            if switch is not None and len(seq) - 1 <= switch < len(seq):  # as transformers' generate
-                lg, past = model(torch.tensor([seq], device=dev))
-            else:
-                lg, past = model(torch.tensor([[nxt]], device=dev), past=past)
-            nxt = int(lg[0, -1].argmax())
-        return logits[0].float().cpu().numpy(), out
+    logits, out = decode(model, ids, n_new, dev)
+    return logits[0].float().cpu().numpy(), out
 
 
 def _compare(refs, outs, tokens: int, spec: str = "the base model") -> tuple[list[dict], dict]:
