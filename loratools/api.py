@@ -27,7 +27,8 @@ from .ops.extract import REPORT as EXTRACT_REPORT  # noqa: F401 - the CLI names 
 __all__ = ["load_adapter", "save_adapter", "inspect", "forward", "convert_adapter", "Checkpoint", "load_model",
            "Adapter", "RankRule", "extract", "resize", "combine", "scale", "subtract", "merge", "unmerge",
            "export_gguf", "export_gguf_adapter", "export_onnx", "export_onnx_adapter", "import_gguf", "train",
-           "validate", "validate_extraction", "read_prompts", "forward_report", "check_plot", "generate"]
+           "validate", "validate_extraction", "read_prompts", "forward_report", "check_plot", "generate",
+           "convert_for_runtime"]
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -139,6 +140,18 @@ def convert_adapter(src: str | os.PathLike, out: str | os.PathLike, fmt: str, ba
         report["dropped"] = dropped
     return save_adapter(a, out, fmt, overwrite=overwrite, inputs=[src, base], num_layers=_num_layers(base),
                         expert_form=expert_form)
+
+
+def convert_for_runtime(src, out, runtime: str, max_rank: int | None = None, base=None, max_kl: float | None = None,
+                        prompts=None, overwrite: bool = False, device: str = "cpu") -> dict:
+    """An adapter the named runtime (vllm, sglang, llama.cpp, onnxruntime) loads, computing what
+    ``src`` computes as closely as it allows; the report says what each lossy step cost
+    (loratools.ops.serve). ``prompts``: strings or a prompt file's path (the KL check, with ``base``)."""
+    from .ops.serve import convert_for_runtime as run
+
+    if isinstance(prompts, (str, os.PathLike)):
+        prompts = read_prompts(prompts)
+    return run(src, runtime, out, max_rank, base, max_kl, prompts, overwrite, device)
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -256,8 +269,13 @@ def check_plot(plot, inputs, overwrite: bool, output=None) -> None:
 
 
 def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
-            plot: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
-    """Describe an adapter or a checkpoint; ``plot``: also draw an adapter's spectra there."""
+            plot: str | os.PathLike | None = None, overwrite: bool = False, for_runtime: str | None = None) -> dict:
+    """Describe an adapter or a checkpoint; ``plot``: also draw an adapter's spectra there;
+    ``for_runtime``: what that runtime would refuse or read differently (``serving``)."""
+    if for_runtime is not None:
+        from .runtimes.profiles import profile
+
+        profile(for_runtime)  # an unknown runtime is an error before any work
     if plot:
         check_plot(plot, [path, base], overwrite)
     kind = detect(path)
@@ -266,6 +284,18 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.
     else:
         a = load_adapter(path, base=base, allow_pickle=allow_pickle)
         d = inspect_adapter(a, path)
+        if for_runtime is not None:
+            from .ops.serve import lint
+            from .runtimes.profiles import profile
+
+            prof = profile(for_runtime)
+            issues = lint(a, prof)
+            d["serving"] = {"runtime": prof.runtime, "profile": prof.version, "issues": issues,
+                            "refused": any(i["action"] == "refuse" for i in issues)}
+    if for_runtime is not None and d["type"] != "adapter":
+        from .errors import UnsupportedError
+
+        raise UnsupportedError("--for checks an adapter; this is a checkpoint", path)
     if plot:
         from .errors import UnsupportedError
         from .plot import adapter_spectra, plot_spectra

@@ -35,6 +35,9 @@ def cli(ctx, debug):
     ctx.ensure_object(dict)["debug"] = debug
 
 
+RUNTIMES = ["vllm", "sglang", "llama.cpp", "onnxruntime"]  # loratools.runtimes.profiles
+
+
 # -- inspect -----------------------------------------------------------------------------------
 def _print_adapter(d: dict) -> None:
     click.echo(f"{d['path']}: {d['format']} LoRA adapter, {d['num_modules']} modules, ranks {d['ranks']}, "
@@ -88,12 +91,25 @@ def _print_checkpoint(d: dict) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Load pickle (.bin/.pt) files with torch.load(weights_only=True).")
 @click.option("--plot", type=click.Path(), help="Adapters: write singular-value spectra and retained energy vs rank (.png, .svg, .pdf).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
-def inspect(path, base, as_json, allow_pickle, plot, overwrite):
+@click.option("--for", "for_runtime", type=click.Choice(RUNTIMES),
+              help="List what this runtime would refuse or read differently; exit 1 if it would refuse the adapter.")
+def inspect(path, base, as_json, allow_pickle, plot, overwrite, for_runtime):
     """Describe an adapter (modules, ranks, scales, runtime compatibility) or a checkpoint."""
-    d = api.inspect(path, allow_pickle=allow_pickle, base=base, plot=plot, overwrite=overwrite)
+    d = api.inspect(path, allow_pickle=allow_pickle, base=base, plot=plot, overwrite=overwrite, for_runtime=for_runtime)
     _emit(d, as_json, _print_adapter if d["type"] == "adapter" else _print_checkpoint)
     if plot and not as_json:
         click.echo(f"wrote plot to {plot}")
+    sv = d.get("serving")
+    if sv is not None:
+        if not as_json:
+            click.echo(f"{sv['runtime']} ({sv['profile']}):")
+            for i in sv["issues"]:
+                click.echo(f"  {'REFUSES' if i['action'] == 'refuse' else 'differs'}: {i['message']} "
+                           f"[convert --for {for_runtime}: {i['fix']}]")
+            click.echo(f"  {sv['runtime']} would refuse this adapter" if sv["refused"] else
+                       f"  {sv['runtime']} would load this adapter" + (" (reading it differently)" if sv["issues"] else ""))
+        if sv["refused"]:
+            raise SystemExit(1)
 
 
 # -- module selection (extract, resize, convert) ------------------------------------------------
@@ -115,21 +131,57 @@ def _dropped_line(dropped: list[str]) -> str:
 # -- convert -----------------------------------------------------------------------------------
 @cli.command()
 @click.argument("adapter", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (peft) or .safetensors file (kohya).")
-@click.option("--to", "fmt", type=click.Choice(["peft", "kohya"]), required=True)
-@click.option("--base", type=click.Path(), help="Base model (checks shapes; resolves kohya names exactly).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (peft) or .safetensors file (kohya); with --for: a PEFT folder (vllm, sglang), .gguf (llama.cpp) or .onnx_adapter (onnxruntime).")
+@click.option("--to", "fmt", type=click.Choice(["peft", "kohya"]))
+@click.option("--for", "for_runtime", type=click.Choice(RUNTIMES), help="Write an adapter this serving runtime accepts (instead of --to).")
+@click.option("--max-rank", type=click.IntRange(1), help="With --for: the rank cap (default: the runtime's default; must be a rank it accepts).")
+@click.option("--max-kl", type=float, help="With --for and --base: fail, writing nothing, when the mean KL(original || converted) is higher.")
+@click.option("--prompts", type=click.Path(), help="With --for and --base: prompt file for the KL check (default: a few built-in prompts).")
+@click.option("--base", type=click.Path(), help="Base model (checks shapes; resolves kohya names exactly; with --for: DoRA, modules_to_save, GGUF, the KL check).")
 @click.option("--expert-form", type=click.Choice(["fused", "per-expert"]), help="PEFT expert LoRA: fused (target_parameters on transformers 5's fused experts; the default) or per-expert (transformers 4.x module names).")
 @select_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--json", "as_json", is_flag=True)
-def convert(adapter, output, fmt, base, expert_form, include, exclude, overwrite, as_json):
+def convert(adapter, output, fmt, for_runtime, max_rank, max_kl, prompts, base, expert_form, include, exclude, overwrite, as_json):
     """Convert an adapter between PEFT and kohya formats (scales folded exactly), or between PEFT's two forms of expert LoRA;
-    --include/--exclude keep or drop modules (and modules_to_save) by name."""
+    --include/--exclude keep or drop modules (and modules_to_save) by name. --for RUNTIME writes an adapter that
+    vLLM, SGLang, llama.cpp or ONNX Runtime accepts, and reports what it cost."""
+    if (fmt is None) == (for_runtime is None):
+        raise click.UsageError("give exactly one of --to or --for")
+    if for_runtime is not None:
+        if expert_form or include or exclude:
+            raise click.UsageError("--expert-form, --include and --exclude apply to --to, not --for")
+        rep = api.convert_for_runtime(adapter, output, for_runtime, max_rank, base, max_kl, prompts, overwrite)
+        _done(f"{rep['runtime']} adapter ({rep['output']}, ranks {rep['ranks']})", rep["out"], rep, as_json,
+              _serving_summary(rep))
+        return
+    if max_rank is not None or max_kl is not None or prompts is not None:
+        raise click.UsageError("--max-rank, --max-kl and --prompts apply to --for")
     rep = {"input": adapter, "format": fmt}
     out = api.convert_adapter(adapter, output, fmt, base=base, overwrite=overwrite, expert_form=expert_form,
                               include=include, exclude=exclude, report=rep)
     rep["out"] = str(out)
     _done(f"{fmt} adapter", out, rep, as_json, _dropped_line(rep["dropped"]) if include or exclude else "")
+
+
+def _serving_summary(rep: dict) -> str:
+    lines = [f"{rep['runtime']} profile: {rep['profile']}"]
+    lines.append(f"  exact: {rep['scales_folded']} module scales folded into B, {rep['padded_modules']} modules padded "
+                 f"with zeros to rank {max(rep['ranks'])}" + (f"; unchanged modules_to_save dropped: "
+                                                            f"{', '.join(rep['dropped_unchanged'])}" if rep["dropped_unchanged"] else ""))
+    names = {"rank_cap": "rank cap", "dora": "DoRA -> LoRA", "modules_to_save": "modules_to_save -> LoRA"}
+    for step, d in rep["steps"].items():
+        lines.append(f"  {names[step]}: retained energy {100 * d['retained']:.3f}% over {len(d['modules'])} modules")
+        for n, m in d["modules"].items():
+            lines.append(f"    {n:<44} rank {m['from_rank'] if m['from_rank'] is not None else '-':>4} -> {m['rank']:<4} "
+                         f"retained {100 * m['retained']:.3f}%")
+    if not rep["steps"]:
+        lines.append("  no lossy step: the conversion is exact")
+    c = rep.get("cost")
+    if c:
+        lines.append(f"  cost through the base model: mean KL(original || converted) {c['mean_kl']:.3e} (max {c['max_kl']:.3e}), "
+                     f"top-1 agreement {100 * c['top1']:.1f}% over {c['positions']} positions of {c['prompts']} prompts")
+    return "\n".join(lines)
 
 
 # -- forward -----------------------------------------------------------------------------------
