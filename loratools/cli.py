@@ -102,7 +102,7 @@ def inspect(path, base, as_json, allow_pickle, plot, overwrite, for_runtime):
     sv = d.get("serving")
     if sv is not None:
         if not as_json:
-            click.echo(f"{sv['runtime']} ({sv['profile']}):")
+            click.echo(f"{sv['runtime']} profile: {sv['profile']}")
             for i in sv["issues"]:
                 click.echo(f"  {'REFUSES' if i['action'] == 'refuse' else 'differs'}: {i['message']} "
                            f"[convert --for {for_runtime}: {i['fix']}]")
