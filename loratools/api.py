@@ -155,7 +155,13 @@ def convert_for_runtime(src, out, runtime: str, max_rank: int | None = None, bas
 
 
 # -- inspect -----------------------------------------------------------------------------------
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+def _vllm_ranks() -> tuple:
+    from .runtimes.profiles import PROFILES
+
+    return PROFILES["vllm"].ranks
+
+
+VLLM_RANKS = _vllm_ranks()  # the serving profile's (runtimes/profiles.py)
 
 
 def compat_warnings(a: Adapter) -> dict[str, list[str]]:

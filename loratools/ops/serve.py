@@ -194,6 +194,13 @@ def convert_for(a: Adapter, prof: Profile | str, max_rank: int | None = None, ba
         prof.check_cap(int(max_rank))
     cap = int(max_rank) if max_rank is not None else prof.default_rank
     rt = prof.runtime
+    from ..formats.peft import expert_modules
+
+    experts = expert_modules(a)
+    if experts or a.config.get("target_parameters"):
+        raise UnsupportedError(f"convert --for does not convert mixture-of-experts expert LoRA (e.g. "
+                               f"{(experts or a.config['target_parameters'])[0]}): each runtime reads its own expert form "
+                               "(inspect lists what it does); write that form with convert --to peft --expert-form", src)
     bias = sorted(n for n, m in a.modules.items() if m.bias is not None)
     if bias and not prof.lora_bias:
         raise UnsupportedError(f"{rt} drops lora_bias (lora_B.bias on {bias[0]}); merge the adapter instead", src)
