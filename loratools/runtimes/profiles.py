@@ -59,20 +59,21 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     "vllm": Profile(
         runtime="vLLM",
-        version="vLLM 0.11 (vllm/config/lora.py at commit 01230b4, vllm/lora/peft_helper.py at commit 0214369)",
+        version="vLLM 0.11 (vllm/config/lora.py at commit 01230b4; vllm/lora/peft_helper.py validate_legal as at commit e745baf)",
         output="peft",
         default_rank=16,  # LoRAConfig.max_lora_rank default
         ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512),  # MaxLoRARanks
         dora=False,            # "vLLM does not yet support DoRA."
         modules_to_save=False,  # "vLLM only supports modules_to_save being None."
-        lora_bias=False,       # LoRA bias support was removed (no bias_enabled in this LoRAConfig)
+        lora_bias=False,       # no bias_enabled left in this LoRAConfig (earlier versions needed it for adapter biases)
         lora_on=frozenset(),   # embedding / lm_head LoRA went with the extra-vocabulary support (deprecated for removal in 0.12)
         scale="config",        # vllm_lora_scaling_factor = lora_alpha / r (or / sqrt(r)), one for all modules
         reads_rslora=True,
         reads_patterns=False,  # PEFTHelper has no rank_pattern / alpha_pattern fields
         needs_base=False,
         sources=("vllm/config/lora.py (MaxLoRARanks, max_lora_rank = 16)",
-                 "vllm/lora/peft_helper.py (_validate_features, vllm_lora_scaling_factor)"),
+                 "vllm/lora/peft_helper.py (_validate_features: modules_to_save, DoRA; validate_legal: config r > "
+                 "max_lora_rank; vllm_lora_scaling_factor)"),
         notes="start the server with --max-lora-rank at least the adapter's r",
     ),
     "sglang": Profile(
@@ -90,7 +91,10 @@ PROFILES: dict[str, Profile] = {
         reads_patterns=False,  # rank_pattern / alpha_pattern are read for memory admission only, not for the scale
         needs_base=False,
         sources=("python/sglang/srt/lora/lora_config.py (rank_overrides / alpha_overrides for admission)",
-                 "python/sglang/srt/lora/lora.py (self.scaling = lora_alpha / r)"),
+                 "python/sglang/srt/lora/lora.py (self.scaling = lora_alpha / r; embedding_layers)",
+                 "python/sglang/srt/lora/lora_manager.py (max LoRA rank from the adapters' r)"),
+        notes="embed_tokens / lm_head LoRA are read by recent versions only (older releases stack q/k/v and "
+              "gate/up LoRA of the blocks and nothing else)",
     ),
     "llama.cpp": Profile(
         runtime="llama.cpp",
