@@ -165,14 +165,15 @@ def convert(adapter, output, fmt, for_runtime, max_rank, max_kl, prompts, base, 
 
 
 def _serving_summary(rep: dict) -> str:
-    lines = [f"{rep['runtime']} profile: {rep['profile']}"]
+    lines = [f"{rep['runtime']} profile: {rep['profile']}" + (f"; {rep['notes']}" if rep.get("notes") else "")]
     lines.append(f"  exact: {rep['scales_folded']} module scales folded into B, {rep['padded_modules']} modules padded "
                  f"with zeros to rank {max(rep['ranks'])}" + (f"; unchanged modules_to_save dropped: "
                                                             f"{', '.join(rep['dropped_unchanged'])}" if rep["dropped_unchanged"] else ""))
     names = {"rank_cap": "rank cap", "dora": "DoRA -> LoRA", "modules_to_save": "modules_to_save -> LoRA"}
     for step, d in rep["steps"].items():
-        lines.append(f"  {names[step]}: retained energy {100 * d['retained']:.3f}% over {len(d['modules'])} modules")
-        for n, m in d["modules"].items():
+        lines.append(f"  {names[step]}: retained energy {100 * d['retained']:.3f}% over {len(d['modules'])} modules"
+                     + (", the 8 that lost most:" if len(d["modules"]) > 8 else ""))
+        for n, m in sorted(d["modules"].items(), key=lambda kv: kv[1]["retained"])[:8]:
             lines.append(f"    {n:<44} rank {m['from_rank'] if m['from_rank'] is not None else '-':>4} -> {m['rank']:<4} "
                          f"retained {100 * m['retained']:.3f}%")
     if not rep["steps"]:

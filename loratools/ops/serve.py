@@ -147,14 +147,15 @@ def _cut(B: torch.Tensor, A: torch.Tensor, scale: float, k: int):
 
 
 def _factor_dense(D: torch.Tensor, k: int):
-    """The best rank-k factors of a dense ΔW (exact SVD), and (kept, total) energy."""
+    """The best rank-k factors of a dense ΔW, and (kept, total) energy: extract's SVD (exact when k is
+    not small against the matrix, else the seeded randomized SVD with power iterations)."""
     from .common import sum_sq
 
     total = sum_sq(D)
     if total == 0:
         return D.new_zeros(D.shape[0], 0), D.new_zeros(0, D.shape[1]), 0.0, 0.0
     k = min(k, *D.shape)
-    B, A, S, info = factor.factorize(D, factor.RankRule("rank", k), exact=True)
+    B, A, S, info = factor.factorize(D, factor.RankRule("rank", k))
     kept = float(S.double().pow(2).sum())
     return B, A, min(kept, total), total
 
@@ -169,20 +170,28 @@ def dora_delta(W: torch.Tensor, m: LoraModule) -> torch.Tensor:
     return (m.magnitude.float() / norm)[:, None] * comb - W
 
 
-def _base_tensors(base, names: list[str]) -> dict[str, torch.Tensor]:
-    from ..checkpoint import Checkpoint
-    from ..modelinfo import head_source, read_model_info, tied_pair
+class _BaseWeights:
+    """The base model's weights by HF name, read one at a time in fp32 (a tied head is its embedding)."""
 
-    info = read_model_info(base) if Path(base).is_dir() else None
-    out = {}
-    with Checkpoint.open(base) as ck:
-        pair = tied_pair(info, ck.keys())
-        for n in names:
-            src = head_source(n, pair)
-            if src not in ck:
-                raise InputError(f"the base model has no tensor {n!r}", base)
-            out[n] = ck.get(src).float()
-    return out
+    def __init__(self, base):
+        from ..checkpoint import Checkpoint
+        from ..modelinfo import read_model_info, tied_pair
+
+        self.base = base
+        self.ck = Checkpoint.open(base)
+        info = read_model_info(base) if Path(base).is_dir() else None
+        self.pair = tied_pair(info, self.ck.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from ..modelinfo import head_source
+
+        src = head_source(name, self.pair)
+        if src not in self.ck:
+            raise InputError(f"the base model has no tensor {name!r}", self.base)
+        return self.ck.get(src).float()
+
+    def close(self):
+        self.ck.close()
 
 
 def convert_for(a: Adapter, prof: Profile | str, max_rank: int | None = None, base=None) -> tuple[Adapter, dict]:
@@ -225,7 +234,15 @@ def convert_for(a: Adapter, prof: Profile | str, max_rank: int | None = None, ba
     if prof.needs_base and base is None:
         raise LoratoolsError(f"a {rt} adapter needs the base model for its tensor names; pass --base", src)
 
-    W = _base_tensors(base, [f"{n}.weight" for n in dora] + sorted(a.modules_to_save)) if (dora or a.modules_to_save) else {}
+    W = _BaseWeights(base) if (dora or a.modules_to_save) else None
+    try:
+        return _convert(a, prof, cap, W, src)
+    finally:
+        if W is not None:
+            W.close()
+
+
+def _convert(a: Adapter, prof: Profile, cap: int | None, W, src) -> tuple[Adapter, dict]:
     steps = {"rank_cap": {}, "dora": {}, "modules_to_save": {}}
     sums = {k: [0.0, 0.0] for k in steps}
     mods: dict[str, LoraModule] = {}
@@ -288,7 +305,7 @@ def convert_for(a: Adapter, prof: Profile | str, max_rank: int | None = None, ba
     cfg.update(use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={}, modules_to_save=None, lora_bias=False)
     res = Adapter(modules=mods, modules_to_save={}, config=cfg, source=a.source, format="peft", family=a.family,
                   num_experts=a.num_experts)
-    report = {"runtime": prof.runtime, "profile": prof.version, "output": prof.output, "max_rank": cap,
+    report = {"runtime": prof.runtime, "profile": prof.version, "notes": prof.notes, "output": prof.output, "max_rank": cap,
               "ranks": sorted({m.rank for m in mods.values()}), "scales_folded": folded, "padded_modules": padded,
               "dropped_unchanged": dropped, "steps": {}}
     for s, per in steps.items():
