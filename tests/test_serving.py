@@ -187,6 +187,16 @@ def test_llama_cpp_profile_in_llama_cpp(fx, made, tmp_path):
         assert np.abs(want - load_model(m)(torch.tensor([ids]))[0][0].numpy()).max() > 0.05  # the adapter matters
         assert (want.argmax(-1) == got.argmax(-1)).all()
         assert np.abs(want - got).max() < 1e-3 * max(float(np.abs(want).max()), 1.0)
+    # DoRA (lossy at the default: the module's own rank): llama.cpp computes the converted plain LoRA
+    from loratools.ops.serve import convert_for
+
+    res, _ = convert_for(api.load_adapter(made["dora"], base=m), "llama.cpp", None, m)
+    out = tmp_path / "dora.gguf"
+    api.convert_for_runtime(made["dora"], out, "llama.cpp", base=m)
+    want = load_model(m, adapters=[res])(torch.tensor([ids]))[0][0].numpy()
+    got = llamacpp.logits(base_gguf, ids, lora=out)
+    assert np.abs(want - load_model(m)(torch.tensor([ids]))[0][0].numpy()).max() > 0.05
+    assert np.abs(want - got).max() < 1e-3 * max(float(np.abs(want).max()), 1.0)
 
 
 def test_onnxruntime_profile_in_onnxruntime(fx, made, tmp_path):
@@ -213,6 +223,8 @@ def test_bad_inputs_one_line_nothing_written(fx, made, tmp_path, run_cli):
         (("convert", made["dora"], "--for", "vllm"), 2, "pass --base"),
         (("convert", made["rs64"], "--for", "vllm", "--base", m, "--max-kl", "1e-9"), 1, "--max-kl"),
         (("convert", made["rs64"], "--for", "llama.cpp"), 2, "pass --base"),
+        (("convert", made["rs64"], "--for", "vllm", "--max-kl", "1"), 2, "--max-kl needs --base"),
+        (("convert", made["mts"], "--for", "sglang"), 2, "pass --base"),
     ]
     for i, (args, want_code, text) in enumerate(cases):
         out = tmp_path / f"bad{i}"
