@@ -226,7 +226,7 @@ def _rule(rank, energy, fro, ratio, threshold, budget, max_rank, default_rank=16
             raise LoratoolsError("resize needs a rank rule: --rank N, --energy F, --fro F, --ratio F, --threshold T, "
                                  "--budget SIZE or --max-rank N (to drop modules only, use convert --include/--exclude)")
         default_rank = max_rank  # --max-rank alone: cap every module at N
-    kind, value = given[0] if given else ("rank", default_rank)
+    kind, value = given[0] if given else ("rank", 16 if default_rank is None else default_rank)  # (a budget ignores it)
     return api.RankRule(kind, value, max_rank)
 
 

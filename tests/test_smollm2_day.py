@@ -20,6 +20,7 @@ from loratools import api, st
 from loratools.checkpoint import Checkpoint
 from loratools.formats.gguf_model import open_gguf
 from loratools.formats.peft import read_peft
+from loratools.validate import prompt_ids
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("onnxruntime")
@@ -42,13 +43,14 @@ def fine_tune(base: Path, out: Path) -> Path:
         for k, W in sd.items():
             m = re.match(r"model\.layers\.(\d+)\.(self_attn\.q_proj|self_attn\.v_proj|mlp\.down_proj)\.weight$", k)
             if k == "model.embed_tokens.weight":
-                r, s, noise = 8, 0.4, 0.0
+                r, s, noise = 8, 0.1, 0.0  # relative to the weight's own spread
             elif m and int(m.group(1)) < TUNED_LAYERS:
-                r, s, noise = 4, 0.08, 0.002
+                r, s, noise = 4, 0.15, 0.04
             else:
                 continue
-            d = torch.randn(W.shape[0], r, generator=g) @ torch.randn(r, W.shape[1], generator=g) * (s / r ** 0.5)
-            d += noise * torch.randn(W.shape, generator=g)
+            sd_w = float(W.float().std())
+            d = torch.randn(W.shape[0], r, generator=g) @ torch.randn(r, W.shape[1], generator=g) * (s * sd_w / r ** 0.5)
+            d += noise * sd_w * torch.randn(W.shape, generator=g)
             sd[k] = (W.float() + d).to(W.dtype).contiguous()
         st.save_file(sd, f)
     return out
@@ -61,7 +63,9 @@ def day(tmp_path_factory):
     hf = d / "hf"
     assert json.loads((hf / "config.json").read_text())["tie_word_embeddings"] is True
     tuned = fine_tune(hf, d / "tuned")
-    _, ex_rep = api.extract(hf, tuned, d / "ex", api.RankRule("rank", 8))  # --embeddings lora, the default
+    # the day's adapter: extract --budget 1M --max-rank 32 (--embeddings lora, the default: the tied
+    # embedding's LoRA on embed_tokens and lm_head)
+    _, ex_rep = api.extract(hf, tuned, d / "ex", api.RankRule("rank", 16, 32), budget="1M")
     (d / "prompts.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "The Eiffel Tower is in"}) + "\n")
     return {"d": d, "hf": hf, "tuned": tuned, "ex": d / "ex", "ex_rep": ex_rep}
 
@@ -79,7 +83,7 @@ def shipped(day):
 def test_extracted_tied_adapter_merges_with_the_tie_and_exports_to_gguf(day, shipped):
     a = read_peft(day["ex"])
     emb, head = a.modules["model.embed_tokens"], a.modules["lm_head"]
-    assert emb.rank == head.rank == 8 and torch.equal(head.B, emb.A.T)  # the same ΔE on both sides
+    assert emb.rank == head.rank >= 1 and torch.equal(head.B, emb.A.T)  # the same ΔE on both sides
     # merge keeps the tie (the merged embedding and head are still equal): no lm_head.weight written
     assert shipped["merge"]["tied_embeddings"] == "kept" and "untied_embeddings" not in shipped["merge"]
     m = day["d"] / "merged"
@@ -102,23 +106,23 @@ def test_exclude_drops_the_embedding_lora_and_llama_cpp_applies_the_rest(day, ru
     code, out, err = run_cli("export", "gguf-adapter", d / "noemb", "--base", hf, "-o", d / "noemb.gguf")
     assert code == 0, err
     api.export_gguf(hf, [], d / "base.gguf", outtype="f32")
-    rep = api.validate(hf, [d / "noemb"], [f"{d / 'base.gguf'}+{d / 'noemb.gguf'}"], prompts=d / "prompts.jsonl", tokens=4)
-    c = rep["candidates"][0]
-    assert c["passed"], c["metrics"]
-    assert c["metrics"]["mean_kl"] < 1e-3 and c["metrics"]["mean_kl"] < 0.01 * rep["adapter_effect"]["mean_kl"]
+    # llama.cpp applies it: base.gguf + noemb.gguf computes what torch computes for base + noemb
+    from loratools.runtimes import llamacpp
+
+    ids = prompt_ids(hf, CHAT)
+    want = api.forward(hf, ids, [d / "noemb"], device="cpu").numpy()
+    base = api.forward(hf, ids, device="cpu").numpy()
+    got = llamacpp.logits(d / "base.gguf", ids, d / "noemb.gguf")
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want - base).max(), (np.abs(got - want).max(), np.abs(want - base).max())
 
 
 def test_budget_runs_write_at_most_their_budget(day, tmp_path, run_cli):
-    hf, tuned = day["hf"], day["tuned"]
-    code, out, err = run_cli("extract", "--base", hf, "--tuned", tuned, "-o", tmp_path / "b", "--budget", "1M",
-                             "--max-rank", "32", "--quiet", "--json")
-    assert code == 0, err
-    rep = json.loads(out)
-    a = read_peft(tmp_path / "b")
+    rep, a = day["ex_rep"], read_peft(day["ex"])  # extract --budget 1M
     assert rep["rule"].startswith("budget=1,000,000") and rep["parameters"] == a.num_parameters() <= 1_000_000
     assert rep["parameters"] > 900_000  # it spends the budget
     assert a.modules["lm_head"].rank == a.modules["model.embed_tokens"].rank >= 1  # counted twice, written twice
-    code, out, err = run_cli("resize", tmp_path / "b", "-o", tmp_path / "s", "--budget", "400K", "--json")
+    code, out, err = run_cli("resize", day["ex"], "-o", tmp_path / "s", "--budget", "400K", "--json")
     assert code == 0, err
     rrep = json.loads(out)
     s = read_peft(tmp_path / "s")
@@ -139,12 +143,9 @@ def test_one_retention_definition(day, run_cli, tmp_path):
     # the other ratio is named apart (a plain mean over modules)
     assert ve["mean_module_retention"] != pytest.approx(ve["retained_energy"], abs=1e-3)
     assert ve["fraction_of_kl_removed"] > 0.5  # the adapter carries the fine-tune's effect
-    code, out, err = run_cli("resize", day["ex"], "-o", tmp_path / "r4", "--rank", "4", "--json")
+    code, out, err = run_cli("resize", day["ex"], "-o", tmp_path / "r4", "--rank", "4")
     assert code == 0, err
-    rr = json.loads(out)
-    assert "retained_energy" not in rr and 0 < rr["retained_vs_input"] < 1
-    code, out, err = run_cli("resize", day["ex"], "-o", tmp_path / "r4b", "--rank", "4")
-    assert "retained vs input adapter" in out and "retained energy" not in out
+    assert re.search(r"retained vs input adapter \d+\.\d+%", out) and "retained energy" not in out
 
 
 def test_generate_gives_the_same_tokens_from_merged_gguf_and_onnx(day, shipped):
@@ -169,9 +170,9 @@ def test_validate_shows_the_adapter_effect_beside_each_candidate(day, shipped, r
     # one progress line per stage on a non-terminal stderr
     stages = [l for l in err.splitlines() if l.startswith("loratools: [validate]")]
     assert len(stages) == 6, err  # reference, base without the adapters, 3 candidates, PEFT's independent reference
-    code, out, err = run_cli("validate", "--base", day["hf"], "-a", day["ex"], d / "merged.gguf",
-                             "--prompts", d / "prompts.jsonl", "--tokens", "4", "--json")
-    rep = json.loads(out)
-    eff, m = rep["adapter_effect"], rep["candidates"][0]["metrics"]
-    assert eff["mean_kl"] > 0.02 and m["mean_kl"] < 0.01 * eff["mean_kl"]
-    assert not rep["candidates"][0]["exceeds_adapter_effect"]
+    # the numbers: each candidate's mean KL far below the adapter's own effect
+    kl = {l.split()[0]: float(re.search(r"fp32\s+\S+\s+(\S+)", l).group(1)) for l in out.splitlines()[2:]
+          if re.search(r"fp32\s+\S+\s+\S+", l)}
+    effect = kl.pop("(base")
+    assert effect > 1e-3 and set(kl) == {"merged", "merged.gguf", "onnx"}, kl
+    assert all(v < 0.01 * effect for v in kl.values()), (kl, effect)
