@@ -212,15 +212,17 @@ def compat_warnings(a: Adapter) -> dict[str, list[str]]:
 
 
 def inspect_adapter(a: Adapter, path) -> dict:
+    from .ops.common import natural_key
+
     dtypes = sorted({st.DTYPE_NAMES.get(m.A.dtype, str(m.A.dtype)) for m in a.modules.values()})
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else Path(path).stat().st_size
     mods = {n: {"kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale, "in": m.in_features,
                 "out": m.out_features, "params": m.num_parameters(), "bias": m.bias is not None,
-                "dora": m.magnitude is not None} for n, m in sorted(a.modules.items())}
+                "dora": m.magnitude is not None} for n, m in sorted(a.modules.items(), key=lambda kv: natural_key(kv[0]))}
     return {"type": "adapter", "format": a.format, "path": str(path), "modules": mods,
             "num_modules": len(mods), "ranks": sorted({m.rank for m in a.modules.values()}),
             "use_rslora": a.use_rslora, "use_dora": a.use_dora,
-            "modules_to_save": {k: list(t.shape) for k, t in sorted(a.modules_to_save.items())},
+            "modules_to_save": {k: list(t.shape) for k, t in sorted(a.modules_to_save.items(), key=lambda kv: natural_key(kv[0]))},
             "parameters": a.num_parameters(), "dtypes": dtypes, "size_bytes": size,
             "base_model_name_or_path": a.config.get("base_model_name_or_path"),
             "experts": peft.px.expert_summary(a.modules, a.family),
@@ -408,7 +410,7 @@ def extract(base, tuned, out, rule=None, *, budget=None, exact: bool = False, in
         check_plot(plot, [base, tuned], overwrite, out)
     a, rep = run(base, tuned, out, rule, budget=budget, exact=exact, include=include, exclude=exclude,
                  embeddings=embeddings, device=device, seed=seed, oversample=oversample, power_iters=power_iters,
-                 dtype=dt, overwrite=overwrite, quiet=quiet, expert_form=expert_form)
+                 dtype=dt, overwrite=overwrite, quiet=quiet, expert_form=expert_form, full_spectra=bool(plot))
     spectra = rep.pop("_spectra", {})
     if plot:
         from .plot import plot_spectra
@@ -523,11 +525,11 @@ def export_gguf_adapter(adapter, base, out, outtype: str = "f32", overwrite: boo
 
 
 def export_onnx(model, adapters: Sequence, out, weights=None, dtype: str = "fp32", cache: bool = True,
-                lora_slots: str | None = None, opset: int = 17, overwrite: bool = False) -> dict:
+                lora_slots: str | None = None, opset: int = 17, overwrite: bool = False, quiet: bool = True) -> dict:
     from .formats.onnx_model import export_onnx as run
 
     loaded = [load_adapter(a, base=model) for a in adapters]
-    return run(model, out, loaded, weights, dtype, cache, lora_slots, opset, overwrite)
+    return run(model, out, loaded, weights, dtype, cache, lora_slots, opset, overwrite, quiet=quiet)
 
 
 def export_onnx_adapter(adapter, out, base=None, slot_model=None, dtype: str = "fp32", overwrite: bool = False) -> dict:
@@ -569,19 +571,19 @@ def read_prompts(path) -> list[str]:
 
 
 def validate(base, adapters: Sequence, candidates: Sequence, weights=None, prompts=None, tokens: int = 16,
-             device: str = "auto", tolerances: dict | None = None) -> dict:
+             device: str = "auto", tolerances: dict | None = None, quiet: bool = True) -> dict:
     """Check that written artifacts compute what base + adapters compute, each in its runtime.
     ``prompts``: a list of strings, or a prompt file's path."""
     from . import validate as v
 
     if isinstance(prompts, (str, os.PathLike)):
         prompts = v.read_prompts(prompts)
-    return v.validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances or {})
+    return v.validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances or {}, quiet=quiet)
 
 
-def validate_extraction(base, tuned, adapter, prompts=None, device: str = "auto") -> dict:
+def validate_extraction(base, tuned, adapter, prompts=None, device: str = "auto", quiet: bool = True) -> dict:
     from . import validate as v
 
     if isinstance(prompts, (str, os.PathLike)):
         prompts = v.read_prompts(prompts)
-    return v.validate_extraction(base, tuned, adapter, prompts, device)
+    return v.validate_extraction(base, tuned, adapter, prompts, device, quiet=quiet)

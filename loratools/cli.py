@@ -274,7 +274,12 @@ def _rule(rank, energy, fro, ratio, threshold, budget, max_rank, default_rank=16
                                  ("threshold", threshold)) if v is not None]
     if len(given) > 1 or (given and budget):
         raise click.UsageError("give at most one of --rank, --energy, --fro, --ratio, --threshold, --budget")
-    kind, value = given[0] if given else ("rank", default_rank)
+    if not given and not budget and default_rank is None:
+        if max_rank is None:  # no silent default: say what to choose
+            raise LoratoolsError("resize needs a rank rule: --rank N, --energy F, --fro F, --ratio F, --threshold T, "
+                                 "--budget SIZE or --max-rank N (to drop modules only, use convert --include/--exclude)")
+        default_rank = max_rank  # --max-rank alone: cap every module at N
+    kind, value = given[0] if given else ("rank", 16 if default_rank is None else default_rank)  # (a budget ignores it)
     return api.RankRule(kind, value, max_rank)
 
 
@@ -340,7 +345,7 @@ def resize(adapter, output, rank, energy, fro, ratio, threshold, budget, max_ran
            include, exclude, overwrite, as_json):
     """Shrink an adapter's ranks optimally (QR + small SVD; no dense matrix); --include/--exclude keep or drop
     modules (and modules_to_save) by name."""
-    rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank)
+    rule = _rule(rank, energy, fro, ratio, threshold, budget, max_rank, default_rank=None)
     res, rep = api.resize(adapter, output, rule, budget=budget, base=base, fmt=fmt, dtype=dtype, overwrite=overwrite,
                           expert_form=expert_form, include=include, exclude=exclude)
     before, after = rep["parameters_before"], rep["parameters_after"]
@@ -508,11 +513,12 @@ def export_gguf_adapter(adapter, base, output, outtype, overwrite, as_json):
               help="all-linear (the default when no value is given) or q_proj,v_proj,...: LoRA inputs for ONNX Runtime adapters.")
 @click.option("--opset", type=click.IntRange(17), default=17, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset, overwrite, as_json):
+def export_onnx(model, adapters, weights, output, dtype, no_cache, slots, opset, overwrite, quiet, as_json):
     """An ONNX model with KV cache (Optimum / onnxruntime-genai IO names), adapters merged."""
     rep = api.export_onnx(model, adapters, output, _weights(weights, len(adapters)), dtype, not no_cache, slots, opset,
-                          overwrite)
+                          overwrite, quiet=quiet or as_json)
     what = f"ONNX model ({dtype}, {'KV cache' if not no_cache else 'no cache'}" + (f", {len(rep['lora_slots'])} LoRA slots" if slots else "") + ")"
     _done(what, output, rep, as_json)
 
@@ -600,25 +606,27 @@ def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-kl", type=float, help="Override the mean-KL tolerance for every candidate.")
 @click.option("--min-top1", type=float, help="Override the top-1 agreement tolerance.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True)
-def validate(candidates, base, adapters, weights, prompts, tokens, device, max_kl, min_top1, as_json):
+def validate(candidates, base, adapters, weights, prompts, tokens, device, max_kl, min_top1, quiet, as_json):
     """Check that written artifacts compute what base + adapters compute, each in its own runtime.
 
     CANDIDATES: a checkpoint folder, a .gguf, BASE.gguf+ADAPTER.gguf, an ONNX folder, or
     ONNX_DIR+NAME.onnx_adapter. Exit code 0 only when every candidate passes."""
     tol = {k: x for k, x in (("mean_kl", max_kl), ("top1", min_top1)) if x is not None}
     rep = api.validate(base, adapters, candidates, _weights(weights, len(adapters)),
-                       api.read_prompts(prompts) if prompts else None, tokens, device, tol)
+                       api.read_prompts(prompts) if prompts else None, tokens, device, tol, quiet=quiet or as_json)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
         ref = rep["reference"]
         click.echo(f"reference: {base} + {len(adapters)} adapter(s), torch fp32 on {ref['device']}; "
                    f"{rep['prompts']} prompts, {tokens} greedy tokens")
-        click.echo(f"  {'candidate':<40} {'size':>8} {'runtime':<24} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
+        rw = max([len("runtime"), len("torch")] + [len(c["runtime"]) for c in rep["candidates"]])  # never cut
+        click.echo(f"  {'candidate':<40} {'size':>8} {'runtime':<{rw}} {'prec':<5} {'max|Δ|':>8} {'mean KL':>9} {'top-1':>6} {'greedy':>7}  result")
         eff = rep.get("adapter_effect")
         if eff:  # the yardstick: the base model without the adapters, against the same reference
-            click.echo(f"  {'(base without the adapters)':<40} {'':>8} {'torch':<24} {'fp32':<5} "
+            click.echo(f"  {'(base without the adapters)':<40} {'':>8} {'torch':<{rw}} {'fp32':<5} "
                        f"{eff['max_abs']:>8.3g} {eff['mean_kl']:>9.2e} {100 * eff['top1']:>5.1f}% "
                        f"{100 * eff['greedy_match']:>6.1f}%  the adapters' effect")
         for c in rep["candidates"]:
@@ -628,7 +636,7 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
                 r = c["kl_over_adapter_effect"]
                 res += "; WARNING: error > the adapters' effect" + (f" ({r:.2g}x)" if r is not None else "")
             name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
-            click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime'][:24]:<24} {c['precision']:<5} "
+            click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime']:<{rw}} {c['precision']:<5} "
                        f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
         for c in rep["candidates"]:
             for w in c.get("warnings", []):
@@ -648,10 +656,12 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
 @click.option("-a", "--adapter", required=True, type=click.Path())
 @click.option("--prompts", type=click.Path())
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @click.option("--json", "as_json", is_flag=True)
-def validate_extraction(base, tuned, adapter, prompts, device, as_json):
+def validate_extraction(base, tuned, adapter, prompts, device, quiet, as_json):
     """How much of a full fine-tune an extracted adapter carries (weights, activations, logits)."""
-    rep = api.validate_extraction(base, tuned, adapter, api.read_prompts(prompts) if prompts else None, device)
+    rep = api.validate_extraction(base, tuned, adapter, api.read_prompts(prompts) if prompts else None, device,
+                                  quiet=quiet or as_json)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
         return
@@ -691,6 +701,22 @@ def _tune_allocator(training: bool = False) -> None:
             pass
 
 
+def _interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
+    """The one line for an interrupt; for ``train``, where it stopped and the command that resumes it."""
+    from .train.loop import TrainInterrupted
+
+    if not isinstance(e, TrainInterrupted):
+        return "interrupted"
+    import shlex
+
+    where = f"train interrupted at step {e.step}/{e.total}"
+    if e.checkpoint_step is None:
+        return f"{where}, before its first checkpoint: nothing to resume; run the command again to start over"
+    again = argv + ([] if "--resume" in argv else ["--resume"])
+    return (f"{where}; the checkpoint of step {e.checkpoint_step} is in {e.out}.train/checkpoints: continue exactly "
+            f"with: loratools {shlex.join(again)}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _tune_allocator(training="train" in argv[:3])
@@ -705,16 +731,18 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("loratools: aborted", err=True)
+    except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
+        cause = e.__cause__
+        click.echo(f"loratools: {_interrupted(cause, argv)}" if isinstance(cause, KeyboardInterrupt) else
+                   "loratools: aborted", err=True)
         return 130
     except LoratoolsError as e:
         if debug:
             raise
         click.echo(f"loratools: error: {one_line(e)}", err=True)
         return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("loratools: interrupted", err=True)
+    except KeyboardInterrupt as e:
+        click.echo(f"loratools: {_interrupted(e, argv)}", err=True)
         return 130
     except OSError as e:
         if debug:

@@ -190,10 +190,11 @@ def _compare(refs, outs, tokens: int, spec: str = "the base model") -> tuple[lis
 
 def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], candidates: Sequence[str],
              weights: Sequence[float] | None = None, prompts: Sequence[str] | None = None, tokens: int = 16,
-             device: str = "auto", tolerances: dict | None = None, peft_check: bool = True) -> dict:
+             device: str = "auto", tolerances: dict | None = None, peft_check: bool = True, quiet: bool = True) -> dict:
     from . import api
     from .models.decoder import load_model
     from .device import pick_device
+    from .ops.common import progress, stage
 
     base = Path(base)
     dev = pick_device(device)
@@ -205,36 +206,39 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     loaded = [api.load_adapter(a, base=base) for a in adapters]
     t0 = time.perf_counter()
     ref_model = load_model(base, adapters=loaded, weights=weights, device=str(dev))
-    refs = [_torch_run(ref_model, ids, tokens, dev) for ids in ids_list]
+    refs = [_torch_run(ref_model, ids, tokens, dev) for ids in progress(ids_list, "validate: reference", quiet=quiet, unit="prompt")]
     del ref_model
     effect = None
     if loaded:  # the yardstick: how far the adapters move the base model (base alone vs the reference)
         bare = load_model(base, device=str(dev))
-        effect = _compare(refs, [_torch_run(bare, ids, tokens, dev) for ids in ids_list], tokens)[1]
+        effect = _compare(refs, [_torch_run(bare, ids, tokens, dev) for ids in
+                                 progress(ids_list, "validate: base without the adapters", quiet=quiet, unit="prompt")], tokens)[1]
         del bare
     report = {"schema": "loratools.validate/1", "base": str(base), "adapters": [str(a) for a in adapters],
               "weights": list(weights) if weights else None, "reference": {"runtime": "torch", "dtype": "fp32", "device": str(dev)},
               "prompts": len(prompts), "prompt_tokens": [len(i) for i in ids_list], "greedy_tokens": tokens,
               "adapter_effect": effect, "candidates": []}
-    for c in cands:
+    for ci, c in enumerate(cands, 1):
         tol = {**TOLERANCES[c.precision], **(tolerances or {})}
         outs, provider = [], c.runtime
+        todo = progress(ids_list, f"validate: candidate {ci}/{len(cands)} {c.spec.rstrip('/').split('/')[-1]}",
+                        quiet=quiet, unit="prompt")
         if c.kind == "checkpoint":
             m = load_model(c.path, device=str(dev))
-            outs = [_torch_run(m, ids, tokens, dev) for ids in ids_list]
+            outs = [_torch_run(m, ids, tokens, dev) for ids in todo]
             provider = f"torch ({dev})"
             del m
         elif c.kind == "gguf":
             from .runtimes import llamacpp
 
             gpu = dev.type == "cuda"
-            outs = [llamacpp.run(c.path, ids, tokens, c.adapter, gpu=gpu) for ids in ids_list]
+            outs = [llamacpp.run(c.path, ids, tokens, c.adapter, gpu=gpu) for ids in todo]
             provider = "llama.cpp (" + ("GPU offload" if gpu else "CPU") + ")"
         else:
             from .runtimes.onnxruntime import Runner
 
             r = Runner(c.path, adapter=c.adapter, device="cuda" if dev.type == "cuda" else "cpu")
-            outs = [(r.run(ids)[0], r.greedy(ids, tokens)) for ids in ids_list]
+            outs = [(r.run(ids)[0], r.greedy(ids, tokens)) for ids in todo]
             provider = f"onnxruntime ({r.provider})"
         per, agg = _compare(refs, outs, tokens, c.spec)
         checks = {"mean_kl": agg["mean_kl"] <= tol["mean_kl"], "top1": agg["top1"] >= tol["top1"],
@@ -259,6 +263,7 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
                                      "exceeds_adapter_effect": exceeds, "warnings": warn,
                                      "worst_prompt": int(np.argmax([p["mean_kl"] for p in per]))})
     if peft_check and len(adapters) == 1 and not weights and (Path(adapters[0]) / "adapter_config.json").is_file():
+        stage("validate: independent reference (transformers + PEFT)", quiet)
         ind = peft_reference(base, adapters[0], ids_list)
         if ind is not None:
             kl = float(np.mean([kl_rows(ind_l, r[0]).mean() for ind_l, r in zip(ind, refs)]))
@@ -364,7 +369,7 @@ def _squared_errors(wt: torch.Tensor, wb: torch.Tensor, m, rows: int = 1 << 22) 
 
 
 def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapter: str | os.PathLike,
-                        prompts: Sequence[str] | None = None, device: str = "auto") -> dict:
+                        prompts: Sequence[str] | None = None, device: str = "auto", quiet: bool = True) -> dict:
     """How much of a full fine-tune an extracted adapter carries: per-module weight error and
     retained energy, per-layer hidden-state error on the prompts, and the logits' KL to the tuned
     model with the adapter against without it."""
@@ -378,12 +383,12 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     modules = {}
     from .modelinfo import head_source, read_model_info, tied_pair
 
-    from .ops.common import delta_sq, retained_energy
+    from .ops.common import delta_sq, progress, retained_energy
 
     residual: dict[str, float] = {}  # stored tensor -> ‖ΔW − ΔŴ‖² where the adapter carries it
     with Checkpoint.open(base) as kb, Checkpoint.open(tuned) as kt:
         tied = tied_pair(read_model_info(base), kb.keys())
-        for name, m in sorted(a.modules.items()):
+        for name, m in progress(sorted(a.modules.items()), "validate-extraction: module errors", quiet=quiet, unit="module"):
             key = f"{name}.weight"
             if key not in kt and key not in kb:
                 key = head_source(key, tied)  # a tied head is the embedding (extract carries its change on lm_head)
@@ -406,7 +411,7 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
                 residual[key] = float((kt.get(key).double() - t.double()).pow(2).sum())
         # the fine-tune's whole delta, as extract sums it (fp32 differences, in row blocks)
         total = unc = 0.0
-        for key in sorted(kb.keys()):
+        for key in progress(sorted(kb.keys()), "validate-extraction: the fine-tune's whole delta", quiet=quiet):
             if key not in kt or not kb.info(key).dtype.is_floating_point or kb.info(key).shape != kt.info(key).shape:
                 continue
             d, e = delta_sq(kb.get_mapped(key), kt.get_mapped(key), "cpu")
@@ -417,19 +422,19 @@ def validate_extraction(base: str | os.PathLike, tuned: str | os.PathLike, adapt
     prompts = list(prompts or DEFAULT_PROMPTS)
     ids_list = [prompt_ids(base, p) for p in prompts]
 
-    def run(model):
+    def run(model, what):
         hidden = []
         hooks = [layer.register_forward_hook(lambda mod, i, o: hidden.append(o[0].detach())) for layer in model.model.layers]
         with torch.no_grad():
             out = [(model(torch.tensor([ids], device=dev))[0][0].cpu().numpy(), [h.cpu() for h in hidden[-len(model.model.layers):]])
-                   for ids in ids_list]
+                   for ids in progress(ids_list, f"validate-extraction: {what}", quiet=quiet, unit="prompt")]
         for h in hooks:
             h.remove()
         return out
 
-    t = run(load_model(tuned, device=str(dev)))
-    b = run(load_model(base, device=str(dev)))
-    w = run(load_model(base, adapters=[a], device=str(dev)))
+    t = run(load_model(tuned, device=str(dev)), "tuned model")
+    b = run(load_model(base, device=str(dev)), "base model")
+    w = run(load_model(base, adapters=[a], device=str(dev)), "base + adapter")
     layers = []
     for li in range(len(t[0][1])):
         num = sum(float((tp[1][li] - wp[1][li]).norm()) for tp, wp in zip(t, w))

@@ -80,7 +80,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
         raise UnsupportedError(f"the adapter changes the tied embedding on both sides ({emb[0]!r} and 'lm_head'), and a llama.cpp "
                                "adapter cannot: its token_embd LoRA is applied to the input lookup only (its layout does not fit "
                                "the tied output matmul); export the merged model instead (export gguf -a), which keeps the tie, "
-                               "or drop the embedding LoRA (extract --embeddings skip)", src)
+                               "or drop the embedding LoRA (convert --to peft --exclude 'embed_tokens|lm_head', or extract --embeddings skip)", src)
     if "lm_head" in adapter.modules and cfg.tie_word_embeddings:
         raise UnsupportedError("the adapter targets lm_head, but the base model ties it to the embeddings: llama.cpp has "
                                "no separate output tensor to apply it to; merge the adapter instead", src)

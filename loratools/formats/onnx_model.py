@@ -48,6 +48,7 @@ from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedE
 from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
 from ..models.decoder import LoraSlot
+from ..ops.common import progress, stage
 
 TWO_GB = 2 * 1024**3
 
@@ -205,12 +206,12 @@ def _external_initializers(proto, specs, location: str) -> list[tuple[int, int]]
     return spans
 
 
-def _write_external(proto, specs, get, path: Path) -> None:
+def _write_external(proto, specs, get, path: Path, quiet: bool = True) -> None:
     """model.onnx (the graph) + model.onnx_data (the weights, one tensor in memory at a time)."""
     data = path.with_name("model.onnx_data")
     spans = _external_initializers(proto, specs, data.name)
     with open(data, "wb") as f:
-        for (name, key, tr, shape, dt), (offset, n) in zip(specs, spans):
+        for (name, key, tr, shape, dt), (offset, n) in progress(zip(specs, spans), "onnx: weights", len(specs), quiet):
             t = get(key, tr)
             assert tuple(t.shape) == tuple(shape) and t.dtype == dt, name
             f.seek(offset)
@@ -237,7 +238,7 @@ def _check_graph(proto, specs) -> None:
         onnx.checker.check_model(str(Path(d) / "model.onnx"))
 
 
-def _write_inline(proto, specs, get, path: Path) -> None:
+def _write_inline(proto, specs, get, path: Path, quiet: bool = True) -> None:
     """One model.onnx: the graph, then each weight as a further top-level ModelProto holding one
     initializer (protobuf merges repeated messages on parsing, so the file reads as one model).
     The wire format is written by hand so a tensor's bytes go from its buffer to the file."""
@@ -245,7 +246,7 @@ def _write_inline(proto, specs, get, path: Path) -> None:
 
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
-        for name, key, tr, shape, dt in specs:
+        for name, key, tr, shape, dt in progress(specs, "onnx: weights", quiet=quiet):
             t = get(key, tr)
             assert tuple(t.shape) == tuple(shape) and t.dtype == dt, name
             raw = t.view(torch.uint8).numpy()
@@ -263,7 +264,7 @@ def _write_inline(proto, specs, get, path: Path) -> None:
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, dtype: str = "fp32", cache: bool = True,
                 lora_slots: str | Sequence[str] | None = None, opset: int = 17, overwrite: bool = False,
-                external_data_over: int = TWO_GB - 64 * 1024**2) -> dict:
+                external_data_over: int = TWO_GB - 64 * 1024**2, quiet: bool = True) -> dict:
     """Write ``model_dir`` (adapters merged) as ``out_dir/model.onnx`` (+ ``model.onnx_data``
     when the weights pass ``external_data_over`` bytes, just under protobuf's 2 GB) with config
     and tokenizer files. ``lora_slots``: "all-linear" or a list of
@@ -313,6 +314,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
             args += [torch.zeros(1, in_f, dtype=tdt), torch.zeros(out_f, 1, dtype=tdt)]
             names_in += [a_name, b_name]
             axes[a_name], axes[b_name] = {0: f"lora_rank_{j}"}, {1: f"lora_rank_{j}"}
+        stage(f"onnx: tracing the graph (opset {opset}, {'KV cache' if cache else 'no cache'}"
+              + (f", {len(slots)} LoRA slots" if slots else "") + ")", quiet)
         with tempfile.TemporaryDirectory(prefix="loratools-onnx-") as work:
             raw = Path(work) / "model.onnx"
             import warnings
@@ -352,11 +355,11 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
             if big:
-                _write_external(proto, specs, get, path)
+                _write_external(proto, specs, get, path, quiet)
                 onnx.checker.check_model(str(path))  # by path: the weights are not loaded
             else:
                 _check_graph(proto, specs)
-                _write_inline(proto, specs, get, path)
+                _write_inline(proto, specs, get, path, quiet)
             copy_aux_files(model_dir, tmp)
     return {"model": str(model_dir), "out": str(out_dir), "dtype": dtype, "cache": cache, "opset": opset,
             "layers": L, "lora_slots": slots, "external_data": big}

@@ -23,9 +23,28 @@ def parse_dtype(name: str | None, allow_keep: bool = True) -> torch.dtype | None
     return DTYPE_NAMES[name]
 
 
-def progress(iterable, desc: str, total: int | None = None, quiet: bool = False):
-    return tqdm(iterable, desc=desc, total=total, unit="tensor", leave=False,
-                disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+def progress(iterable, desc: str, total: int | None = None, quiet: bool = False, unit: str = "tensor"):
+    """The one progress mechanism: a bar on a terminal; when stderr is not a terminal (piped, a log
+    file) one line for the stage instead of a bar that vanishes; nothing when ``quiet``."""
+    if quiet:
+        return iterable
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+    n = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    stage(desc + (f": {n} {unit}{'s' if n != 1 else ''}" if n is not None else ""))
+    return iterable
+
+
+def stage(message: str, quiet: bool = False) -> None:
+    """One progress line on stderr (``loratools: [stage] ...``) for a step that has no bar."""
+    if not quiet:
+        name, _, rest = message.partition(": ")
+        print(f"loratools: [{name}]" + (f" {rest}" if rest else ""), file=sys.stderr, flush=True)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: layers 1, 2, ..., 10, 11 (not 1, 10, 11, 2)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def check_finite(t: torch.Tensor, name: str, path, chunk: int = 1 << 22) -> None:

@@ -46,8 +46,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
             exact: bool = False, include: str | None = None, exclude: str | None = None,
             embeddings: str = "lora", device: str = "auto", seed: int = 0, oversample: int = 16,
             power_iters: int = 4, dtype: torch.dtype = torch.float32, overwrite: bool = False,
-            quiet: bool = True, expert_form: str | None = None) -> tuple[Adapter, dict]:
-    """Extract a LoRA adapter; write it (PEFT, with ``extract_report.json``) when ``out`` is given."""
+            quiet: bool = True, expert_form: str | None = None, full_spectra: bool = False) -> tuple[Adapter, dict]:
+    """Extract a LoRA adapter; write it (PEFT, with ``extract_report.json``) when ``out`` is given.
+    ``full_spectra`` (for --plot): each module's whole singular-value spectrum, up to its matrix rank,
+    in the report's spectra (a randomized SVD computes only the head it needs)."""
     if embeddings not in ("lora", "full", "skip"):
         raise LoratoolsError(f"--embeddings must be lora, full or skip, got {embeddings!r}")
     check_patterns(include, exclude)
@@ -117,7 +119,10 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                     # an MoE router (E, H) or shared-expert gate (1, H) is narrower than the rank: it is carried whole
                     r_mod = factor.RankRule("rank", min(M.shape), rule.max_rank)
                 B, A, S, info_f = factor.factorize(M, r_mod, exact, oversample, power_iters, seed)
-            plot_spectra[mod] = (info_f.pop("spectrum", S), e, info_f["rank"])
+            spec = info_f.pop("spectrum", S)
+            if full_spectra and spec.numel() < min(M.shape):
+                spec = torch.linalg.svdvals(M.float()).cpu()
+            plot_spectra[mod] = (spec, e, info_f["rank"])
             info_f["seconds"] = time.perf_counter() - ts
             info_f["shape"] = list(M.shape)
             info_f["total_energy"] = e

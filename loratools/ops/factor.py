@@ -174,7 +174,7 @@ def factorize(M: torch.Tensor, rule: RankRule, exact: bool = False, oversample: 
     k = min(k, S.numel())
     B, A = split_sqrt(U, S, Vh, k)
     energy, err = tail_error(S, k, total)
-    return B, A, S[:k], {"rank": k, "energy": energy, "rel_error": err, "method": method, "spectrum": S[:512].cpu()}
+    return B, A, S[:k], {"rank": k, "energy": energy, "rel_error": err, "method": method, "spectrum": S.cpu()}
 
 
 def allocate_budget(spectra: dict[str, tuple[torch.Tensor, int]], budget_params: int, min_rank: int = 1) -> dict[str, int]:

@@ -217,6 +217,48 @@ class _Checkpoints:
         return meta
 
 
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: where it stopped and the last checkpoint ``--resume`` continues from
+    (the CLI prints one line with the command and exits 130, as for any interrupt)."""
+
+    def __init__(self, step: int, total: int, out: Path, checkpoint_step: int | None):
+        self.step, self.total, self.out, self.checkpoint_step = step, total, Path(out), checkpoint_step
+        super().__init__(f"interrupted at step {step}/{total}")
+
+
+class _StopOnInterrupt:
+    """While active (main thread only), the first SIGINT asks the loop to stop after the current
+    step, so the checkpoint it writes is the exact state of a completed step; a second SIGINT
+    interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self, log):
+        self.log, self.requested, self._old = log, False, None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.log("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str | os.PathLike, cfg: TrainConfig,
           eval_path: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
           quiet: bool = True, log=print) -> dict:
@@ -311,41 +353,51 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     bar = tqdm(total=total, initial=step, disable=quiet or not sys.stderr.isatty(), desc="train", unit="step",
                dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
-    with open(metrics, "a") as mlog:
-        while step < total:
-            x, y = batch(step)
-            cur = lr_at(step, total, lr, cfg.warmup)
-            for g in opt.param_groups:
-                g["lr"] = cur
-            n_tok = int((y != -100).sum())
-            loss_sum = 0.0
-            for k in range(cfg.grad_accum):
-                sl = slice(k * cfg.batch_size, (k + 1) * cfg.batch_size)
-                loss = _loss(model, x[sl].to(dev), y[sl].to(dev)) / max(n_tok, 1)
-                loss.backward()
-                loss_sum += loss.item()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            seen += x.numel()
-            tps = seen / max(time.perf_counter() - t0, 1e-9)
-            rec = {"step": step, "loss": loss_sum, "lr": cur, "grad_norm": gnorm, "tokens_per_s": tps}
-            report["losses"].append(loss_sum)
-            if ev_xy is not None and (step % cfg.eval_every == 0 or step == total):
-                rec["eval_loss"] = evaluate(model, *ev_xy, cfg.batch_size, dev)
-                report["eval_losses"].append([step, rec["eval_loss"]])
-            mlog.write(json.dumps(rec) + "\n")
-            mlog.flush()
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cur:.2e}", tok_s=f"{tps:.0f}")
-            bar.update(1)
-            if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint()
-            if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
-                save_checkpoint()
-                bar.close()
-                report["stopped_at"] = step
-                return report
+    stop = _StopOnInterrupt(log)  # the first Ctrl-C: finish this step, checkpoint it, stop; a second: stop now
+    try:
+        with stop, open(metrics, "a") as mlog:
+            while step < total:
+                x, y = batch(step)
+                cur = lr_at(step, total, lr, cfg.warmup)
+                for g in opt.param_groups:
+                    g["lr"] = cur
+                n_tok = int((y != -100).sum())
+                loss_sum = 0.0
+                for k in range(cfg.grad_accum):
+                    sl = slice(k * cfg.batch_size, (k + 1) * cfg.batch_size)
+                    loss = _loss(model, x[sl].to(dev), y[sl].to(dev)) / max(n_tok, 1)
+                    loss.backward()
+                    loss_sum += loss.item()
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                seen += x.numel()
+                tps = seen / max(time.perf_counter() - t0, 1e-9)
+                rec = {"step": step, "loss": loss_sum, "lr": cur, "grad_norm": gnorm, "tokens_per_s": tps}
+                report["losses"].append(loss_sum)
+                if ev_xy is not None and (step % cfg.eval_every == 0 or step == total):
+                    rec["eval_loss"] = evaluate(model, *ev_xy, cfg.batch_size, dev)
+                    report["eval_losses"].append([step, rec["eval_loss"]])
+                mlog.write(json.dumps(rec) + "\n")
+                mlog.flush()
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{cur:.2e}", tok_s=f"{tps:.0f}")
+                bar.update(1)
+                if step % cfg.checkpoint_every == 0 and step < total:
+                    save_checkpoint()
+                if cfg.stop_after is not None and step >= cfg.stop_after and step < total:
+                    save_checkpoint()
+                    bar.close()
+                    report["stopped_at"] = step
+                    return report
+                if stop.requested and step < total:
+                    if step % cfg.checkpoint_every:
+                        save_checkpoint()
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        last = ckpts.latest()
+        raise TrainInterrupted(step, total, out, int(last.name.split("-")[1]) if last is not None else None) from None
     bar.close()
     model.eval()
     report["tokens_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
