@@ -309,23 +309,24 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
             plan.append((names[own], n, shape, q, lambda n=n: view.tensor(n, mapped=True)))
         for gname, shape, is_weight, get in stacked:
             plan.append((gname, None, shape, _qtype_for(gname, shape, qname) if is_weight else F32, get))
-        if qname in LEGACY_QTYPES:  # llama-quantize's rule for the output layer (a tied token_embd is it)
-            head = "output.weight" if not tied or fam.output == "required" else "token_embd.weight"
+        if tied and fam.output == "required":  # the tied head written as its own tensor
+            emb = disk["model.embed_tokens.weight"]
+            shape = view.info(emb).shape
+            plan.append(("output.weight", emb, shape, _qtype_for(emb, shape, qname), lambda: view.tensor(emb, mapped=True)))
+        for gname, make in fam.extra:
+            t = make(cfg)
+            if t is not None:
+                plan.append((gname, None, tuple(t.shape), F32, lambda t=t: t))
+        if qname in LEGACY_QTYPES:
+            # llama-quantize's rule for the output layer (token_embd when the file has no output.weight):
+            # Q6_K, or Q8_0 where the rows do not fit 256-blocks; loratools writes Q8_0 (no Q6_K quantizer here)
+            head = "output.weight" if any(p[0] == "output.weight" for p in plan) else "token_embd.weight"
             for i, (gname, hf, shape, q, get) in enumerate(plan):
                 if gname == head and q != F32:
                     plan[i] = (gname, hf, shape, gguf.GGMLQuantizationType.Q8_0, get)
                     if shape[-1] % 256 == 0:
                         report["warnings"].append(f"{head} written as Q8_0: llama-quantize stores it as Q6_K, which "
                                                   "needs llama.cpp's quantizer (pip install 'loratools[llama]')")
-        if tied and fam.output == "required":  # the tied head written as its own tensor
-            emb = disk["model.embed_tokens.weight"]
-            shape = view.info(emb).shape
-            q = gguf.GGMLQuantizationType.Q8_0 if qname in LEGACY_QTYPES else _qtype_for(emb, shape, qname)
-            plan.append(("output.weight", emb, shape, q, lambda: view.tensor(emb, mapped=True)))
-        for gname, make in fam.extra:
-            t = make(cfg)
-            if t is not None:
-                plan.append((gname, None, tuple(t.shape), F32, lambda t=t: t))
         w = gguf.GGUFWriter(None, fam.arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(Path(model_dir).resolve().name)

@@ -70,7 +70,7 @@ def require(outtype: str):
 def ftype_of(outtype: str) -> int:
     import llama_cpp
 
-    return int(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_OUTTYPES[outtype]}"))
+    return int(getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_OUTTYPES.get(outtype, outtype.upper())}"))
 
 
 # -- the quantizer ---------------------------------------------------------------------------
