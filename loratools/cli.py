@@ -473,16 +473,23 @@ def export():
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter merged first (repeatable).")
 @click.option("--weights", help="Comma-separated weight per adapter.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf file.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]),
-              default="f16", show_default=True)
+@click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
+              help=f"One of {', '.join(api.gguf_outtypes())}. f32/f16/bf16/q8_0 are written directly; the K-quants, "
+                   "i-quants (and q4_0..q5_1 when llama-cpp-python is installed) by llama.cpp's own quantizer from an "
+                   "f32 intermediate.")
+@click.option("--imatrix", type=click.Path(), help="Importance matrix for the quantizer (llama-imatrix's GGUF or .dat file).")
+@click.option("--calibration", type=click.Path(),
+              help="Text or JSONL (as train reads it) to compute the importance matrix from (reference decoder, fp32).")
+@click.option("--save-imatrix", type=click.Path(), help="Write the importance matrix computed from --calibration (GGUF format).")
 @click.option("--pre", help="Override the detected tokenizer.ggml.pre name (e.g. llama-bpe, qwen2, smollm).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def export_gguf(model, adapters, weights, output, outtype, pre, overwrite, quiet, as_json):
+def export_gguf(model, adapters, weights, output, outtype, imatrix, calibration, save_imatrix, pre, overwrite, quiet,
+                as_json):
     """A llama.cpp GGUF model (every family of the architecture registry), adapters merged, tensors streamed."""
     rep, warned = api.export_gguf(model, adapters, output, _weights(weights, len(adapters)), outtype, pre, overwrite,
-                                  quiet or as_json)
+                                  quiet or as_json, imatrix=imatrix, calibration=calibration, save_imatrix=save_imatrix)
     if not as_json:
         for w in warned:
             click.echo(f"warning: {w}", err=True)
@@ -607,15 +614,18 @@ def train(model, data_path, output, eval_path, resume, overwrite, quiet, as_json
 @click.option("--max-kl", type=float, help="Override the mean-KL tolerance for every candidate.")
 @click.option("--min-top1", type=float, help="Override the top-1 agreement tolerance.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@click.option("--no-quant-baseline", is_flag=True,
+              help="Judge a quantized GGUF by the fixed per-precision bar instead of llama.cpp's own file of its type.")
 @click.option("--json", "as_json", is_flag=True)
-def validate(candidates, base, adapters, weights, prompts, tokens, device, max_kl, min_top1, quiet, as_json):
+def validate(candidates, base, adapters, weights, prompts, tokens, device, max_kl, min_top1, no_quant_baseline, quiet, as_json):
     """Check that written artifacts compute what base + adapters compute, each in its own runtime.
 
     CANDIDATES: a checkpoint folder, a .gguf, BASE.gguf+ADAPTER.gguf, an ONNX folder, or
     ONNX_DIR+NAME.onnx_adapter. Exit code 0 only when every candidate passes."""
     tol = {k: x for k, x in (("mean_kl", max_kl), ("top1", min_top1)) if x is not None}
     rep = api.validate(base, adapters, candidates, _weights(weights, len(adapters)),
-                       api.read_prompts(prompts) if prompts else None, tokens, device, tol, quiet=quiet or as_json)
+                       api.read_prompts(prompts) if prompts else None, tokens, device, tol, quiet=quiet or as_json,
+                       quant_baseline=not no_quant_baseline)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
@@ -638,6 +648,17 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
             name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
             click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime']:<{rw}} {c['precision']:<5} "
                        f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
+        for c in rep["candidates"]:
+            m, qb = c["metrics"], c.get("quant_baseline")
+            if c.get("quant_type"):
+                click.echo(f"  {c['quant_type']} quality of {c['candidate'].rstrip('/').split('/')[-1]}: KL mean "
+                           f"{m['mean_kl']:.4f}, p99 {m['p99_kl']:.4f}; top-1 {100 * m['top1']:.1f}%; perplexity "
+                           f"{m['perplexity']:.3f} (reference {rep['reference_perplexity']:.3f})")
+            if qb:
+                click.echo(f"    judged against llama.cpp's own {qb['outtype']} of the same weights (from the f32 export, "
+                           f"no imatrix): KL mean {qb['mean_kl']:.4f}, p99 {qb['p99_kl']:.4f}; top-1 "
+                           f"{100 * qb['top1']:.1f}%; perplexity {qb['perplexity']:.3f}; pass when KL <= "
+                           f"{c['tolerance']['mean_kl']:.4f} and top-1 >= {100 * c['tolerance']['top1']:.1f}%")
         for c in rep["candidates"]:
             for w in c.get("warnings", []):
                 click.echo(f"warning: {c['candidate']}: {w}", err=True)

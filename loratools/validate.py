@@ -181,16 +181,89 @@ def _compare(refs, outs, tokens: int, spec: str = "the base model") -> tuple[lis
                     "top1": float((cl.argmax(-1) == rl.argmax(-1)).mean()),
                     "greedy_match": _greedy_match(rg, cg) / tokens if tokens else 1.0,  # --tokens 0: nothing to compare
                     "worst_position": int(kl.argmax())})
+    every = np.concatenate([kl_rows(rl, cl) for (rl, _), (cl, _) in zip(refs, outs)])
     agg = {"max_abs": max(p["max_abs"] for p in per), "mean_abs": float(np.mean([p["mean_abs"] for p in per])),
+           "p99_kl": float(np.percentile(every, 99)),
            "max_rel": max(p["max_rel"] for p in per), "mean_kl": float(np.mean([p["mean_kl"] for p in per])),
            "max_kl": max(p["max_kl"] for p in per), "top1": float(np.mean([p["top1"] for p in per])),
            "greedy_match": float(np.mean([p["greedy_match"] for p in per]))}
     return per, agg
 
 
+def perplexity(logits_list, ids_list) -> float:
+    """exp(mean negative log-likelihood of each next prompt token), over all prompts' positions
+    (as llama-perplexity scores a text)."""
+    nll, n = 0.0, 0
+    for lg, ids in zip(logits_list, ids_list):
+        if len(ids) < 2:
+            continue
+        lp = torch.log_softmax(torch.from_numpy(np.asarray(lg[:-1])).double(), -1)
+        nll -= float(lp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+        n += len(ids) - 1
+    return math.exp(nll / n) if n else float("nan")
+
+
+# a quantized GGUF passes when its mean KL is within this margin of llama.cpp's own quantizer's file of the
+# same type made from the f32 export of the same weights: KL <= QUANT_KL_MARGIN x that + QUANT_KL_SLACK, and its
+# top-1 agreement at most QUANT_TOP1_MARGIN below that file's (measured on SmolLM2: docs/benchmarks.md)
+QUANT_KL_MARGIN = 1.10
+QUANT_KL_SLACK = 1e-4
+QUANT_TOP1_MARGIN = 0.03
+
+
+def _file_outtype(path: Path) -> str | None:
+    """The llama.cpp quantizer type (an --outtype) of a GGUF's general.file_type, None for f32/f16/bf16."""
+    from .formats.gguf_model import field, open_gguf
+    from .formats import gguf_quant
+
+    ft = field(open_gguf(path), "general.file_type")
+    if ft is None or not gguf_quant.available():
+        return None
+    names = {gguf_quant.ftype_of(t): t for t in gguf_quant.LLAMA_OUTTYPES}
+    import llama_cpp
+
+    names[int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)] = "q8_0"
+    return names.get(int(ft))
+
+
+def _quant_baseline(base, adapters, weights, outtype: str, workdir: Path) -> Path:
+    """llama.cpp's own ``outtype`` file of the reference's weights: loratools' f32 export of base +
+    adapters (merged), then llama_model_quantize, without an importance matrix."""
+    from .formats import gguf_quant
+    from .formats.gguf_model import _export
+
+    f32 = workdir / "reference-f32.gguf"
+    if not f32.exists():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _export(base, f32, adapters, weights, "f32")
+    out = workdir / f"reference-{outtype}.gguf"
+    gguf_quant.quantize(f32, out, outtype)
+    return out
+
+
 def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], candidates: Sequence[str],
              weights: Sequence[float] | None = None, prompts: Sequence[str] | None = None, tokens: int = 16,
-             device: str = "auto", tolerances: dict | None = None, peft_check: bool = True, quiet: bool = True) -> dict:
+             device: str = "auto", tolerances: dict | None = None, peft_check: bool = True, quiet: bool = True,
+             quant_baseline: bool = True) -> dict:
+    """Each candidate against the reference (module docstring). ``quant_baseline``: judge a quantized
+    GGUF against llama.cpp's own file of its type made from the f32 export of the reference's weights
+    (within QUANT_KL_MARGIN of its mean KL), not against a fixed bar; the report says so."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="loratools-validate-"))
+    try:
+        return _validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances, peft_check,
+                         quant_baseline, work, quiet)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances, peft_check, quant_baseline,
+              work: Path, quiet: bool = True) -> dict:
     from . import api
     from .models.decoder import load_model
     from .device import pick_device
@@ -217,9 +290,30 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
     report = {"schema": "loratools.validate/1", "base": str(base), "adapters": [str(a) for a in adapters],
               "weights": list(weights) if weights else None, "reference": {"runtime": "torch", "dtype": "fp32", "device": str(dev)},
               "prompts": len(prompts), "prompt_tokens": [len(i) for i in ids_list], "greedy_tokens": tokens,
+              "reference_perplexity": perplexity([r[0] for r in refs], ids_list),
               "adapter_effect": effect, "candidates": []}
+    baselines: dict[str, dict] = {}
     for ci, c in enumerate(cands, 1):
         tol = {**TOLERANCES[c.precision], **(tolerances or {})}
+        qtype = _file_outtype(c.path) if c.kind == "gguf" and c.adapter is None else None
+        qb = None
+        if qtype is not None and quant_baseline:  # judged against what this type can do: llama.cpp's own file of it
+            if qtype not in baselines:
+                from .runtimes import llamacpp
+
+                bpath = _quant_baseline(base, loaded, weights, qtype, work)
+                bouts = [llamacpp.run(bpath, ids, tokens) for ids in ids_list]
+                _, bagg = _compare(refs, bouts, tokens, str(bpath))
+                baselines[qtype] = {"outtype": qtype, "made_by": "llama.cpp llama_model_quantize from loratools' f32 "
+                                    "export of the reference's weights (no importance matrix)",
+                                    "size_bytes": bpath.stat().st_size, "mean_kl": bagg["mean_kl"],
+                                    "p99_kl": bagg["p99_kl"], "top1": bagg["top1"],
+                                    "perplexity": perplexity([o[0] for o in bouts], ids_list),
+                                    "kl_margin": QUANT_KL_MARGIN, "top1_margin": QUANT_TOP1_MARGIN}
+                bpath.unlink(missing_ok=True)
+            qb = baselines[qtype]
+            tol = {"mean_kl": qb["mean_kl"] * QUANT_KL_MARGIN + QUANT_KL_SLACK,
+                   "top1": max(0.0, qb["top1"] - QUANT_TOP1_MARGIN), "greedy": 0.0, **(tolerances or {})}
         outs, provider = [], c.runtime
         todo = progress(ids_list, f"validate: candidate {ci}/{len(cands)} {c.spec.rstrip('/').split('/')[-1]}",
                         quiet=quiet, unit="prompt")
@@ -254,8 +348,9 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
             warn.append(f"its error (mean KL {agg['mean_kl']:.3g}, top-1 {100 * agg['top1']:.1f}%) exceeds the adapters' "
                         f"own effect (the base model without them: mean KL {effect['mean_kl']:.3g}, top-1 "
                         f"{100 * effect['top1']:.1f}%)")
+        agg["perplexity"] = perplexity([o[0] for o in outs], ids_list)
         report["candidates"].append({"candidate": c.spec, "kind": c.kind, "precision": c.precision, "runtime": provider,
-                                     "size_bytes": size,
+                                     "size_bytes": size, "quant_type": qtype, "quant_baseline": qb,
                                      "metrics": agg, "per_prompt": per, "tolerance": tol, "passed": not failed,
                                      "failed_checks": failed,
                                      "kl_over_adapter_effect": (agg["mean_kl"] / effect["mean_kl"]

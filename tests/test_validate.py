@@ -45,7 +45,7 @@ def test_every_candidate_kind_passes(art, run_cli):
     assert {("checkpoint", "fp32"), ("checkpoint", "bf16"), ("gguf", "q8_0"), ("gguf", "fp32"), ("onnx", "fp32"),
             ("onnx", "fp16")} <= kinds
     for c in rep["candidates"]:
-        assert set(c["metrics"]) == {"max_abs", "mean_abs", "max_rel", "mean_kl", "max_kl", "top1", "greedy_match"}
+        assert set(c["metrics"]) == {"max_abs", "mean_abs", "max_rel", "mean_kl", "max_kl", "top1", "greedy_match", "p99_kl", "perplexity"}
         assert c["runtime"].startswith(("torch", "llama.cpp", "onnxruntime"))
 
 

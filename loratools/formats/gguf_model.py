@@ -36,6 +36,7 @@ SOURCE_CONFIG_KEY = "loratools.source_config"
 
 OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
             "q5_0": "Q5_0", "q5_1": "Q5_1"}
+LEGACY_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
               "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1"}
 
@@ -201,22 +202,56 @@ def _check_name(w, report: dict) -> None:
                                       f"({', '.join(missing)})")
 
 
+def all_outtypes() -> list[str]:
+    """Every --outtype: the in-house writer's and llama.cpp quantizer's."""
+    from .gguf_quant import LLAMA_OUTTYPES
+
+    return list(OUTTYPES) + [t for t in LLAMA_OUTTYPES if t not in OUTTYPES]
+
+
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, outtype: str = "f16", pre: str | None = None,
-                overwrite: bool = False, quiet: bool = True) -> dict:
+                overwrite: bool = False, quiet: bool = True, imatrix: str | os.PathLike | None = None,
+                calibration: str | os.PathLike | None = None, save_imatrix: str | os.PathLike | None = None,
+                chunk: int = 512) -> dict:
     """Write ``model_dir`` (with ``adapters`` merged) as a llama.cpp GGUF model.
+
+    f32/f16/bf16/q8_0 are written here, tensor by tensor. K-quants and i-quants (and, when
+    llama-cpp-python is installed, the legacy q4_0/q4_1/q5_0/q5_1) are made by llama.cpp's own
+    quantizer from an f32 intermediate (``export_quantized``), so the per-tensor types are
+    llama-quantize's; without llama-cpp-python the legacy types are written here with its rule
+    for the output layer (a tied token_embd too): Q8_0 instead of the 4/5-bit type.
 
     An adapter that changes the two sides of tied embeddings differently unties them, as merge does:
     output.weight is written and the stored source config says tie_word_embeddings=false. One that
     changes both by the same delta (as extract writes it) keeps the tie."""
+    from . import gguf_quant
+
+    if outtype not in all_outtypes():
+        raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(all_outtypes())})")
+    uses_imatrix = imatrix is not None or calibration is not None
+    if save_imatrix is not None and calibration is None:
+        raise LoratoolsError("--save-imatrix needs --calibration (the text the importance matrix is computed from)")
+    if imatrix is not None and calibration is not None:
+        raise LoratoolsError("--imatrix and --calibration are alternatives: give one")
+    if outtype in gguf_quant.LLAMA_OUTTYPES and (outtype not in OUTTYPES or uses_imatrix or gguf_quant.available()):
+        return export_quantized(model_dir, out, adapters, weights, outtype, pre, overwrite, quiet, imatrix,
+                                calibration, save_imatrix, chunk)
+    if uses_imatrix:
+        raise LoratoolsError(f"--imatrix/--calibration apply to llama.cpp's quantized types (q4_k_m, iq4_xs, ...), "
+                             f"not --outtype {outtype}")
+    return _export(model_dir, out, adapters, weights, outtype, pre, overwrite, quiet)
+
+
+def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre=None, overwrite: bool = False,
+            quiet: bool = True) -> dict:
+    """The in-house streamed writer (f32, f16, bf16, q8_0; the legacy 4/5-bit types without llama.cpp)."""
     from ..ops.common import progress
     from ..ops.merge import MergedView
     from . import gguf_vocab
 
     gguf = _gguf()
     F32 = gguf.GGMLQuantizationType.F32
-    if outtype not in OUTTYPES:
-        raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(OUTTYPES)})")
     qname = OUTTYPES[outtype]
     check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
     cfg = load_config(model_dir)
@@ -282,6 +317,16 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
             t = make(cfg)
             if t is not None:
                 plan.append((gname, None, tuple(t.shape), F32, lambda t=t: t))
+        if qname in LEGACY_QTYPES:
+            # llama-quantize's rule for the output layer (token_embd when the file has no output.weight):
+            # Q6_K, or Q8_0 where the rows do not fit 256-blocks; loratools writes Q8_0 (no Q6_K quantizer here)
+            head = "output.weight" if any(p[0] == "output.weight" for p in plan) else "token_embd.weight"
+            for i, (gname, hf, shape, q, get) in enumerate(plan):
+                if gname == head and q != F32:
+                    plan[i] = (gname, hf, shape, gguf.GGMLQuantizationType.Q8_0, get)
+                    if shape[-1] % 256 == 0:
+                        report["warnings"].append(f"{head} written as Q8_0: llama-quantize stores it as Q6_K, which "
+                                                  "needs llama.cpp's quantizer (pip install 'loratools[llama]')")
         w = gguf.GGUFWriter(None, fam.arch)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(Path(model_dir).resolve().name)
@@ -318,6 +363,60 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     for msg in report["warnings"]:
         warnings.warn(msg, stacklevel=2)
     return report
+
+
+def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "q4_k_m", pre=None,
+                     overwrite: bool = False, quiet: bool = True, imatrix=None, calibration=None, save_imatrix=None,
+                     chunk: int = 512) -> dict:
+    """A type of llama.cpp's quantizer: the streamed f32 export to an intermediate beside ``out``
+    (a hidden temporary name, removed on success and failure), then ``llama_model_quantize`` into a
+    temporary file renamed to ``out``. ``imatrix``: a file as llama-imatrix writes it;
+    ``calibration``: text to compute one from with the reference decoder (base + adapters),
+    saved to ``save_imatrix`` when given."""
+    import uuid
+
+    from . import gguf_quant
+
+    gguf_quant.require(outtype)
+    if outtype in gguf_quant.NEEDS_IMATRIX and imatrix is None and calibration is None:
+        raise LoratoolsError(f"--outtype {outtype} needs an importance matrix (llama.cpp refuses it without one): "
+                             "give --imatrix FILE or --calibration TEXT")
+    out = Path(out)
+    check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
+    if save_imatrix is not None:
+        check_output(save_imatrix, [model_dir, calibration], overwrite)
+        if Path(save_imatrix).resolve() == out.resolve():
+            raise LoratoolsError("--save-imatrix and the output are the same file", save_imatrix)
+    im = None
+    if imatrix is not None:
+        im = gguf_quant.read_imatrix(imatrix)
+    elif calibration is not None:
+        im = gguf_quant.compute_imatrix(model_dir, adapters, weights, calibration, chunk, quiet)
+    mid = out.with_name(f".{out.name}.f32-{os.getpid()}-{uuid.uuid4().hex[:8]}.gguf")
+    try:
+        rep = _export(model_dir, mid, adapters, weights, "f32", pre, False, quiet)
+        if im is not None:
+            reader = open_gguf(mid)
+            shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
+            del reader
+            gguf_quant.check_imatrix(im, shapes, imatrix if imatrix is not None else calibration)
+        with atomic_file(out) as tmp:
+            q = gguf_quant.quantize(mid, tmp, outtype, im.normalized() if im is not None else None, quiet)
+        if save_imatrix is not None:
+            gguf_quant.write_imatrix(save_imatrix, im)
+    finally:
+        mid.unlink(missing_ok=True)
+    reader = open_gguf(out)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    rep.update(out=str(out), outtype=outtype, quantizer="llama.cpp llama_model_quantize (from an f32 intermediate)",
+               tensor_types=types, fallbacks=q["fallbacks"])
+    if im is not None:
+        rep["imatrix"] = {"source": str(imatrix if imatrix is not None else calibration), "entries": len(im.entries),
+                          "chunks": im.chunk_count, "chunk_size": im.chunk_size,
+                          **({"saved": str(save_imatrix)} if save_imatrix is not None else {})}
+    return rep
 
 
 def _check_moe(cfg, mv, shapes: dict, path, stored=None) -> None:
