@@ -19,7 +19,7 @@ import torch
 
 from . import st
 from .errors import InputError, LoratoolsError, UnsupportedError
-from .fsutil import atomic_dir
+from .fsutil import BackgroundSync, atomic_dir
 
 # Files carried from a source checkpoint to a written one (besides weights).
 AUX_FILES = (
@@ -316,13 +316,19 @@ class CheckpointWriter:
         self._writers: dict[str, st.SafetensorsWriter] = {}
         self.weight_map: dict[str, str] = {}
         self._shard_writers: list[st.SafetensorsWriter] = []
-        for i, g in enumerate(groups):
-            fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
-            w = st.SafetensorsWriter(self.tmp / fname, g, {"format": "pt"})
-            self._shard_writers.append(w)
-            for s in g:
-                self._writers[s.name] = w
-                self.weight_map[s.name] = fname
+        self._sync = BackgroundSync()  # the shards reach the disk while they are written
+        try:
+            for i, g in enumerate(groups):
+                fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+                w = st.SafetensorsWriter(self.tmp / fname, g, {"format": "pt"})
+                self._shard_writers.append(w)
+                self._sync.add(w._f.fileno())
+                for s in g:
+                    self._writers[s.name] = w
+                    self.weight_map[s.name] = fname
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -332,6 +338,10 @@ class CheckpointWriter:
         """Write slab ``index`` (along the first dim) of tensor ``name``: a 3-D expert stack one
         expert at a time."""
         self._writers[name].write_part(name, index, part)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start:start + len(rows)`` of tensor ``name`` (a large tensor in row blocks)."""
+        self._writers[name].write_rows(name, start, rows)
 
     def copy_from(self, name: str, ck: "Checkpoint", src_name: str | None = None) -> bool:
         """Copy an unchanged tensor's bytes from ``ck`` (no tensor in memory). False when the
@@ -346,6 +356,7 @@ class CheckpointWriter:
 
     def __exit__(self, et, ev, tb):
         try:
+            self._sync.close()
             if et is None:
                 for w in self._shard_writers:
                     w.close()

@@ -101,3 +101,49 @@ def check_space(dest: str | os.PathLike, needed: int, what: str = "the output") 
     if free < want:
         raise OutputError(f"not enough disk space for {what}: about {want / 1e9:.2f} GB needed, "
                           f"{free / 1e9:.2f} GB free on {parent}", dest)
+
+
+class BackgroundSync:
+    """Flush written data to disk while the writing goes on: a thread calls ``fdatasync`` on the
+    added files every ``interval`` seconds, so the final fsync of an output (atomic_file / atomic_dir)
+    finds little left to write instead of the whole file. Each file is synced through its own
+    duplicate descriptor (closing the original is harmless); ``close()`` stops and joins the
+    thread and closes the duplicates, on every exit path (use it as a context manager)."""
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self._fds: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, name="loratools-sync", daemon=True)
+        self._thread.start()
+
+    def add(self, fd: int) -> None:
+        with self._lock:
+            if not self._stop.is_set():
+                self._fds.append(os.dup(fd))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                fds = list(self._fds)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.fdatasync(fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            for fd in self._fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "BackgroundSync":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

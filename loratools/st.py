@@ -144,6 +144,15 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self._data_start + info.begin, info.nbytes
 
+    def will_need(self, name: str) -> None:
+        """Ask the kernel to read a tensor's bytes ahead (asynchronously), for the next step."""
+        off, n = self.location(name)
+        if n and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fh().fileno(), off, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
     def mapped(self, name: str) -> torch.Tensor:
         """A tensor backed by a private copy-on-write map of the file: no copy, its pages are
         file-backed (the kernel can drop and re-read them), writes never reach the file. For
@@ -246,6 +255,29 @@ class SafetensorsWriter:
             self._f.seek(self._data_start + info.begin + index * step)
             self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
         done.add(index)
+        if len(done) == info.shape[0]:
+            self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows ``start:start + len(rows)`` (along the first dim) of a planned tensor: a large
+        tensor a block of rows at a time; it counts as written once every row has been (each once)."""
+        info = self.placed.get(name)
+        if info is None or name not in self._pending:
+            raise LoratoolsError(f"{self.path}: tensor {name!r} not expected (or written twice)")
+        n = rows.shape[0] if rows.dim() else 0
+        if not info.shape or tuple(rows.shape[1:]) != info.shape[1:] or rows.dtype != info.dtype or \
+                not 0 <= start < start + n <= info.shape[0]:
+            raise LoratoolsError(f"{self.path}: rows {start}:{start + n} of tensor {name!r} are {tuple(rows.shape)} "
+                                 f"{rows.dtype}, planned {info.shape} {info.dtype}")
+        done = self._parts.setdefault(name, set())
+        if done.intersection(range(start, start + n)):
+            raise LoratoolsError(f"{self.path}: rows of tensor {name!r} written twice")
+        t = rows.detach().to("cpu").contiguous()
+        step = info.nbytes // info.shape[0]
+        if step:
+            self._f.seek(self._data_start + info.begin + start * step)
+            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        done.update(range(start, start + n))
         if len(done) == info.shape[0]:
             self._pending.discard(name)
 

@@ -25,7 +25,8 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import atomic_file, check_output, check_space
+from ..fsutil import BackgroundSync, atomic_file, check_output, check_space
+from ..ops.common import check_finite, check_output_finite
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
 from . import gguf_arch, gguf_moe
@@ -122,21 +123,30 @@ def _info_args(shape: tuple, qtype):
     return bshape, np.dtype(np.uint8), int(np.prod(bshape)), qtype
 
 
-def _encode(t: torch.Tensor, qtype) -> np.ndarray:
+def _check_f16(h: torch.Tensor, name: str | None) -> None:
+    """Refuse values that overflow float16 (the inputs are finite: MergedView checked them), exit 3."""
+    check_output_finite(h, name or "?", "float16", "use --outtype bf16 or f32")
+
+
+def _encode(t: torch.Tensor, qtype, name: str | None = None) -> np.ndarray:
     gguf = _gguf()
     Q = gguf.GGMLQuantizationType
     a = t.detach().to(torch.float32).cpu().numpy()
     if qtype == Q.F32:
         return a
     if qtype == Q.F16:
-        return a.astype(np.float16)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, with the tensor named
+            h = a.astype(np.float16)
+        _check_f16(torch.from_numpy(h), name)
+        return h
     return gguf.quants.quantize(a, qtype).view(np.uint8)
 
 
 BLOCK_BYTES = 64 << 20  # float32 bytes of a tensor converted and written at a time (a module constant: tests lower it)
+STREAMED = True  # F32/F16 blocks converted by torch into reused buffers; tests set False: numpy's _encode per block
 
 
-def _write_rows(w, t: torch.Tensor, qtype) -> None:
+def _write_rows(w, t: torch.Tensor, qtype, name: str | None = None) -> None:
     """``w.write_tensor_data(_encode(t.float(), qtype))`` a block of rows at a time: the same bytes (a
     row-major tensor's bytes are its row blocks' bytes, for F32/F16/BF16 and the block quants, whose blocks
     run along rows), without a whole float32 copy and a whole encoded copy beside ``t``. Alignment padding
@@ -144,19 +154,37 @@ def _write_rows(w, t: torch.Tensor, qtype) -> None:
     gguf = _gguf()
     native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
     if t.dim() < 2 or w.endianess != native:
-        w.write_tensor_data(_encode(t.float(), qtype))
+        w.write_tensor_data(_encode(t.float(), qtype, name))
         return
-    _write_parts(w, iter((t,)), qtype)
+    _write_parts(w, iter((t,)), qtype, name)
 
 
-def _write_parts(w, parts, qtype) -> None:
+class _Buffers:
+    """Reused conversion buffers, one per dtype (a fresh large allocation costs a page fault per 4 KiB)."""
+
+    def __init__(self):
+        self._b: dict = {}
+
+    def get(self, shape, dtype):
+        n = int(np.prod(shape))
+        b = self._b.get(dtype)
+        if b is None or b.numel() < n:
+            self._b.pop(dtype, None)
+            b = self._b[dtype] = torch.empty(n, dtype=dtype)
+        return b[:n].view(tuple(shape))
+
+
+_BUF = _Buffers()
+
+
+def _write_parts(w, parts, qtype, name: str | None = None) -> None:
     """One tensor written from consecutive parts (``parts`` yields row-major tensors of one row
     length whose rows, in order, are the tensor's): a stacked (E, a, b) expert tensor is its experts'
     (a, b) slabs, one at a time, each a block of rows at a time."""
     gguf = _gguf()
     native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
     if w.endianess != native:
-        w.write_tensor_data(_encode(torch.cat([p.float().reshape(-1, p.shape[-1]) for p in parts]), qtype))
+        w.write_tensor_data(_encode(torch.cat([p.float().reshape(-1, p.shape[-1]) for p in parts]), qtype, name))
         return
     if w.state is not gguf.gguf_writer.WriterState.TI_DATA and w.state is not gguf.gguf_writer.WriterState.WEIGHTS:
         raise ValueError(f"Expected output file to contain tensor info or weights, got {w.state}")
@@ -169,7 +197,17 @@ def _write_parts(w, parts, qtype) -> None:
         rows = t.reshape(-1, t.shape[-1])
         step = max(1, BLOCK_BYTES // (4 * rows.shape[1]))
         for i in range(0, rows.shape[0], step):
-            a = _encode(rows[i:i + step].float(), qtype)
+            blk = rows[i:i + step]
+            if STREAMED and qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                # the same rounding as numpy's astype (IEEE round to nearest even), into a reused buffer
+                h = _BUF.get(blk.shape, torch.float32 if qtype == gguf.GGMLQuantizationType.F32 else torch.float16)
+                h.copy_(blk)
+                if h.dtype == torch.float16:
+                    _check_f16(h, name)
+                fout.write(memoryview(h.numpy()).cast("B"))
+                written += h.numel() * h.element_size()
+                continue
+            a = _encode(blk.float(), qtype, name)
             a.tofile(fout)
             written += a.nbytes
     if written != ti.nbytes:
@@ -342,18 +380,20 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
             w.add_tensor_info(gname, ishape, idtype, n, raw_dtype=raw)
             nbytes += n
         check_space(out, nbytes, "the GGUF file")
-        with atomic_file(out) as tmp:
+        with atomic_file(out) as tmp, BackgroundSync() as sync, _closing(w):
             w.write_header_to_file(tmp)
+            sync.add(w.fout[0].fileno())  # the file reaches the disk while it is written
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
                 t = get()  # as stored (mapped) when no adapter changes it, else the merged fp32 tensor
                 if not isinstance(t, torch.Tensor):  # a stacked expert tensor: its experts' slabs, one at a time
-                    _write_parts(w, t, q)
+                    _write_parts(w, t, q, gname)
                 elif hf is not None and gguf_arch.changes(fam, gname, cfg):
-                    w.write_tensor_data(_encode(gguf_arch.to_gguf(fam, gname, t.float(), cfg), q))
+                    w.write_tensor_data(_encode(gguf_arch.to_gguf(fam, gname, t.float(), cfg), q, hf))
                 else:
-                    _write_rows(w, t, q)
+                    _write_rows(w, t, q, hf or gname)
+            sync.close()
             w.close()
     report["tensors"] = len(plan)
     if skipped:
@@ -363,6 +403,21 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
     for msg in report["warnings"]:
         warnings.warn(msg, stacklevel=2)
     return report
+
+
+class _closing:
+    """Close a GGUFWriter's files when the export fails (on success ``w.close()`` has run)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __enter__(self):
+        return self.w
+
+    def __exit__(self, et, ev, tb):
+        if et is not None:
+            for f in self.w.fout or []:
+                f.close()
 
 
 def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "q4_k_m", pre=None,
@@ -546,6 +601,32 @@ def config_from_gguf(reader, path) -> dict:
     return cfg
 
 
+def _rounded(x: torch.Tensor, dtype: torch.dtype, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` rounded to the output ``dtype`` (into ``out`` when given), refusing an overflow (exit 3)."""
+    y = x.to(dtype) if out is None else out.copy_(x)
+    if y.dtype == torch.float16:
+        check_output_finite(y, name, "float16", "import with --dtype bf16 or fp32")
+    return y
+
+
+def _import_rows(wr, hf: str, t, spec, path) -> None:
+    """An F16/F32 GGUF tensor that llama.cpp takes as stored, converted to the checkpoint's dtype a
+    block of rows at a time straight from the mapped file (the bytes of dequantize + .to(dtype):
+    both conversions are exact or round once)."""
+    import warnings as _w
+
+    rows, cols = spec.shape
+    a = t.data.reshape(rows, cols)
+    with _w.catch_warnings():
+        _w.simplefilter("ignore", UserWarning)  # a read-only map: only read here
+        whole = torch.from_numpy(a)
+    check_finite(whole, t.name, path)  # one aminmax over the mapped file
+    step = max(1, BLOCK_BYTES // (4 * cols))
+    for r0 in range(0, rows, step):
+        src = whole[r0:r0 + step]
+        wr.write_rows(hf, r0, _rounded(src, spec.dtype, hf, _BUF.get(src.shape, spec.dtype)))
+
+
 def text_only_config(cfgd: dict, model_type: str, architecture: str) -> dict:
     """The text model's own config.json from a multimodal one (hyper-parameters under text_config)."""
     out = {k: v for k, v in cfgd["text_config"].items()}
@@ -608,6 +689,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
             shape = (1,) + shape
         plan.append((hf, shape, lambda t=t, shape=shape: gguf_arch.from_gguf(fam, t.name, deq(t, shape=shape), cfg)))
     plan += [(hf, shape, make) for hf, shape, make, _ in stacked]
+    gguf_names = {hf: g for hf, g in ((inverse.get(g), g) for g in tensors) if hf is not None}
     shapes = {hf: shape for hf, shape, _ in plan}
     if mv is None:
         check_fits(cfg, shapes, path)  # a missing or misshapen tensor: refuse, not a broken checkpoint
@@ -619,7 +701,14 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
     with CheckpointWriter(out, specs, config=cfgd) as wr:
         for (hf, shape, make), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
-            wr.write(hf, make().to(spec.dtype))
+            t = tensors.get(gguf_names.get(hf))
+            if STREAMED and t is not None and t.tensor_type in (Q.F16, Q.F32) and len(shape) == 2 and \
+                    not gguf_arch.changes(fam, t.name, cfg):
+                _import_rows(wr, hf, t, spec, path)  # stored as is: converted a block of rows at a time
+                continue
+            x = make()
+            check_finite(x, t.name if t is not None else hf, path)
+            wr.write(hf, _rounded(x, spec.dtype, hf))
         for name, text in files.items():
             (wr.tmp / name).write_text(text)
         gen = {k: v for k, v in (("bos_token_id", cfgd.get("bos_token_id")), ("eos_token_id", cfgd.get("eos_token_id"))) if v is not None}

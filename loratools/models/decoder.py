@@ -34,6 +34,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import IncompatibleError, InputError
 from ..ops import gemm
+from ..ops.common import check_finite
 from .config import ModelConfig, load_config, rope_inv_freq
 
 
@@ -852,15 +853,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
                 own = cfg.to_internal(name)
                 if own is None or name.endswith("rotary_emb.inv_freq"):
                     continue
-                if mmap and dev.type == "cpu" and ck.info(name).dtype == dtype:
-                    model._set(own, ck.get_mapped(name))  # frozen weights used as stored: no copy
-                else:
-                    model._set(own, ck.get(name).to(device=dev, dtype=dtype))
+                t = ck.get_mapped(name) if mmap and dev.type == "cpu" and ck.info(name).dtype == dtype else ck.get(name)
+                check_finite(t, name, ck.index[name])  # NaN/Inf in the weights: refused, named (one aminmax pass)
+                model._set(own, t if t.dtype == dtype and t.device == dev else t.to(device=dev, dtype=dtype))
         else:  # experts in any stored layout, as canonical per-expert weights
             tensors = model_tensors(cfg, ck)
             check_fits(cfg, {n: shape for n, (shape, _) in tensors.items()}, ck.path)
             for own, (_, read) in tensors.items():
-                model._set(own, read(None).to(device=dev, dtype=dtype))
+                t = read(None)
+                check_finite(t, own, ck.path)
+                model._set(own, t.to(device=dev, dtype=dtype))
         from ..modelinfo import tied_pair
 
         tied = tied_pair(cfg, ck.keys()) is not None  # config says so, or the checkpoint simply has no head

@@ -47,19 +47,47 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def check_finite(t: torch.Tensor, name: str, path, chunk: int = 1 << 22) -> None:
-    """Refuse NaN/Inf, a block at a time (isfinite on a bf16 tensor works through a float32 copy)."""
-    from ..errors import InputError
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/Inf: one ``aminmax`` pass (a NaN propagates into both, an
+    infinity is the minimum or the maximum), without the temporaries and the slow bf16 kernel of
+    ``isfinite(t).sum()``. A file-backed (mapped) tensor stays file-backed."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return count_nonfinite(t) == 0  # float8: no aminmax kernel
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
+
+def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """The number of NaN/Inf values, a block at a time (for messages: run after is_finite said no)."""
     if not t.is_floating_point():
-        return
+        return 0
     bad = 0
     for c in t.reshape(-1).split(chunk):
         if c.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             c = c.float()  # float8 types have no isfinite kernel
         bad += int(c.numel() - torch.isfinite(c).sum())
-    if bad:
-        raise InputError(f"tensor {name!r} has {bad} NaN/Inf values", path)
+    return bad
+
+
+def check_finite(t: torch.Tensor, name: str, path, chunk: int = 1 << 22) -> None:
+    """Refuse NaN/Inf (exit 2, the tensor and the count named)."""
+    from ..errors import InputError
+
+    if not is_finite(t):
+        raise InputError(f"tensor {name!r} has {count_nonfinite(t, chunk)} NaN/Inf values", path)
+
+
+def check_output_finite(t: torch.Tensor, name: str, what: str, hint: str, path=None) -> None:
+    """Refuse a result that is not finite although its inputs are (they were checked): values
+    beyond the output type's range (``what``, e.g. "float16") — exit 3, the tensor and the count
+    named, with ``hint`` (the wider types to write instead)."""
+    from ..errors import IncompatibleError
+
+    if not is_finite(t):
+        raise IncompatibleError(f"tensor {name!r}: {count_nonfinite(t)} values overflow {what} (the result is outside "
+                                f"its range and would be written as Inf); {hint}", path)
 
 
 def sum_sq(t: torch.Tensor, chunk: int = 1 << 22) -> float:

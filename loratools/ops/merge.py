@@ -16,6 +16,7 @@ lm_head.weight written, reported as ``untied_embeddings``) so that it computes t
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator, Sequence
 
@@ -29,7 +30,7 @@ from ..errors import IncompatibleError, UnsupportedError
 from ..fsutil import check_output, check_space
 from ..modelinfo import (bias_switch, bias_switches, embed_name, head_name, head_source, read_model_info, tied_pair,
                          with_tied_head)
-from .common import CONFIG_DTYPE, check_finite, progress
+from .common import CONFIG_DTYPE, check_finite, check_output_finite, progress
 
 
 def equals_base(ck: Checkpoint, key: str, t: torch.Tensor, tied) -> bool:
@@ -208,9 +209,9 @@ class MergedView:
         for e in self.experts.slabs_of(name):
             t = name
             slab = self.experts.read_slab(self.ck, t, e, torch.float32 if changed else None)
+            check_finite(slab, t, self.ck.path)
             if changed:
                 slab = slab.to(self.dev)
-                check_finite(slab, t, self.ck.path)
                 for c in self.experts.in_slab(t, e):
                     if c in self.updates:
                         d = torch.zeros(self.experts.weights[c].shape, dtype=torch.float32, device=self.dev)
@@ -315,7 +316,9 @@ class MergedView:
             if kind == "stack":  # the whole 3-D stack (exporters of small models; merge writes slabs())
                 return torch.stack([s for _, s in self.slabs(name)])
             if x not in self.updates:
-                return self.experts.read(self.ck, x, dtype=None)
+                t = self.experts.read(self.ck, x, dtype=None)
+                check_finite(t, self.experts.weights[x].slot.tensor, self.ck.path)
+                return t
             self.modified.append(name)
             return self.expert_weight(x)
         src = self.source(name)
@@ -327,12 +330,13 @@ class MergedView:
             # (a map only when nothing is added in place below: writes to it would show in later reads)
             t = self.saved[name] if name in self.saved else \
                 self.ck.get_mapped(src) if mapped and name not in self.updates else self.ck.get(src)
+        if name not in self.saved and name not in self.added:
+            self.check_input(name, t)  # every base tensor read, changed or not (one aminmax pass)
         ups = self.updates.get(name, [])
         if not ups:
             if name in self.saved:
                 self.modified.append(name)
             return t
-        check_finite(t, src, self.ck.path)
         W = t.to(self.dev, torch.float32)
         for m, w in ups:
             if name.endswith(".bias"):
@@ -348,6 +352,39 @@ class MergedView:
         self.modified.append(name)
         return W.cpu()
 
+    def shard_of(self, name: str):
+        """The file that stores the base tensor of output ``name`` (for messages)."""
+        return self.ck.index.get(self.source(name), self.ck.path)
+
+    def check_input(self, name: str, t: torch.Tensor) -> None:
+        """Refuse a base tensor holding NaN/Inf (exit 2, the shard file, the tensor and the count named)."""
+        check_finite(t, self.source(name), self.shard_of(name))
+
+    def plain(self, name: str) -> bool:
+        """Whether ``name`` is a stored 2-D weight changed by plain LoRA updates only (no DoRA
+        magnitude, bias, saved or added tensor, expert): ``merge_rows`` computes it a block of rows
+        at a time, into a caller's buffer."""
+        src = self.source(name)
+        return (name in self.updates and name.endswith(".weight") and name not in self.saved and
+                name not in self.added and name not in self.expert_out and src in self.ck and
+                len(self.ck.info(src).shape) == 2 and self.dev.type == "cpu" and
+                self.ck.safetensors_file(src) is not None and
+                all(m.magnitude is None and m.kind in ("linear", "embedding") for m, _ in self.updates[name]))
+
+    def merge_rows(self, name: str, W: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the merged tensor ``name`` (a ``plain`` one) computed into the float32
+        buffer ``W`` (shape (r1 - r0, columns)): the base rows converted, then each update's rows
+        added in place, in the order and with the arithmetic of ``tensor()`` (all rows at once are
+        exactly its computation)."""
+        W.copy_(self.ck.get_mapped(self.source(name))[r0:r1])
+        for m, w in self.updates[name]:
+            B, A = m.B.to(self.dev, torch.float32), m.A.to(self.dev, torch.float32)
+            if m.kind == "embedding":  # ΔE = s·(B A)ᵀ = s·Aᵀ Bᵀ
+                W.addmm_(A.T[r0:r1], B.T, alpha=m.scale * w)
+            else:
+                W.addmm_(B[r0:r1], A, alpha=m.scale * w)
+        return W
+
     def config(self, dtype: torch.dtype | None = None) -> dict:
         config = dict(self.model_info.raw)
         if dtype is not None:
@@ -362,6 +399,98 @@ class MergedView:
         if self.dequantized:  # MXFP4 experts are written dequantized (bf16): the model is no longer quantized
             config.pop("quantization_config", None)
         return config
+
+
+STREAMED = True  # the buffered, row-blocked writer below; tests set False to compare it with _write_plain
+BLOCK_ELEMS = 1 << 26  # a merged tensor above this many elements is computed a block of rows at a time
+MIN_BLOCK_ROWS = 256   # (never fewer rows: the GEMM of a block then sums exactly as the whole tensor's)
+
+
+def _rounded(view: MergedView, name: str, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out.copy_(t)`` (rounding once to the output type), refusing a non-finite result (exit 3):
+    the inputs are finite (checked), so the merged values lie outside the output type's range."""
+    out.copy_(t)
+    if out.dtype == torch.float16:
+        hint = "write bf16 or fp32 instead (--dtype bf16)"
+    else:
+        hint = "the adapter's update is too large for any floating-point type"
+    check_output_finite(out, name, str(out.dtype).replace("torch.", ""), hint)
+    return out
+
+
+def _write_plain(view: MergedView, wr: CheckpointWriter, specs: list, bar) -> None:
+    """One tensor after the other, each computed whole (``view.tensor``): the reference the streamed
+    writer must match byte for byte (and the path of expert stacks). ``bar``: ``specs`` in a progress bar."""
+    ck = view.ck
+    for spec in bar:
+        if not view.changed(spec.name) and view.stored_as_is(spec.name):
+            view.check_input(spec.name, ck.get_mapped(view.source(spec.name)))
+            if wr.copy_from(spec.name, ck, view.source(spec.name)):
+                continue  # unchanged: bytes copied file to file, never loaded
+        if view.expert_out.get(spec.name, ("",))[0] == "stack":
+            for e, slab in view.slabs(spec.name):  # a fused expert stack: one expert at a time
+                wr.write_part(spec.name, e, _rounded(view, spec.name, slab, torch.empty(slab.shape, dtype=spec.dtype)))
+            continue
+        t = view.tensor(spec.name)  # (it refuses a non-finite base tensor)
+        wr.write(spec.name, _rounded(view, spec.name, t, torch.empty(t.shape, dtype=spec.dtype)))
+
+
+class _Buffers:
+    """Reused work buffers (a fresh allocation of a large tensor costs a page fault per 4 KiB, more
+    than the arithmetic): one float32 and one per output dtype, grown to the largest use."""
+
+    def __init__(self):
+        self._b: dict[torch.dtype, torch.Tensor] = {}
+
+    def get(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self._b.get(dtype)
+        if b is None or b.numel() < n:
+            self._b.pop(dtype, None)
+            b = self._b[dtype] = torch.empty(n, dtype=dtype)
+        return b[:n].view(shape)
+
+
+def _write_streamed(view: MergedView, wr: CheckpointWriter, specs: list, bar) -> None:
+    """The same bytes as ``_write_plain``, at the speed of the copy: unchanged tensors are checked in
+    place (one aminmax over the file-backed map) and copied file to file; a changed one is computed
+    into reused buffers, a block of rows at a time when it is large (memory stays at a fixed block
+    budget, whatever the vocabulary), its finiteness taken from the rounded result; the next
+    tensor's bytes are read ahead by the kernel; the shards reach the disk while they are written
+    (CheckpointWriter's background sync)."""
+    ck, buf = view.ck, _Buffers()
+    for i, spec in enumerate(bar):
+        name = spec.name
+        if i + 1 < len(specs):
+            nxt = view.source(specs[i + 1].name)
+            if nxt in ck and ck.safetensors_file(nxt) is not None:
+                ck.safetensors_file(nxt).will_need(nxt)
+        if not view.changed(name) and view.stored_as_is(name):
+            t = ck.get_mapped(view.source(name))
+            view.check_input(name, t)
+            if wr.copy_from(name, ck, view.source(name)):
+                continue
+            wr.write(name, _rounded(view, name, t, buf.get(t.shape, spec.dtype)))
+            continue
+        if not view.plain(name):
+            t = view.tensor(name)
+            wr.write(name, _rounded(view, name, t, buf.get(t.shape, spec.dtype)))
+            continue
+        view.check_input(name, ck.get_mapped(view.source(name)))
+        rows, cols = spec.shape
+        if rows * cols <= BLOCK_ELEMS:
+            W = view.merge_rows(name, buf.get((rows, cols), torch.float32), 0, rows)
+            wr.write(name, _rounded(view, name, W, buf.get((rows, cols), spec.dtype)))
+        else:
+            step = max(MIN_BLOCK_ROWS, BLOCK_ELEMS // max(1, cols))
+            starts = list(range(0, rows, step))
+            if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
+                starts.pop()  # a short tail joins the block before it
+            for j, r0 in enumerate(starts):
+                r1 = starts[j + 1] if j + 1 < len(starts) else rows
+                W = view.merge_rows(name, buf.get((r1 - r0, cols), torch.float32), r0, r1)
+                wr.write_rows(name, r0, _rounded(view, name, W, buf.get((r1 - r0, cols), spec.dtype)))
+        view.modified.append(name)
 
 
 def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.PathLike,
@@ -385,15 +514,8 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
             specs.append(st.TensorInfo(n, dtype if dtype is not None and i.dtype.is_floating_point else i.dtype, i.shape))
         check_space(out, sum(s.nbytes for s in specs), "the merged checkpoint")
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=view.config(dtype)) as wr:
-            for spec in progress(specs, "unmerge" if unmerge else "merge", quiet=quiet):
-                if not view.changed(spec.name) and view.stored_as_is(spec.name) and \
-                        wr.copy_from(spec.name, ck, view.source(spec.name)):
-                    continue  # unchanged: bytes copied file to file, never loaded
-                if view.expert_out.get(spec.name, ("",))[0] == "stack":
-                    for e, slab in view.slabs(spec.name):  # a fused expert stack: one expert at a time
-                        wr.write_part(spec.name, e, slab.to(spec.dtype))
-                    continue
-                wr.write(spec.name, view.tensor(spec.name).to(spec.dtype))
+            write = _write_streamed if STREAMED and not view.experts else _write_plain
+            write(view, wr, specs, progress(specs, "unmerge" if unmerge else "merge", quiet=quiet))
     report = {"base": str(base), "out": str(out), "adapters": [a.source for a in adapters],
               "weights": list(weights) if weights is not None else [1.0] * len(adapters), "unmerge": unmerge,
               "device": str(dev), "modified": view.modified}
