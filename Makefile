@@ -54,7 +54,7 @@ test: $(STAMP) $(VOCABS)/.done
 fuzz: $(STAMP)
 	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py -k fuzz
 
-bench: $(STAMP)
+bench: $(STAMP) $(VOCABS)/.done
 	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench
 	$(BIN)/python benchmarks/stream_read.py
 	$(BIN)/python benchmarks/resize_extract.py
@@ -66,6 +66,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/onnx_bench.py
 	$(BIN)/python benchmarks/family_cut.py
 	$(BIN)/python benchmarks/moe_cut.py
+	LORATOOLS_LLAMA_CPP_SRC=$(CURDIR)/$(LLAMA_SRC) $(BIN)/python benchmarks/io_limit.py
+	$(BIN)/python benchmarks/io_limit.py --vocab 32000,65536,152064
 
 clean:
 	rm -rf build .pytest_cache

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/io_limit.py --vocab 32000,65536,152064   # the peak against the vocabulary
 
 The checkpoint is Llama-2-7B-shaped but 4 layers deep (hidden 4096, intermediate 11008, 32 heads,
-vocabulary 49,152, untied head), bf16, 2 shards (2.4 GB), with a rank-16 PEFT adapter on every linear
+vocabulary 49,152, untied head), bf16, 2.4 GB in 3 shards (at most 1.2 GB each), with a rank-16 PEFT adapter on every linear
 layer; it is built once under --cache (default /tmp/lt-io-limit) with loratools' own writer and the
 fixtures' byte-level BPE tokenizer (padded to the vocabulary).
 
@@ -68,8 +68,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t}}))
 SHAPE = dict(hidden=4096, inter=11008, heads=32, layers=4)
 
 
-def build(root: Path, vocab: int, layers: int) -> tuple[Path, Path]:
-    """(base, adapter) under root, built once."""
+def build(root: Path, vocab: int, layers: int, vocab_lora: bool = False) -> tuple[Path, Path]:
+    """(base, adapter) under root, built once. ``vocab_lora``: the adapter also changes the embedding
+    (an embedding LoRA) and the head, so that merge and export compute the vocabulary-sized tensors."""
     from fixtures.generate import make_tokenizer, tokenizer_config
     from loratools import st
     from loratools.adapter import Adapter, LoraModule
@@ -107,6 +108,11 @@ def build(root: Path, vocab: int, layers: int) -> tuple[Path, Path]:
             out_f, in_f = p.shape
             mods[n[:-7]] = LoraModule(torch.randn(16, in_f, generator=g) / math.sqrt(in_f),
                                       torch.randn(out_f, 16, generator=g) * 0.01, 2.0, 32.0)
+    if vocab_lora:
+        mods["model.embed_tokens"] = LoraModule(torch.randn(16, vocab, generator=g) * 0.5,
+                                                torch.randn(h, 16, generator=g) * 0.01, 2.0, 32.0, kind="embedding")
+        mods["lm_head"] = LoraModule(torch.randn(16, h, generator=g) / math.sqrt(h),
+                                     torch.randn(vocab, 16, generator=g) * 0.01, 2.0, 32.0)
     write_peft(Adapter(modules=mods, format="peft"), adapter, num_layers=layers)
     (root / ".done").touch()
     return base, adapter
@@ -159,9 +165,20 @@ def full(args) -> None:
     print(f"machine: {machine()}")
     print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {len(shards(base))} shards, {SHAPE['layers']} layers, hidden "
           f"{SHAPE['hidden']}, vocab 49152; adapter rank 16 on every linear layer; load average at start {load()}\n")
-    shard = f"{size // 2 + 1}B"
+    shard = f"{size // 2 // 10**6 + 1}MB"
     fl = floor(base, work / "dd")
-    rows = [("copy floor: dd bs=16M conv=fsync", fl, None, None)]
+
+    class Rows(list):  # each row printed as soon as it is measured
+        def append(self, row):
+            super().append(row)
+            name, sec, peak, note = row
+            s = f"{sec:7.2f} {sec / fl:7.2f}x" if sec is not None else f"{'-':>7} {'-':>8}"
+            p = f"{peak:17.0f}" if peak is not None else f"{'-':>17}"
+            print(f"{name:<56} {s} {p}  {note or ''}", flush=True)
+
+    print(f"{'command':<56} {'wall s':>7} {'x floor':>8} {'peak RssAnon MiB':>17}  note", flush=True)
+    rows = Rows()
+    rows.append(("copy floor: dd bs=16M conv=fsync", fl, None, None))
     merged, gg = work / "merged", work / "model.gguf"
     only = set(args.only.split(",")) if args.only else None
     steps = [
@@ -213,11 +230,6 @@ def full(args) -> None:
             import importlib.util
             rows.append(("mergekit extract", None, None,
                          "not installed" if importlib.util.find_spec("mergekit") is None else "installed: not run here"))
-    print(f"{'command':<56} {'wall s':>7} {'x floor':>8} {'peak RssAnon MiB':>17}  note")
-    for name, sec, peak, note in rows:
-        s = f"{sec:7.2f} {sec / fl:7.2f}x" if sec is not None else f"{'-':>7} {'-':>8}"
-        p = f"{peak:17.0f}" if peak is not None else f"{'-':>17}"
-        print(f"{name:<56} {s} {p}  {note or ''}")
     print(f"\nload average at end: {load()}")
     shutil.rmtree(work, ignore_errors=True)
 
@@ -225,26 +237,28 @@ def full(args) -> None:
 def sweep(args) -> None:
     vocabs = [int(v) for v in args.vocab.split(",")]
     print(f"machine: {machine()}")
-    print(f"peak RssAnon (MiB) against the vocabulary: 2 layers of the shape above, untied embedding and head; load {load()}\n")
+    print(f"peak RssAnon (MiB) against the vocabulary: 2 layers of the shape above, untied embedding and head, the "
+          f"adapter on every linear layer, the embedding and the head (merge and export compute them); load {load()}\n",
+          flush=True)
     cols = ["merge", "export gguf f16", "extract --rank 16"]
     print(f"{'vocab':>8} {'embedding MiB (bf16)':>21} " + " ".join(f"{c:>18}" for c in cols))
     for v in vocabs:
         root = Path(args.cache) / f"sweep-{v}"
-        base, adapter = build(root, v, 2)
+        base, adapter = build(root, v, 2, vocab_lora=True)
         work = root / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         merged = work / "merged"
         peaks = []
         for code in (cli("merge", "--base", base, "-a", adapter, "-o", merged, "--device", "cpu", "--quiet"),
-                     cli("export", "gguf", base, "-o", work / "m.gguf", "--outtype", "f16", "--quiet"),
+                     cli("export", "gguf", base, "-a", adapter, "-o", work / "m.gguf", "--outtype", "f16", "--quiet"),
                      cli("extract", "--base", base, "--tuned", merged, "-o", work / "ex", "--rank", "16")):
             try:
                 peaks.append(f"{timed(code, shards(base))[1]:18.0f}")
             except RuntimeError as e:
                 peaks.append(f"{'failed':>18}")
                 print(str(e).splitlines()[-1][:200], file=sys.stderr)
-        print(f"{v:>8} {v * SHAPE['hidden'] * 2 / 2**20:>21.0f} " + " ".join(peaks))
+        print(f"{v:>8} {v * SHAPE['hidden'] * 2 / 2**20:>21.0f} " + " ".join(peaks), flush=True)
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -129,7 +129,9 @@ def test_gguf_export_import_streamed_same_bytes(wide, fx, tmp_path, monkeypatch,
         gguf_model.export_gguf(src, out / "plain.gguf", loaded, outtype=outtype)
         gguf_model.import_gguf(out / "plain.gguf", out / "plain-imported")
         monkeypatch.setattr(gguf_model, "STREAMED", True)
+        monkeypatch.setattr(merge_mod, "BLOCK_ELEMS", 256 * 64)  # the merged embedding and head in row blocks
         gguf_model.export_gguf(src, out / "streamed.gguf", loaded, outtype=outtype)
+        monkeypatch.setattr(merge_mod, "BLOCK_ELEMS", 1 << 26)
         gguf_model.import_gguf(out / "streamed.gguf", out / "streamed-imported")
         assert _digest(out / "streamed.gguf")["streamed.gguf"] == _digest(out / "plain.gguf")["plain.gguf"]
         assert _digest(out / "streamed-imported") == _digest(out / "plain-imported")
@@ -214,6 +216,13 @@ def test_gguf_f16_overflow_refused(fx, tmp_path, run_cli, recwarn):
         assert rc == 0, err
     assert not (tmp_path / "x.gguf").exists()
     assert not [str(w.message) for w in recwarn.list if "overflow encountered" in str(w.message)]
+
+
+def test_onnx_fp16_overflow_refused(fx, tmp_path, run_cli):
+    base = _poisoned(fx / "models" / "llama", tmp_path / "big", "model.layers.1.mlp.up_proj.weight", 1e5, (2, 3))
+    _refused(run_cli, 3, "export", "onnx", base, "-o", tmp_path / "o16", "--dtype", "fp16",
+             words=("model.layers.1.mlp.up_proj.weight", "1 values overflow float16", "fp32"))
+    assert not (tmp_path / "o16").exists()
 
 
 def test_import_gguf_nonfinite_refused(fx, tmp_path, run_cli):

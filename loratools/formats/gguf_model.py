@@ -386,6 +386,9 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
+                if STREAMED and hf is not None and view.plain(hf) and not gguf_arch.changes(fam, gname, cfg):
+                    _write_parts(w, _merged_blocks(view, hf), q, hf)  # merged a block of rows at a time
+                    continue
                 t = get()  # as stored (mapped) when no adapter changes it, else the merged fp32 tensor
                 if not isinstance(t, torch.Tensor):  # a stacked expert tensor: its experts' slabs, one at a time
                     _write_parts(w, t, q, gname)
@@ -403,6 +406,18 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
     for msg in report["warnings"]:
         warnings.warn(msg, stacklevel=2)
     return report
+
+
+def _merged_blocks(view, name: str):
+    """The merged tensor ``name`` (``view.plain``) as consecutive blocks of rows, each computed into one
+    reused float32 buffer (``MergedView.merge_rows``: the bytes of the whole-tensor merge)."""
+    from ..ops import merge as merge_mod
+
+    view.check_input(name, view.ck.get_mapped(view.source(name)))
+    rows, cols = view.info(name).shape
+    for r0, r1 in merge_mod.row_blocks(rows, cols):
+        yield view.merge_rows(name, _BUF.get((r1 - r0, cols), torch.float32), r0, r1)
+    view.modified.append(name)
 
 
 class _closing:

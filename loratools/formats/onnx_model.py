@@ -47,6 +47,7 @@ from ..checkpoint import copy_aux_files
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
+from ..ops.common import check_output_finite
 from ..models.decoder import LoraSlot
 from ..ops.common import progress, stage
 
@@ -341,8 +342,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         def get(key: str, transposed: bool) -> torch.Tensor:
             if key in buffers:
                 t = buffers[key]
-            else:  # fp32 math, rounded once
-                t = disk[key][1](None).to(tdt) if moe else view.tensor(disk[key]).to(tdt)
+            else:  # fp32 math, rounded once (an unchanged tensor read from the file-backed map: no private copy)
+                t = disk[key][1](None).to(tdt) if moe else view.tensor(disk[key], mapped=True).to(tdt)
+                if t.dtype == torch.float16:  # finite inputs (MergedView checked them) beyond fp16: refused, named
+                    check_output_finite(t, disk[key] if not moe else key, "float16", "export with --dtype fp32")
             t = (t.T if transposed else t).contiguous()
             return t.reshape(-1).view(t.shape)  # unit strides even on a size-1 dim (a (1, in) weight transposed)
 

@@ -406,6 +406,19 @@ BLOCK_ELEMS = 1 << 26  # a merged tensor above this many elements is computed a 
 MIN_BLOCK_ROWS = 256   # (never fewer rows: the GEMM of a block then sums exactly as the whole tensor's)
 
 
+def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges of a merged (rows, cols) tensor: the whole tensor when it has at most
+    BLOCK_ELEMS elements, else blocks of about BLOCK_ELEMS elements, never fewer than MIN_BLOCK_ROWS
+    rows (a short tail joins the block before it)."""
+    if rows * cols <= BLOCK_ELEMS:
+        return [(0, rows)]
+    step = max(MIN_BLOCK_ROWS, BLOCK_ELEMS // max(1, cols))
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
+        starts.pop()
+    return [(r0, starts[j + 1] if j + 1 < len(starts) else rows) for j, r0 in enumerate(starts)]
+
+
 def _rounded(view: MergedView, name: str, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out.copy_(t)`` (rounding once to the output type), refusing a non-finite result (exit 3):
     the inputs are finite (checked), so the merged values lie outside the output type's range."""
@@ -478,18 +491,11 @@ def _write_streamed(view: MergedView, wr: CheckpointWriter, specs: list, bar) ->
             continue
         view.check_input(name, ck.get_mapped(view.source(name)))
         rows, cols = spec.shape
-        if rows * cols <= BLOCK_ELEMS:
-            W = view.merge_rows(name, buf.get((rows, cols), torch.float32), 0, rows)
-            wr.write(name, _rounded(view, name, W, buf.get((rows, cols), spec.dtype)))
-        else:
-            step = max(MIN_BLOCK_ROWS, BLOCK_ELEMS // max(1, cols))
-            starts = list(range(0, rows, step))
-            if len(starts) > 1 and rows - starts[-1] < MIN_BLOCK_ROWS:
-                starts.pop()  # a short tail joins the block before it
-            for j, r0 in enumerate(starts):
-                r1 = starts[j + 1] if j + 1 < len(starts) else rows
-                W = view.merge_rows(name, buf.get((r1 - r0, cols), torch.float32), r0, r1)
-                wr.write_rows(name, r0, _rounded(view, name, W, buf.get((r1 - r0, cols), spec.dtype)))
+        blocks = row_blocks(rows, cols)
+        for r0, r1 in blocks:
+            W = view.merge_rows(name, buf.get((r1 - r0, cols), torch.float32), r0, r1)
+            out = _rounded(view, name, W, buf.get((r1 - r0, cols), spec.dtype))
+            wr.write(name, out) if len(blocks) == 1 else wr.write_rows(name, r0, out)
         view.modified.append(name)
 
 
