@@ -150,6 +150,7 @@ def convert_for_runtime(src, out, runtime: str, max_rank: int | None = None, bas
     from .ops.serve import convert_for_runtime as run
 
     if isinstance(prompts, (str, os.PathLike)):
+        check_output(out, [src, base, prompts], overwrite)  # the prompt file is an input too
         prompts = read_prompts(prompts)
     return run(src, runtime, out, max_rank, base, max_kl, prompts, overwrite, device)
 
@@ -545,18 +546,23 @@ def export_onnx(model, adapters: Sequence, out, weights=None, dtype: str = "fp32
 
 def export_onnx_adapter(adapter, out, base=None, slot_model=None, dtype: str = "fp32", overwrite: bool = False) -> dict:
     """ONNX Runtime's adapter file; with ``slot_model``, check every parameter has its slot
-    there (the file is removed when one does not)."""
+    there (when one does not, nothing is written and a previous ``out`` stays)."""
+    from .errors import LoratoolsError
     from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
 
-    rep = run(load_adapter(adapter, base=base), out, dtype, overwrite)
+    check_output(out, [adapter, base, slot_model], overwrite)
+    check = None
     if slot_model:
         path = Path(slot_model) / "model.onnx" if Path(slot_model).is_dir() else Path(slot_model)
-        try:
-            check_adapter_fits(path, out)
-        except Exception:
-            Path(out).unlink(missing_ok=True)
-            raise
-    return rep
+
+        def check(tmp: Path) -> None:  # on the new file before it replaces anything (a failure keeps the old)
+            try:
+                check_adapter_fits(path, tmp)
+            except LoratoolsError as e:
+                shown = e.message.replace(str(tmp), str(out))
+                raise type(e)(shown, out if e.path == str(tmp) else e.path) from None
+
+    return run(load_adapter(adapter, base=base), out, dtype, overwrite, check=check)
 
 
 def import_gguf(path, out, dtype: str = "auto", overwrite: bool = False, quiet: bool = True) -> dict:

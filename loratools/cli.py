@@ -6,8 +6,21 @@ import sys
 
 import click
 
-from . import __version__, api
+from . import __version__
 from .errors import LoratoolsError, one_line
+
+
+class _Api:
+    """loratools.api, imported at a command's first call to it rather than with this module: the
+    heavy imports (torch) then run inside main(), where Ctrl-C or SIGTERM ends them in one line."""
+
+    def __getattr__(self, name):
+        from . import api as module
+
+        return getattr(module, name)
+
+
+api = _Api()
 
 
 def _human(n: float) -> str:
@@ -36,6 +49,13 @@ def cli(ctx, debug):
 
 
 RUNTIMES = ["vllm", "sglang", "llama.cpp", "onnxruntime"]  # loratools.runtimes.profiles
+
+
+def _gguf_outtypes() -> list[str]:
+    """api.gguf_outtypes() without importing torch (the help text is built with the parser)."""
+    from .formats.gguf_quant import all_outtypes
+
+    return all_outtypes()
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -474,7 +494,7 @@ def export():
 @click.option("--weights", help="Comma-separated weight per adapter.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf file.")
 @click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
-              help=f"One of {', '.join(api.gguf_outtypes())}. f32/f16/bf16/q8_0 are written directly; the K-quants, "
+              help=f"One of {', '.join(_gguf_outtypes())}. f32/f16/bf16/q8_0 are written directly; the K-quants, "
                    "i-quants (and q4_0..q5_1 when llama-cpp-python is installed) by llama.cpp's own quantizer from an "
                    "f32 intermediate.")
 @click.option("--imatrix", type=click.Path(), help="Importance matrix for the quantizer (llama-imatrix's GGUF or .dat file).")
@@ -641,15 +661,21 @@ def validate(candidates, base, adapters, weights, prompts, tokens, device, max_k
                        f"{100 * eff['greedy_match']:>6.1f}%  the adapters' effect")
         for c in rep["candidates"]:
             m = c["metrics"]
+            name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
+            if m is None:  # the runtime could not evaluate it (llama.cpp aborted in its child process)
+                click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime']:<{rw}} {c['precision']:<5} "
+                           f"{'-':>8} {'-':>9} {'-':>6} {'-':>7}  FAIL ({c['error']})")
+                continue
             res = "pass" if c["passed"] else "FAIL (" + ", ".join(c["failed_checks"]) + f"; worst prompt {c['worst_prompt']})"
             if c.get("exceeds_adapter_effect"):
                 r = c["kl_over_adapter_effect"]
                 res += "; WARNING: error > the adapters' effect" + (f" ({r:.2g}x)" if r is not None else "")
-            name = " + ".join(p.rstrip("/").split("/")[-1] for p in c["candidate"].split("+"))
             click.echo(f"  {name[-40:]:<40} {_human(c['size_bytes']):>8} {c['runtime']:<{rw}} {c['precision']:<5} "
                        f"{m['max_abs']:>8.3g} {m['mean_kl']:>9.2e} {100 * m['top1']:>5.1f}% {100 * m['greedy_match']:>6.1f}%  {res}")
         for c in rep["candidates"]:
             m, qb = c["metrics"], c.get("quant_baseline")
+            if m is None:
+                continue
             if c.get("quant_type"):
                 click.echo(f"  {c['quant_type']} quality of {c['candidate'].rstrip('/').split('/')[-1]}: KL mean "
                            f"{m['mean_kl']:.4f}, p99 {m['p99_kl']:.4f}; top-1 {100 * m['top1']:.1f}%; perplexity "
@@ -722,15 +748,31 @@ def _tune_allocator(training: bool = False) -> None:
             pass
 
 
-def _interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
-    """The one line for an interrupt; for ``train``, where it stopped and the command that resumes it."""
-    from .train.loop import TrainInterrupted
+def _signal_name(e: KeyboardInterrupt) -> str:
+    import signal
 
+    signum = getattr(e, "signum", None)
+    return "" if signum in (None, signal.SIGINT) else signal.Signals(signum).name
+
+
+def _exit_code(e: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended (130 for Ctrl-C)."""
+    import signal
+
+    return 128 + (getattr(e, "signum", None) or signal.SIGINT)
+
+
+def _interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
+    """The one line for an interrupt (Ctrl-C, SIGTERM, SIGHUP); for ``train``, where it stopped
+    and the command that resumes it."""
+    from .errors import TrainInterrupted
+
+    by = _signal_name(e)
     if not isinstance(e, TrainInterrupted):
-        return "interrupted"
+        return f"terminated by {by}" if by else "interrupted"
     import shlex
 
-    where = f"train interrupted at step {e.step}/{e.total}"
+    where = f"train {'stopped by ' + by if by else 'interrupted'} at step {e.step}/{e.total}"
     if e.checkpoint_step is None:
         return f"{where}, before its first checkpoint: nothing to resume; run the command again to start over"
     again = argv + ([] if "--resume" in argv else ["--resume"])
@@ -738,7 +780,49 @@ def _interrupted(e: KeyboardInterrupt, argv: list[str]) -> str:
             f"with: loratools {shlex.join(again)}")
 
 
+_TERM_SIGNALS = ("SIGTERM", "SIGHUP")
+
+
+def _raise_terminated(signum, frame):
+    import signal
+
+    from .errors import Terminated
+
+    for name in _TERM_SIGNALS:  # one is enough: a second would cut the cleanup short (SIGKILL still ends it)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _handle_signals() -> dict:
+    """SIGTERM and SIGHUP raise errors.Terminated (a KeyboardInterrupt) in the main thread, as
+    SIGINT raises KeyboardInterrupt: temporary files are removed and writer threads joined on the
+    way out. Returns the handlers it replaced (none off the main thread, where Python cannot)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+    for name in _TERM_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            old[sig] = signal.signal(sig, _raise_terminated)
+    return old
+
+
 def main(argv=None) -> int:
+    import signal
+
+    old = _handle_signals()
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _tune_allocator(training="train" in argv[:3])
     debug = "--debug" in argv
@@ -754,8 +838,10 @@ def main(argv=None) -> int:
         return e.exit_code
     except click.exceptions.Abort as e:  # click turns a KeyboardInterrupt into Abort
         cause = e.__cause__
-        click.echo(f"loratools: {_interrupted(cause, argv)}" if isinstance(cause, KeyboardInterrupt) else
-                   "loratools: aborted", err=True)
+        if isinstance(cause, KeyboardInterrupt):
+            click.echo(f"loratools: {_interrupted(cause, argv)}", err=True)
+            return _exit_code(cause)
+        click.echo("loratools: aborted", err=True)
         return 130
     except LoratoolsError as e:
         if debug:
@@ -764,7 +850,7 @@ def main(argv=None) -> int:
         return e.exit_code
     except KeyboardInterrupt as e:
         click.echo(f"loratools: {_interrupted(e, argv)}", err=True)
-        return 130
+        return _exit_code(e)
     except OSError as e:
         if debug:
             raise

@@ -43,3 +43,28 @@ class OutputError(LoratoolsError):
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``timeout``, a job scheduler, a closed terminal), raised in the main
+    thread as Ctrl-C's KeyboardInterrupt is, so the same cleanup runs; the CLI prints one line and
+    exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM / SIGHUP: ``signum``) during ``train``: where it stopped and the last
+    checkpoint ``--resume`` continues from (the CLI prints one line with the command and exits
+    128 + the signal's number, 130 for Ctrl-C, as for any interrupt)."""
+
+    def __init__(self, step: int, total: int, out, checkpoint_step: int | None, signum: int | None = None):
+        from pathlib import Path
+
+        self.step, self.total, self.out, self.checkpoint_step = step, total, Path(out), checkpoint_step
+        self.signum = signum
+        super().__init__(f"interrupted at step {step}/{total}")

@@ -1,35 +1,135 @@
 """Atomic outputs: everything is written under a temporary name beside the destination,
-fsynced, then renamed into place. An interrupted write leaves nothing at the destination."""
+fsynced, then renamed into place. An interrupted write leaves nothing at the destination.
+
+The final rename refuses an output that appeared meanwhile (another run writing the same new
+path): renameat2(RENAME_NOREPLACE) on Linux, a hard link (files) or an empty folder made first
+(folders) elsewhere. Replacing an output needs ``check_output(..., overwrite=True)`` for that
+path first; the old output is swapped out (RENAME_EXCHANGE) only once the new one is complete
+and has passed the caller's ``check``, so a failed run leaves the previous output in place."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import os
+import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import OutputError
 
+NAME_MAX = 255  # bytes, for a file name on Linux/macOS filesystems
+_TMP_ROOM = 48  # ".tmp-" + pid + "-" + 8 hex digits + a short suffix, with room to spare
 
-def _tmp_name(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+# outputs the user allowed to replace (check_output with overwrite=True): absolute paths
+_REPLACE_OK: set[str] = set()
 
 
-def check_output(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
-    """Refuse an output that already exists (unless overwrite) or that is one of the inputs."""
+def _key(path: Path) -> str:
+    return os.path.abspath(path)
+
+
+def _tmp_prefix(dest: Path) -> str:
+    """``.NAME.tmp-`` for the temporary files of ``dest``; a name too long to carry that (a legal
+    output name near 255 bytes) is cut and made unique again with a hash of the full name."""
+    name = dest.name
+    if len(f".{name}.tmp-".encode()) > NAME_MAX - _TMP_ROOM:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        cut = os.fsencode(name)[: NAME_MAX - _TMP_ROOM - 32].decode("utf-8", "ignore")
+        name = f"{cut}~{digest}"
+    return f".{name}.tmp-"
+
+
+def temp_path(dest: str | os.PathLike, suffix: str = "") -> Path:
+    """A fresh temporary name beside ``dest`` (``.NAME.tmp-PID-RANDOM`` + ``suffix``): a later run
+    clears it (clear_stale_temps) when the process that made it is gone."""
     dest = Path(dest)
-    real = dest.resolve()
-    for src in inputs:
-        if src is None:
+    return dest.with_name(f"{_tmp_prefix(dest)}{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+_tmp_name = temp_path
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clear_stale_temps(dest: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders an earlier run left beside ``dest`` when it was
+    killed (``.NAME.tmp-PID-*`` whose process no longer exists); returns what was removed."""
+    dest = Path(dest)
+    prefix = _tmp_prefix(dest)
+    pattern = re.compile(r"(\d+)-[0-9a-f]{8}(\.[^/]*)?")
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent if str(dest.parent) else "."))
+    except OSError:
+        return removed
+    for e in entries:
+        if not e.name.startswith(prefix):
             continue
-        s = Path(src).resolve()
-        if real == s or s in real.parents or real in s.parents:
+        m = pattern.fullmatch(e.name[len(prefix):])
+        if m is None or _alive(int(m.group(1))):
+            continue
+        p = Path(e.path)
+        with contextlib.suppress(OSError):
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are the same path, or one lies inside the other (through links)."""
+    ra, rb = a.resolve(), b.resolve()
+    if ra == rb or rb in ra.parents or ra in rb.parents:
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                 work: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output that already exists (unless overwrite) or that is, contains or lies inside
+    one of the inputs (through links); the same for the command's ``work`` (scratch, state)
+    folders, which it creates and removes. Clears this output's stale temporary files."""
+    dest = Path(dest)
+    srcs = [Path(s) for s in inputs if s is not None]
+    for src in srcs:
+        if _overlaps(dest, src):
             raise OutputError(f"output path is (or contains, or is inside) the input {src}; refusing to overwrite an input", dest)
+    for w in work:
+        if w is None:
+            continue
+        for src in srcs:
+            if _overlaps(Path(w), src):
+                raise OutputError(f"the input {src} is, contains or lies inside the run's work folder {w}, which the "
+                                  "run clears and removes; choose another output", dest)
     if dest.exists() and not overwrite:
         raise OutputError("already exists; pass --overwrite to replace it", dest)
     if not dest.parent.exists():
         raise OutputError(f"parent directory {dest.parent} does not exist", dest)
+    clear_stale_temps(dest)
+    if overwrite:
+        _REPLACE_OK.add(_key(dest))
+    else:
+        _REPLACE_OK.discard(_key(dest))
     return dest
 
 
@@ -41,15 +141,96 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    if dest.exists() or dest.is_symlink():
-        old = _tmp_name(dest)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+_renameat2_fn = None
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2) with ``flags``: True when done, False when this system or filesystem lacks it
+    (the caller falls back); any other failure raises OSError (FileExistsError for NOREPLACE)."""
+    global _renameat2_fn
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2_fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = False
+        _renameat2_fn = fn
+    if not _renameat2_fn:
+        return False
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _place_new(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` to ``dest``, refusing (OutputError) when ``dest`` exists, atomically."""
+    exists = OutputError("already exists (written meanwhile by another run?); pass --overwrite to replace it", dest)
+    try:
+        if _renameat2(tmp, dest, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise exists from None
+    if tmp.is_dir():  # claim the name with an empty folder (mkdir is atomic), then rename over it
+        try:
+            os.mkdir(dest)
+        except FileExistsError:
+            raise exists from None
+        try:
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(dest)
+            raise
+        return
+    try:
+        os.link(tmp, dest)  # fails when dest exists
+    except FileExistsError:
+        raise exists from None
+    except OSError:  # no hard links on this filesystem: the check-then-rename of old
+        if dest.exists() or dest.is_symlink():
+            raise exists from None
+        os.rename(tmp, dest)
+        return
+    tmp.unlink()
+
+
+def _publish(tmp: Path, dest: Path, replace: bool | None = None) -> None:
+    """Move the complete ``tmp`` to ``dest``. ``replace`` (default: whether check_output allowed
+    it for ``dest``): swap out an existing ``dest`` and remove it; else refuse one."""
+    if replace is None:
+        replace = _key(dest) in _REPLACE_OK
+    if not replace:
+        _place_new(tmp, dest)
+    elif dest.exists() or dest.is_symlink():
+        try:
+            swapped = _renameat2(tmp, dest, _RENAME_EXCHANGE)
+        except FileNotFoundError:  # dest went away meanwhile
+            swapped = False
+        if swapped:
+            _remove(tmp)  # tmp now holds the previous output
         else:
-            old.unlink(missing_ok=True)
+            old = temp_path(dest)
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)  # put the previous output back
+                raise
+            _remove(old)
     else:
         os.replace(tmp, dest)
     with contextlib.suppress(OSError):
@@ -57,25 +238,31 @@ def _replace(tmp: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path; on success it is fsynced and renamed to ``dest``."""
+def atomic_file(dest: str | os.PathLike, check: Callable[[Path], None] | None = None,
+                replace: bool | None = None) -> Iterator[Path]:
+    """Yield a temporary path; on success it is fsynced, ``check(tmp)`` runs (a failure leaves
+    ``dest`` as it was) and it is renamed to ``dest`` (see _publish for ``replace``)."""
     dest = Path(dest)
-    tmp = _tmp_name(dest)
+    tmp = temp_path(dest)
     try:
         yield tmp
         fsync_path(tmp)
-        _replace(tmp, dest)
+        if check is not None:
+            check(tmp)
+        _publish(tmp, dest, replace)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success its files are fsynced and it is renamed
-    to ``dest`` (replacing an existing ``dest`` only after the new one is complete)."""
+def atomic_dir(dest: str | os.PathLike, check: Callable[[Path], None] | None = None,
+               replace: bool | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success its files are fsynced, ``check(tmp)`` runs
+    and it is renamed to ``dest`` (replacing an existing ``dest`` only after the new one is
+    complete, and only where allowed: see _publish)."""
     dest = Path(dest)
-    tmp = _tmp_name(dest)
+    tmp = temp_path(dest)
     tmp.mkdir()
     try:
         yield tmp
@@ -83,7 +270,9 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
             if p.is_file():
                 fsync_path(p)
         fsync_path(tmp)
-        _replace(tmp, dest)
+        if check is not None:
+            check(tmp)
+        _publish(tmp, dest, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

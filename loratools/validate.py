@@ -262,6 +262,19 @@ def validate(base: str | os.PathLike, adapters: Sequence[str | os.PathLike], can
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _size(c: Candidate) -> int:
+    return sum(f.stat().st_size for q in (c.path, c.adapter) if q is not None
+               for f in ([q] if q.is_file() else [x for x in q.rglob("*") if x.is_file()]))
+
+
+def _crashed(c: Candidate, provider: str, qtype, qb, tol: dict, reason: str) -> dict:
+    """The report entry of a candidate its runtime could not evaluate (llama.cpp aborted)."""
+    return {"candidate": c.spec, "kind": c.kind, "precision": c.precision, "runtime": provider,
+            "size_bytes": _size(c), "quant_type": qtype, "quant_baseline": qb, "metrics": None, "per_prompt": [],
+            "tolerance": tol, "passed": False, "failed_checks": ["runs"], "error": reason,
+            "kl_over_adapter_effect": None, "exceeds_adapter_effect": False, "warnings": [], "worst_prompt": None}
+
+
 def _validate(base, adapters, candidates, weights, prompts, tokens, device, tolerances, peft_check, quant_baseline,
               work: Path, quiet: bool = True) -> dict:
     from . import api
@@ -302,7 +315,10 @@ def _validate(base, adapters, candidates, weights, prompts, tokens, device, tole
                 from .runtimes import llamacpp
 
                 bpath = _quant_baseline(base, loaded, weights, qtype, work)
-                bouts = [llamacpp.run(bpath, ids, tokens) for ids in ids_list]
+                try:
+                    bouts = llamacpp.run_isolated(bpath, ids_list, tokens)
+                except llamacpp.Crashed as e:
+                    raise LoratoolsError(f"llama.cpp's own {qtype} file of the reference's weights: {e.reason}") from None
                 _, bagg = _compare(refs, bouts, tokens, str(bpath))
                 baselines[qtype] = {"outtype": qtype, "made_by": "llama.cpp llama_model_quantize from loratools' f32 "
                                     "export of the reference's weights (no importance matrix)",
@@ -326,8 +342,12 @@ def _validate(base, adapters, candidates, weights, prompts, tokens, device, tole
             from .runtimes import llamacpp
 
             gpu = dev.type == "cuda"
-            outs = [llamacpp.run(c.path, ids, tokens, c.adapter, gpu=gpu) for ids in todo]
             provider = "llama.cpp (" + ("GPU offload" if gpu else "CPU") + ")"
+            try:  # in a child process: a candidate that aborts llama.cpp fails, with the reason
+                outs = llamacpp.run_isolated(c.path, ids_list, tokens, c.adapter, gpu=gpu, ticks=todo)
+            except llamacpp.Crashed as e:
+                report["candidates"].append(_crashed(c, provider, qtype, qb, tol, e.reason))
+                continue
         else:
             from .runtimes.onnxruntime import Runner
 
@@ -338,8 +358,7 @@ def _validate(base, adapters, candidates, weights, prompts, tokens, device, tole
         checks = {"mean_kl": agg["mean_kl"] <= tol["mean_kl"], "top1": agg["top1"] >= tol["top1"],
                   "greedy": agg["greedy_match"] >= tol["greedy"]}
         failed = [k for k, ok in checks.items() if not ok]
-        size = sum(f.stat().st_size for q in (c.path, c.adapter) if q is not None
-                   for f in ([q] if q.is_file() else [x for x in q.rglob("*") if x.is_file()]))
+        size = _size(c)
         warn = []
         # a candidate whose error exceeds the adapters' whole effect has lost what they do (a warning: the
         # tolerances decide pass/fail)

@@ -25,18 +25,17 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import BackgroundSync, atomic_file, check_output, check_space
+from ..fsutil import BackgroundSync, atomic_file, check_output, check_space, temp_path
 from ..ops.common import check_finite, check_output_finite
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
 from . import gguf_arch, gguf_moe
 from .gguf_arch import permute_qk, unpermute_qk  # noqa: F401 - re-exported (tests, validate)
+from .gguf_quant import WRITER_OUTTYPES as OUTTYPES  # the in-house writer's (the CLI's help reads it without torch)
 
 SOURCE_CONFIG_KEY = "loratools.source_config"
 
 
-OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
-            "q5_0": "Q5_0", "q5_1": "Q5_1"}
 LEGACY_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
               "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1"}
@@ -242,9 +241,9 @@ def _check_name(w, report: dict) -> None:
 
 def all_outtypes() -> list[str]:
     """Every --outtype: the in-house writer's and llama.cpp quantizer's."""
-    from .gguf_quant import LLAMA_OUTTYPES
+    from .gguf_quant import all_outtypes as run
 
-    return list(OUTTYPES) + [t for t in LLAMA_OUTTYPES if t not in OUTTYPES]
+    return run()
 
 
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: Sequence[Adapter] = (),
@@ -443,8 +442,6 @@ def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "
     temporary file renamed to ``out``. ``imatrix``: a file as llama-imatrix writes it;
     ``calibration``: text to compute one from with the reference decoder (base + adapters),
     saved to ``save_imatrix`` when given."""
-    import uuid
-
     from . import gguf_quant
 
     gguf_quant.require(outtype)
@@ -452,9 +449,10 @@ def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "
         raise LoratoolsError(f"--outtype {outtype} needs an importance matrix (llama.cpp refuses it without one): "
                              "give --imatrix FILE or --calibration TEXT")
     out = Path(out)
-    check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
+    inputs = [model_dir, imatrix, calibration] + [a.source for a in adapters if a.source]
+    check_output(out, inputs, overwrite)
     if save_imatrix is not None:
-        check_output(save_imatrix, [model_dir, calibration], overwrite)
+        check_output(save_imatrix, inputs, overwrite)
         if Path(save_imatrix).resolve() == out.resolve():
             raise LoratoolsError("--save-imatrix and the output are the same file", save_imatrix)
     im = None
@@ -462,7 +460,7 @@ def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "
         im = gguf_quant.read_imatrix(imatrix)
     elif calibration is not None:
         im = gguf_quant.compute_imatrix(model_dir, adapters, weights, calibration, chunk, quiet)
-    mid = out.with_name(f".{out.name}.f32-{os.getpid()}-{uuid.uuid4().hex[:8]}.gguf")
+    mid = temp_path(out, ".f32.gguf")  # a name that fits beside any legal output name
     try:
         rep = _export(model_dir, mid, adapters, weights, "f32", pre, False, quiet)
         if im is not None:

@@ -34,6 +34,10 @@ import numpy as np
 
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 
+# the outtypes loratools' own GGUF writer makes (formats/gguf_model.py): outtype -> GGML tensor type
+WRITER_OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
+                   "q5_0": "Q5_0", "q5_1": "Q5_1"}
+
 # outtype -> llama.cpp file type (LLAMA_FTYPE_MOSTLY_*)
 LLAMA_OUTTYPES = {
     "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
@@ -43,6 +47,13 @@ LLAMA_OUTTYPES = {
     "iq3_xs": "IQ3_XS", "iq3_xxs": "IQ3_XXS", "iq2_m": "IQ2_M", "iq2_s": "IQ2_S", "iq2_xs": "IQ2_XS",
     "iq2_xxs": "IQ2_XXS", "iq1_m": "IQ1_M", "iq1_s": "IQ1_S",
 }
+
+
+def all_outtypes() -> list[str]:
+    """Every ``export gguf --outtype``: the in-house writer's, then llama.cpp quantizer's."""
+    return list(WRITER_OUTTYPES) + [t for t in LLAMA_OUTTYPES if t not in WRITER_OUTTYPES]
+
+
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in llama-quant.cpp:
 # their tensors go to IQ1_*, IQ2_*, IQ3_XXS, or Q2_K in a Q2_K_S file)

@@ -404,12 +404,13 @@ def _add_slot_defaults(proto, slots, mods, tdt) -> None:
 
 
 def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "fp32", overwrite: bool = False,
-                        base: str | os.PathLike | None = None) -> dict:
+                        base: str | os.PathLike | None = None, check=None) -> dict:
     """ONNX Runtime's adapter format: ``{module}.lora_A`` = A, ``{module}.lora_B`` = s·B, under
     the slot names of the decoder's own layout (``model.layers.N...``; a fused ``qkv_proj`` /
     ``gate_up_proj`` is one slot, as in the checkpoint). ``base``: the base checkpoint or the
     slot model's folder (its config.json maps an on-disk layout such as a multimodal
-    ``model.language_model.`` prefix to the slot names)."""
+    ``model.language_model.`` prefix to the slot names). ``check(path)``: run on the complete new
+    file before it is renamed to ``out`` (a failure leaves ``out`` as it was)."""
     import onnxruntime as ort
 
     check_output(out, [adapter.source or None], overwrite)
@@ -439,7 +440,7 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters(params)
-    with atomic_file(out) as tmp:
+    with atomic_file(out, check=check) as tmp:
         fmt.export_adapter(str(tmp))
     return {"out": str(out), "modules": len(adapter.modules), "parameters": len(params), "dtype": dtype}
 

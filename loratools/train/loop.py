@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from .. import st
 from ..adapter import Adapter, LoraModule, lora_scale
-from ..errors import IncompatibleError, InputError, LoratoolsError, OutputError
+from ..errors import IncompatibleError, InputError, LoratoolsError, OutputError, TrainInterrupted  # noqa: F401 - re-exported
 from ..formats.peft import write_peft
-from ..fsutil import atomic_dir, check_output
+from ..fsutil import atomic_dir, check_output, clear_stale_temps
 from ..models.decoder import LoraSlot, load_model
 from ..ops import gemm
 from ..device import pick_device
@@ -195,7 +195,8 @@ class _Checkpoints:
                     tensors[f"opt.{i}.{k}"] = stt[k].detach().cpu().reshape(stt[k].shape)
         out = self.root / f"step-{step:06d}"
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(out) as tmp:
+        clear_stale_temps(out)
+        with atomic_dir(out, replace=True) as tmp:  # a step saved again (a stop at a checkpoint step) replaces itself
             st.save_file(tensors, tmp / "lora.safetensors")
             (tmp / "state.json").write_text(json.dumps({**meta, "step": step, "modules": list(slots)}, indent=2))
         return out
@@ -215,15 +216,6 @@ class _Checkpoints:
                     opt.state[p] = {k: t[f"opt.{i}.{k}"].to(p.device if k != "step" else step_dev)
                                     for k in ("exp_avg", "exp_avg_sq", "step")}
         return meta
-
-
-class TrainInterrupted(KeyboardInterrupt):
-    """Ctrl-C during ``train``: where it stopped and the last checkpoint ``--resume`` continues from
-    (the CLI prints one line with the command and exits 130, as for any interrupt)."""
-
-    def __init__(self, step: int, total: int, out: Path, checkpoint_step: int | None):
-        self.step, self.total, self.out, self.checkpoint_step = step, total, Path(out), checkpoint_step
-        super().__init__(f"interrupted at step {step}/{total}")
 
 
 class _StopOnInterrupt:
@@ -269,17 +261,14 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     model_dir, out = Path(model_dir), Path(out)
     if cfg.rank < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.seq_len < 2 or cfg.epochs < 1:
         raise LoratoolsError("--rank, --batch-size, --grad-accum, --epochs must be ≥ 1 and --seq-len ≥ 2")
-    check_output(out, [model_dir, data_path, eval_path], overwrite)
     work = out.with_name(out.name + ".train")
+    check_output(out, [model_dir, data_path, eval_path], overwrite, work=[work])  # a fresh start clears work
     ckpts = _Checkpoints(work / "checkpoints")
     if ckpts.latest() is not None and not resume:
         if not overwrite:
             raise OutputError(f"{work} holds checkpoints of an earlier run: pass --resume to continue it or --overwrite "
                               "to start again", work)
     if not resume and work.exists():
-        for q in (model_dir, data_path, eval_path):
-            if q is not None and work.resolve() in Path(q).resolve().parents:
-                raise OutputError(f"the input {q} lies inside the run's work folder, which a fresh start clears; move it", work)
         shutil.rmtree(work)  # a fresh start: no metrics or checkpoints of an interrupted earlier run carry over
     dev = pick_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
@@ -394,10 +383,11 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
                     if step % cfg.checkpoint_every:
                         save_checkpoint()
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (errors.Terminated)
         bar.close()
         last = ckpts.latest()
-        raise TrainInterrupted(step, total, out, int(last.name.split("-")[1]) if last is not None else None) from None
+        raise TrainInterrupted(step, total, out, int(last.name.split("-")[1]) if last is not None else None,
+                               getattr(e, "signum", None)) from None
     bar.close()
     model.eval()
     report["tokens_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
