@@ -18,6 +18,8 @@ def _tmp_name(dest: Path) -> Path:
 
 def check_output(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False) -> Path:
     """Refuse an output that already exists (unless overwrite) or that is one of the inputs."""
+    if not os.fspath(dest).strip() or Path(dest).name in ("", ".", ".."):
+        raise OutputError(f"the output path {os.fspath(dest)!r} names no file or folder; give it a name")
     dest = Path(dest)
     real = dest.resolve()
     for src in inputs:
