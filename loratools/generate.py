@@ -107,7 +107,7 @@ class _GGUFTokenizer:
 
         if not isinstance(self.source, str) or not self.source:
             raise InputError("the GGUF has no tokenizer.chat_template; --chat needs one", self.path)
-        return ChatTemplate(self.path.parent, source=self.source, specials=self.specials)
+        return ChatTemplate(self.path.parent, source=self.source, specials=self.specials, where=self.path)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

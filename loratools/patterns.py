@@ -9,8 +9,9 @@ parsed once (its length capped) and then matched by one of two engines with the 
   so the work is at most polynomial of low degree in the name's length;
 - otherwise a set-of-states simulation of the pattern's automaton (Thompson's construction),
   linear in the name's length times the automaton's size, for the regular constructs (literals,
-  classes, alternation, groups, repeats, anchors). A key that needs a backreference, a lookaround
-  or an atomic group in such a pattern is refused with the key named.
+  classes, alternation, groups, greedy and lazy repeats, anchors). A key that needs a
+  backreference, a lookaround, an atomic group or a possessive repeat in such a pattern is
+  refused with the key named.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class _Automaton:
             if av[1] or av[2]:
                 raise PatternRefused("it sets flags inside a group")
             return self._seq(av[3], nxt)
-        if op in (C.MAX_REPEAT, C.MIN_REPEAT, getattr(C, "POSSESSIVE_REPEAT", None)):
+        if op in (C.MAX_REPEAT, C.MIN_REPEAT):  # lazy or greedy: the same yes/no (possessive is not)
             lo, hi, body = av
             if hi is C.MAXREPEAT:
                 loop = self._new(("split", []))
@@ -170,6 +171,8 @@ class _Automaton:
                 return i == n or (i == n - 1 and s[-1] == "\n")
             if where is C.AT_END_STRING:
                 return i == n
+            if n == 0:
+                return False  # as sre: neither \b nor \B holds in an empty string
             boundary = word(i - 1) != word(i)
             return boundary if where is C.AT_BOUNDARY else not boundary
 

@@ -48,15 +48,17 @@ class ChatTemplate:
     """The model's chat template, rendered in a sandbox as transformers renders it, with bounds:
     output size, wall time (in the main thread), address space, range() steps, and the size of
     one string or list repetition or power; any failure is one line naming the template's file.
-    ``source`` (with ``specials``): a template read elsewhere (a GGUF's tokenizer.chat_template)."""
+    ``source`` (with ``specials``): a template read elsewhere (a GGUF's tokenizer.chat_template),
+    ``where`` the file errors name."""
 
-    def __init__(self, model_dir: Path, source: str | None = None, specials: dict | None = None):
+    def __init__(self, model_dir: Path, source: str | None = None, specials: dict | None = None,
+                 where: Path | None = None):
         from .. import readpolicy
 
         model_dir = Path(model_dir)
         tc = model_dir / "tokenizer_config.json"
         jinja_file = model_dir / "chat_template.jinja"
-        src, self.where = source, model_dir
+        src, self.where = source, where or model_dir
         if src is not None:
             pass
         elif jinja_file.exists() or jinja_file.is_symlink():
