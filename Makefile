@@ -52,7 +52,7 @@ test: $(STAMP) $(VOCABS)/.done
 	  $(BIN)/python -m pytest -q
 
 fuzz: $(STAMP)
-	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py -k fuzz
+	LORATOOLS_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q tests/test_reliability.py tests/test_reliability3.py -k fuzz
 
 bench: $(STAMP) $(VOCABS)/.done
 	$(BIN)/python -m pip install -q sentencepiece  # for llama.cpp's converter in gguf_bench

@@ -18,7 +18,6 @@ at the edges. ``scale`` is resolved once on load (alpha, rank, rank/alpha patter
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -139,14 +138,18 @@ class Adapter:
 # -- scale rules -------------------------------------------------------------------------------
 def pattern_key(patterns: Iterable[str], name: str) -> str | None:
     """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of the
-    module name at a dot boundary (``re.match(rf"(.*\\.)?({key})$", name)``)."""
+    module name at a dot boundary (``re.match(rf"(.*\\.)?({key})$", name)``), matched in
+    bounded time (patterns.py); a key that cannot be is refused, named."""
+    from .errors import InputError
+    from .patterns import PatternRefused, compile_key
+
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return key
-        except re.error:
-            if name == key or name.endswith("." + key):
-                return key
+            match = compile_key(key)
+        except PatternRefused as e:
+            raise InputError(f"rank_pattern / alpha_pattern key {key[:80]!r} is refused: {e}") from None
+        if match(name):
+            return key
     return None
 
 

@@ -39,8 +39,8 @@ def detect(path: str | os.PathLike) -> str:
     if p.is_dir():
         if (p / peft.CONFIG).is_file():
             return "peft"
-        if (p / "config.json").is_file():
-            return "checkpoint"
+        if (p / "config.json").exists() or (p / "config.json").is_symlink():
+            return "checkpoint"  # read under the read policy, which names what is wrong with it
         raise InputError("neither an adapter (adapter_config.json) nor a checkpoint (config.json)", p)
     if p.name == peft.CONFIG or p.name == peft.WEIGHTS:
         return "peft"
@@ -318,15 +318,12 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.
 
 # -- forward -----------------------------------------------------------------------------------
 def tokenize(model_dir: str | os.PathLike, text: str) -> list[int]:
-    from tokenizers import Tokenizer
+    from . import readpolicy
 
     p = Path(model_dir) / "tokenizer.json"
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise InputError("no tokenizer.json to encode the prompt (forward takes --ids instead of a prompt)", model_dir)
-    try:
-        tok = Tokenizer.from_file(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot load tokenizer: {str(e).splitlines()[0]}", p) from e
+    tok = readpolicy.load_tokenizer(p)
     ids = tok.encode(text, add_special_tokens=True).ids
     if not ids:
         raise InputError("the prompt encodes to no tokens")
@@ -354,8 +351,8 @@ def top_tokens(logits: torch.Tensor, k: int, model_dir) -> list[dict]:
     """The k largest logits of one position, with their tokens decoded (ids when no tokenizer)."""
     vals, idx = logits.topk(min(k, logits.numel()))
     try:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+        from . import readpolicy
+        tok = readpolicy.load_tokenizer(Path(model_dir) / "tokenizer.json")
         dec = lambda i: tok.decode([i])  # noqa: E731
     except Exception:  # noqa: BLE001 - decoding is cosmetic
         dec = str

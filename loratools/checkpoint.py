@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from . import st
+from . import readpolicy, st
 from .errors import InputError, LoratoolsError, UnsupportedError
 from .fsutil import BackgroundSync, atomic_dir
 
@@ -32,17 +31,11 @@ DEFAULT_MAX_SHARD = 2 * 1024**3
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON") -> dict:
+    """A JSON object from a model or adapter folder, read under the read policy (readpolicy.py)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise InputError(f"missing {what}", path) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {what}: {e}", path) from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON (line {e.lineno}, column {e.colno}: {e.msg})", path) from e
+    if not path.exists() and not path.is_symlink():
+        raise InputError(f"missing {what}", path)
+    data = readpolicy.read_json(path, what=what)
     if not isinstance(data, dict):
         raise InputError(f"malformed {what}: expected a JSON object", path)
     return data
@@ -385,8 +378,8 @@ def copy_aux_files(src: Path | None, dst: Path) -> list[str]:
     root = src if src.is_dir() else src.parent
     for name in AUX_FILES:
         p = root / name
-        if p.is_file():
-            shutil.copyfile(p, dst / name)
+        if p.exists() or p.is_symlink():
+            readpolicy.copy_side_file(p, dst / name, root)
             copied.append(name)
     return copied
 

@@ -109,6 +109,8 @@ def check_output(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     """Refuse an output that already exists (unless overwrite) or that is, contains or lies inside
     one of the inputs (through links); the same for the command's ``work`` (scratch, state)
     folders, which it creates and removes. Clears this output's stale temporary files."""
+    if not os.fspath(dest).strip() or Path(dest).name in ("", ".", ".."):
+        raise OutputError(f"the output path {os.fspath(dest)!r} names no file or folder; give it a name")
     dest = Path(dest)
     srcs = [Path(s) for s in inputs if s is not None]
     for src in srcs:

@@ -44,12 +44,17 @@ def parse_chat(chat) -> list[dict]:
 
 
 def _eos_ids(model_dir: Path) -> set[int]:
+    from . import readpolicy
+
     for f in ("generation_config.json", "config.json"):
         p = model_dir / f
-        if p.is_file():
-            v = json.loads(p.read_text(encoding="utf-8")).get("eos_token_id")
-            if v is not None:
-                return set(v) if isinstance(v, list) else {int(v)}
+        if p.exists():
+            cfg = readpolicy.read_json(p, what=f)
+            v = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+            if isinstance(v, list) and all(isinstance(x, int) for x in v):
+                return set(v)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return {v}
     return set()
 
 
@@ -57,12 +62,12 @@ class _HFTokenizer:
     """tokenizer.json (+ tokenizer_config.json's chat template) of a checkpoint or ONNX folder."""
 
     def __init__(self, model_dir: Path):
-        from tokenizers import Tokenizer
+        from . import readpolicy
 
         p = model_dir / "tokenizer.json"
-        if not p.is_file():
+        if not p.exists() and not p.is_symlink():
             raise InputError("no tokenizer.json: generate needs the model's tokenizer", model_dir)
-        self.dir, self.tok = model_dir, Tokenizer.from_file(str(p))
+        self.dir, self.tok = model_dir, readpolicy.load_tokenizer(p)
         self.eos = _eos_ids(model_dir)
 
     def encode(self, text: str, special: bool) -> list[int]:
@@ -102,7 +107,7 @@ class _GGUFTokenizer:
 
         if not isinstance(self.source, str) or not self.source:
             raise InputError("the GGUF has no tokenizer.chat_template; --chat needs one", self.path)
-        return ChatTemplate(self.path.parent, source=self.source, specials=self.specials)
+        return ChatTemplate(self.path.parent, source=self.source, specials=self.specials, where=self.path)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

@@ -54,6 +54,28 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+MAX_DIM = 2**40       # no real tensor dimension comes near; torch's sizes are int64
+MAX_RANK = 16
+
+
+def check_dims(shape, what: str, path) -> None:
+    """Refuse a shape no tensor can have: too many dimensions, a dimension past MAX_DIM, or an
+    element count past int64 (a zero-size tensor with a huge dimension included)."""
+    if len(shape) > MAX_RANK:
+        raise InputError(f"{what} has {len(shape)} dimensions (at most {MAX_RANK})", path)
+    big = [d for d in shape if d > MAX_DIM]
+    if big:
+        raise InputError(f"{what} has a dimension of {big[0]} (more than {MAX_DIM})", path)
+    if math.prod(d for d in shape if d) >= 2**62:
+        raise InputError(f"{what} has shape {list(shape)}, more elements than a tensor can hold", path)
+
+
+def _header_int(text: str) -> int:
+    if len(text) > 30:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate a safetensors header. Returns (tensors, metadata, data_start)."""
     path = Path(path)
@@ -72,9 +94,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror or e}", path) from e
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), parse_int=_header_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"corrupt safetensors header: invalid JSON ({e})", path) from e
+    except (ValueError, RecursionError) as e:  # an integer too long, nesting too deep
+        raise InputError(f"corrupt safetensors header: {e if isinstance(e, ValueError) else 'nested too deeply'}", path) from None
     if not isinstance(header, dict):
         raise InputError("corrupt safetensors header: not a JSON object", path)
     data_start = 8 + n
@@ -90,7 +114,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(dt, str) or dt not in DTYPES:
             raise InputError(f"tensor {name!r} has unknown or unsupported dtype {dt!r}", path)
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise InputError(f"tensor {name!r} has an invalid shape {shape!r}", path)
+            raise InputError(f"tensor {name!r} has an invalid shape {str(shape)[:200]}", path)
+        check_dims(shape, f"tensor {name!r}", path)
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
             raise InputError(f"tensor {name!r} has invalid data_offsets {offs!r}", path)

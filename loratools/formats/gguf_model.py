@@ -12,6 +12,7 @@ tensors stay F32.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -533,14 +534,97 @@ def _precheck(path: Path) -> None:
     read_header(path)
 
 
-def open_gguf(path: str | os.PathLike):
+MAX_GGUF_STRINGS = 2**22  # strings in all metadata arrays (a 262k vocabulary plus its merges is < 2**20)
+MAX_GGUF_DIMS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def _reader_class():
+    """gguf-py's GGUFReader with metadata arrays read in bounded memory. gguf-py makes a numpy view
+    per array element (about 1.6 KB each: an 8 MB file of a million empty strings takes 1.8 GB);
+    here a numeric array is one view of the file, an array's strings are plain bytes (their count
+    checked against the bytes left before any is read, and capped overall), nested arrays are
+    refused, and every tensor's dimensions are checked before gguf-py computes with them."""
+    import struct
+    import sys
+
+    from .. import st
+
     gguf = _gguf()
+    VT = gguf.GGUFValueType
+
+    class Bytes(bytes):
+        __slots__ = ()
+
+        def tobytes(self) -> bytes:  # as numpy's views answer gguf-py's ReaderField.contents()
+            return bytes(self)
+
+        @property
+        def nbytes(self) -> int:
+            return len(self)
+
+    class BoundedReader(gguf.GGUFReader):
+        def __init__(self, path):
+            self._path, self._strings = Path(path), 0
+            super().__init__(path)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            if raw_type != VT.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            size, offs = len(self.data), orig_offs + 12
+            if offs > size:
+                raise ValueError("an array header runs past the end of the file (out of bounds)")
+            raw_itype, alen = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            itype, count = int(raw_itype[0]), int(alen[0])
+            parts = [raw_itype, alen]
+            if itype == VT.STRING:
+                if count > (size - offs) // 8:
+                    raise ValueError(f"an array of {count} strings runs past the end of the file (out of bounds)")
+                self._strings += count
+                if self._strings > MAX_GGUF_STRINGS:
+                    raise ValueError(f"its metadata arrays hold more than {MAX_GGUF_STRINGS} strings")
+                swapped = self.byte_order == "S"
+                fmt = ("<Q" if (sys.byteorder == "little") != swapped else ">Q")
+                mv = memoryview(self.data)
+                for _ in range(count):
+                    if offs + 8 > size:
+                        raise ValueError("a string runs past the end of the file (out of bounds)")
+                    n = struct.unpack_from(fmt, mv, offs)[0]
+                    if n > size - offs - 8:
+                        raise ValueError("a string runs past the end of the file (out of bounds)")
+                    parts.append(Bytes(mv[offs + 8:offs + 8 + n]))
+                    offs += 8 + n
+                return offs - orig_offs, parts, list(range(2, 2 + count)), [VT.ARRAY, VT.STRING]
+            nptype = self.gguf_scalar_to_np.get(VT(itype)) if itype in VT._value2member_map_ else None
+            if nptype is None:
+                raise ValueError(f"an array of GGUF value type {itype} (nested arrays are not read)")
+            width = np.dtype(nptype).itemsize
+            if count > (size - offs) // width:
+                raise ValueError(f"an array of {count} values runs past the end of the file (out of bounds)")
+            parts.append(self._get(offs, nptype, count))
+            return 12 + count * width, parts, [2], [VT.ARRAY, VT(itype)]
+
+        def _get_tensor_info_field(self, orig_offs):
+            f = super()._get_tensor_info_field(orig_offs)
+            n_dims, dims = int(f.parts[2][0]) if len(f.parts[2]) else -1, f.parts[3]
+            if not 0 <= n_dims <= MAX_GGUF_DIMS or len(dims) != n_dims:
+                raise InputError(f"tensor {f.name[:100]!r} has {n_dims} dimensions (truncated, or more than "
+                                 f"{MAX_GGUF_DIMS})", self._path)
+            st.check_dims([int(d) for d in dims], f"tensor {f.name[:100]!r}", self._path)
+            return f
+
+    return BoundedReader
+
+
+def open_gguf(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
     _precheck(path)
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader_class()(path)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError/IndexError/struct errors on bad files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "GGMLQuantizationType" in msg:

@@ -30,6 +30,7 @@ from typing import Any
 
 import gguf
 
+from .. import readpolicy
 from ..errors import InputError, UnsupportedError
 
 # ---------------------------------------------------------------------------------------------
@@ -175,14 +176,15 @@ T = gguf.TokenType
 # ---------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, required: bool = False) -> Any:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         if required:
             raise InputError("file not found", path)
         return None
+    text = readpolicy.read_text(path, cap=readpolicy.TOKENIZER_CAP)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read JSON: {e}", path) from None
+        return readpolicy.loads_json(text, path)
+    except InputError as e:
+        raise InputError(f"cannot read JSON: {e.message}", path) from None
 
 
 def _token_content(entry: Any) -> str | None:
@@ -300,16 +302,12 @@ def _describe_pre(tj: dict) -> str:
 def detect_pre(tokenizer_json: Path, tj: dict | None = None) -> tuple[str, str, str | None]:
     """(pre name, how it was found: "hash" | "structure", check hash) for a byte-level BPE
     tokenizer.json; UnsupportedError when neither the hash nor the structure is known."""
-    from tokenizers import Tokenizer
 
     tokenizer_json = Path(tokenizer_json)
     if tj is None:
         tj = _read_json(tokenizer_json, required=True)
     chk = None
-    try:
-        tok = Tokenizer.from_file(str(tokenizer_json))
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
-        raise InputError(f"the tokenizers library cannot load it: {e}", tokenizer_json) from None
+    tok = readpolicy.load_tokenizer(tokenizer_json)
     # llama.cpp's converter encodes with the post-processor on (AutoTokenizer's default); also
     # try without, for tokenizers whose BOS transformers adds differently than tokenizer.json
     for add_special in (True, False):
@@ -405,13 +403,13 @@ def _special_tokens(tj: dict, tc: dict | None, model_dir: Path, vocab_size: int,
 def _chat_template(tc: dict | None, model_dir: Path) -> str | list | None:
     alt = None
     jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        alt = jinja.read_text(encoding="utf-8")
+    if jinja.exists() or jinja.is_symlink():
+        alt = readpolicy.read_text(jinja, model_dir, readpolicy.TEMPLATE_CAP)
         extra = sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
         if extra:
             alt = [{"name": "default", "template": alt}] + [
-                {"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in extra]
-    elif (model_dir / "chat_template.json").is_file():
+                {"name": p.stem, "template": readpolicy.read_text(p, model_dir, readpolicy.TEMPLATE_CAP)} for p in extra]
+    elif (model_dir / "chat_template.json").exists():
         alt = (_read_json(model_dir / "chat_template.json") or {}).get("chat_template")
     tmpl = (tc or {}).get("chat_template", alt)
     return tmpl if isinstance(tmpl, (str, list)) else None

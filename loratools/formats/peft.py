@@ -21,6 +21,7 @@ import torch
 from .. import st
 from ..adapter import Adapter, LoraModule, alpha_for_scale, lora_scale, resolve_rank_alpha
 from ..checkpoint import read_json, torch_load_reason
+from ..patterns import PatternRefused, compile_key
 from ..errors import InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir
 from ..ops.common import check_finite
@@ -68,6 +69,12 @@ def _check_config(cfg: dict, path: Path) -> None:
     v = cfg.get("alpha_pattern")
     if v is not None and (not isinstance(v, dict) or not all(number(x) for x in v.values())):
         bad("alpha_pattern", "an object mapping module patterns to finite numbers")
+    for pfield in ("rank_pattern", "alpha_pattern"):
+        for key in cfg.get(pfield) or {}:
+            try:
+                compile_key(key)
+            except PatternRefused as e:
+                raise InputError(f"{pfield} key {key[:80]!r} is refused: {e}", path) from None
     for f in ("use_rslora", "use_dora"):
         if cfg.get(f) is not None and not isinstance(cfg[f], bool):
             bad(f, "true or false")
@@ -111,10 +118,10 @@ def adapter_family(cfg: dict, module_names=(), family: str | None = None) -> str
         p = Path(base) / "config.json"
         try:
             if p.is_file():
-                mt = json.loads(p.read_text()).get("model_type")
+                mt = read_json(p, "config.json").get("model_type")
                 if isinstance(mt, str):
                     return mt
-        except (OSError, ValueError):
+        except (OSError, ValueError, InputError):
             pass
     if any(re.search(r"\.layers\.\d+\.mlp\.router$", n) for n in module_names):
         return "gpt_oss"

@@ -273,9 +273,12 @@ def train(model_dir: str | os.PathLike, data_path: str | os.PathLike, out: str |
     dev = pick_device(cfg.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     torch.manual_seed(cfg.seed)
-    ds = data.load(data_path, model_dir)
-    ev = data.load(eval_path, model_dir) if eval_path else None
+    ds = data.load(data_path, model_dir, cfg.seq_len)
+    ev = data.load(eval_path, model_dir, cfg.seq_len) if eval_path else None
     model = load_model(model_dir, dtype=dtype, device=str(dev), mmap=True)  # the base is frozen
+    for d in (ds, ev):
+        if d is not None:
+            data.check_ids(d, model.model.embed_tokens.weight.shape[0], model_dir / "tokenizer.json")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     lr, ft_lr = (cfg.lr, None) if cfg.lr is not None else default_lr(n_params)
