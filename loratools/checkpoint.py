@@ -302,15 +302,16 @@ class CheckpointWriter:
         self._ctx = None
 
     def __enter__(self) -> "CheckpointWriter":
-        self._ctx = atomic_dir(self.out_dir)
-        self.tmp = self._ctx.__enter__()
-        groups = plan_shards(self.specs, self.max_shard_size)
-        n = len(groups)
         self._writers: dict[str, st.SafetensorsWriter] = {}
         self.weight_map: dict[str, str] = {}
         self._shard_writers: list[st.SafetensorsWriter] = []
-        self._sync = BackgroundSync()  # the shards reach the disk while they are written
-        try:
+        self._sync = None
+        self._ctx = atomic_dir(self.out_dir)
+        self.tmp = self._ctx.__enter__()
+        try:  # from here on a signal (Terminated) or an error removes the temporary folder
+            groups = plan_shards(self.specs, self.max_shard_size)
+            n = len(groups)
+            self._sync = BackgroundSync()  # the shards reach the disk while they are written
             for i, g in enumerate(groups):
                 fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
                 w = st.SafetensorsWriter(self.tmp / fname, g, {"format": "pt"})
@@ -349,7 +350,8 @@ class CheckpointWriter:
 
     def __exit__(self, et, ev, tb):
         try:
-            self._sync.close()
+            if self._sync is not None:
+                self._sync.close()
             if et is None:
                 for w in self._shard_writers:
                     w.close()

@@ -265,8 +265,8 @@ def atomic_dir(dest: str | os.PathLike, check: Callable[[Path], None] | None = N
     complete, and only where allowed: see _publish)."""
     dest = Path(dest)
     tmp = temp_path(dest)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():
