@@ -114,11 +114,12 @@ class Crashed(Exception):
 
 
 def _reason(stderr: str, code: int) -> str:
+    import re
     import signal
 
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     key = [ln for ln in lines if "GGML_ASSERT" in ln or "error" in ln.lower() or "abort" in ln.lower()]
-    line = (key or lines or [""])[-1][:300]
+    line = re.sub(r"^\S*/", "", (key or lines or [""])[-1])[:300]  # a source path: its file name (ops.cpp:4132: ...)
     how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_
            else f"exit {code}")
     return f"llama.cpp {how}" + (f": {line}" if line else "")
