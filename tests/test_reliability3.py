@@ -312,6 +312,17 @@ def test_gguf_array_count_past_the_file_is_refused_before_allocating(gguf_file, 
     refused(run_cli("import", "gguf", p, "-o", tmp_path / "out"), p, "runs past the end")
 
 
+def test_gguf_tensor_with_a_huge_dimension_is_refused(gguf_file, tmp_path, run_cli):
+    import gguf
+    t = gguf.GGUFReader(gguf_file).tensors[0]
+    pos = t.field.offset + sum(p.nbytes for p in t.field.parts[:3])  # name length, name, n_dims
+    d = bytearray(gguf_file.read_bytes())
+    d[pos:pos + 8] = struct.pack("<Q", 2**63)
+    p = tmp_path / "dims.gguf"
+    p.write_bytes(bytes(d))
+    refused(run_cli("import", "gguf", p, "-o", tmp_path / "out"), p, "dimension of 9223372036854775808")
+
+
 def test_jsonl_line_longer_than_seq_len_can_use_is_refused(fx, tmp_path, run_cli):
     d = tmp_path / "long.jsonl"
     d.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "word " * 2_000_000}) + "\n")
@@ -436,6 +447,10 @@ def test_hostile_inputs_under_a_3gb_address_space(fx, tmp_path, gguf_file):
         set_template(m, TEMPLATE_BOMBS[case][0])
         cases.append((["train", "--model", m, "--data", chat, "-o", tmp_path / f"t-{case}", "--max-steps", "1"],
                       {2}, [m, chat]))
+
+    m = copy_model(fx, tmp_path, name="tmpl-generate")
+    set_template(m, TEMPLATE_BOMBS["repeat"][0])
+    cases.append((["generate", m, "--chat", json.dumps(CHAT[:1]), "--max-new-tokens", "2"], {2}, [m]))
 
     a = _patterned_adapter(fx, tmp_path, {"(.*)*Z": 2})
     cases.append((["inspect", a], {0}, [a]))
