@@ -429,7 +429,8 @@ def test_hostile_inputs_under_a_3gb_address_space(fx, tmp_path, gguf_file):
     (m / "generation_config.json").unlink()
     (m / "generation_config.json").symlink_to(secret)
     cases.append((["merge", "--base", m, "-a", rsl, "-o", tmp_path / "o1"], {2}, [m, secret]))
-    cases.append((["export", "gguf", m, "-o", tmp_path / "o1.gguf"], {0, 2}, [m, secret]))
+    cases.append((["export", "gguf", m, "-o", tmp_path / "o1.gguf"], {2}, [m, secret]))
+    cases.append((["export", "onnx", m, "-o", tmp_path / "o1-onnx"], {2}, [m, secret]))
 
     m = copy_model(fx, tmp_path, name="fifo")
     (m / "config.json").unlink()
@@ -455,6 +456,8 @@ def test_hostile_inputs_under_a_3gb_address_space(fx, tmp_path, gguf_file):
     a = _patterned_adapter(fx, tmp_path, {"(.*)*Z": 2})
     cases.append((["inspect", a], {0}, [a]))
     cases.append((["merge", "--base", llama, "-a", a, "-o", tmp_path / "o3"], {0}, [a, llama]))
+    cases.append((["resize", a, "--rank", "2", "-o", tmp_path / "o3-resized"], {0}, [a]))
+    cases.append((["export", "gguf-adapter", a, "--base", llama, "-o", tmp_path / "o3.gguf"], {0}, [a, llama]))
 
     g = gguf_with_string_array(gguf_file, tmp_path / "junk.gguf", 1_000_000)
     cases.append((["import", "gguf", g, "-o", tmp_path / "o4"], {0}, [g]))
