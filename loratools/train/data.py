@@ -212,13 +212,13 @@ class _render_bounds:
     def __exit__(self, *exc):
         import signal
 
+        if self._alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._alarm)
         if self._limit is not None:
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, self._limit)
-        if self._alarm is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._alarm)
 
 
 def _raise(msg):
