@@ -312,6 +312,17 @@ def test_gguf_array_count_past_the_file_is_refused_before_allocating(gguf_file, 
     refused(run_cli("import", "gguf", p, "-o", tmp_path / "out"), p, "runs past the end")
 
 
+def test_gguf_tensor_with_a_huge_dimension_is_refused(gguf_file, tmp_path, run_cli):
+    import gguf
+    t = gguf.GGUFReader(gguf_file).tensors[0]
+    pos = t.field.offset + sum(p.nbytes for p in t.field.parts[:3])  # name length, name, n_dims
+    d = bytearray(gguf_file.read_bytes())
+    d[pos:pos + 8] = struct.pack("<Q", 2**63)
+    p = tmp_path / "dims.gguf"
+    p.write_bytes(bytes(d))
+    refused(run_cli("import", "gguf", p, "-o", tmp_path / "out"), p, "dimension of 9223372036854775808")
+
+
 def test_jsonl_line_longer_than_seq_len_can_use_is_refused(fx, tmp_path, run_cli):
     d = tmp_path / "long.jsonl"
     d.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "word " * 2_000_000}) + "\n")
@@ -418,7 +429,8 @@ def test_hostile_inputs_under_a_3gb_address_space(fx, tmp_path, gguf_file):
     (m / "generation_config.json").unlink()
     (m / "generation_config.json").symlink_to(secret)
     cases.append((["merge", "--base", m, "-a", rsl, "-o", tmp_path / "o1"], {2}, [m, secret]))
-    cases.append((["export", "gguf", m, "-o", tmp_path / "o1.gguf"], {0, 2}, [m, secret]))
+    cases.append((["export", "gguf", m, "-o", tmp_path / "o1.gguf"], {2}, [m, secret]))
+    cases.append((["export", "onnx", m, "-o", tmp_path / "o1-onnx"], {2}, [m, secret]))
 
     m = copy_model(fx, tmp_path, name="fifo")
     (m / "config.json").unlink()
@@ -437,9 +449,15 @@ def test_hostile_inputs_under_a_3gb_address_space(fx, tmp_path, gguf_file):
         cases.append((["train", "--model", m, "--data", chat, "-o", tmp_path / f"t-{case}", "--max-steps", "1"],
                       {2}, [m, chat]))
 
+    m = copy_model(fx, tmp_path, name="tmpl-generate")
+    set_template(m, TEMPLATE_BOMBS["repeat"][0])
+    cases.append((["generate", m, "--chat", json.dumps(CHAT[:1]), "--max-new-tokens", "2"], {2}, [m]))
+
     a = _patterned_adapter(fx, tmp_path, {"(.*)*Z": 2})
     cases.append((["inspect", a], {0}, [a]))
     cases.append((["merge", "--base", llama, "-a", a, "-o", tmp_path / "o3"], {0}, [a, llama]))
+    cases.append((["resize", a, "--rank", "2", "-o", tmp_path / "o3-resized"], {0}, [a]))
+    cases.append((["export", "gguf-adapter", a, "--base", llama, "-o", tmp_path / "o3.gguf"], {0}, [a, llama]))
 
     g = gguf_with_string_array(gguf_file, tmp_path / "junk.gguf", 1_000_000)
     cases.append((["import", "gguf", g, "-o", tmp_path / "o4"], {0}, [g]))

@@ -563,6 +563,8 @@ def _reader_class():
         def nbytes(self) -> int:
             return len(self)
 
+    empty = Bytes()
+
     class BoundedReader(gguf.GGUFReader):
         def __init__(self, path):
             self._path, self._strings = Path(path), 0
@@ -592,9 +594,9 @@ def _reader_class():
                     n = struct.unpack_from(fmt, mv, offs)[0]
                     if n > size - offs - 8:
                         raise ValueError("a string runs past the end of the file (out of bounds)")
-                    parts.append(Bytes(mv[offs + 8:offs + 8 + n]))
+                    parts.append(Bytes(mv[offs + 8:offs + 8 + n]) if n else empty)
                     offs += 8 + n
-                return offs - orig_offs, parts, list(range(2, 2 + count)), [VT.ARRAY, VT.STRING]
+                return offs - orig_offs, parts, range(2, 2 + count), [VT.ARRAY, VT.STRING]
             nptype = self.gguf_scalar_to_np.get(VT(itype)) if itype in VT._value2member_map_ else None
             if nptype is None:
                 raise ValueError(f"an array of GGUF value type {itype} (nested arrays are not read)")

@@ -146,13 +146,38 @@ _steps = [0]
 
 
 def _bounded_range(*args):
-    """range() as the sandbox has it, counting every item against the render's budget."""
-    r = range(*args)
-    for x in r:
-        _steps[0] += 1
-        if _steps[0] > TEMPLATE_RANGE:
-            raise _TemplateLimit(f"its loops pass {TEMPLATE_RANGE} range() steps")
-        yield x
+    """range() as the sandbox has it (at most MAX_RANGE items), every item counted against the
+    render's budget of range steps when iterated."""
+    from jinja2.sandbox import safe_range
+
+    return _CountedRange(safe_range(*args))
+
+
+class _CountedRange:
+    """A range whose iteration counts steps (len, indexing and ``in`` as a range's)."""
+
+    def __init__(self, r: range):
+        self.r = r
+
+    def __len__(self):
+        return len(self.r)
+
+    def __getitem__(self, i):
+        x = self.r[i]
+        return _CountedRange(x) if isinstance(x, range) else x
+
+    def __contains__(self, x):
+        return x in self.r
+
+    def __reversed__(self):
+        return iter(_CountedRange(self.r[::-1]))
+
+    def __iter__(self):
+        for x in self.r:
+            _steps[0] += 1
+            if _steps[0] > TEMPLATE_RANGE:
+                raise _TemplateLimit(f"its loops pass {TEMPLATE_RANGE} range() steps")
+            yield x
 
 
 class _render_bounds:
@@ -187,13 +212,13 @@ class _render_bounds:
     def __exit__(self, *exc):
         import signal
 
+        if self._alarm is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._alarm)
         if self._limit is not None:
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, self._limit)
-        if self._alarm is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._alarm)
 
 
 def _raise(msg):
