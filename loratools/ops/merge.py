@@ -402,7 +402,7 @@ class MergedView:
 
 
 STREAMED = True  # the buffered, row-blocked writer below; tests set False to compare it with _write_plain
-BLOCK_ELEMS = 1 << 26  # a merged tensor above this many elements is computed a block of rows at a time
+BLOCK_ELEMS = 1 << 25  # a merged tensor above this many elements (128 MiB in fp32) is computed a block of rows at a time
 MIN_BLOCK_ROWS = 256   # (never fewer rows: the GEMM of a block then sums exactly as the whole tensor's)
 
 
