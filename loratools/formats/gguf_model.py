@@ -173,8 +173,12 @@ class _Buffers:
             b = self._b[dtype] = torch.empty(n, dtype=dtype)
         return b[:n].view(tuple(shape))
 
+    def clear(self) -> None:
+        self._b.clear()
 
-_BUF = _Buffers()
+
+_BUF = _Buffers()     # conversion of a block to the output type
+_MERGED = _Buffers()  # merged rows (a block is converted from here into _BUF)
 
 
 def _write_parts(w, parts, qtype, name: str | None = None) -> None:
@@ -393,7 +397,11 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
                 if not isinstance(t, torch.Tensor):  # a stacked expert tensor: its experts' slabs, one at a time
                     _write_parts(w, t, q, gname)
                 elif hf is not None and gguf_arch.changes(fam, gname, cfg):
-                    w.write_tensor_data(_encode(gguf_arch.to_gguf(fam, gname, t.float(), cfg), q, hf))
+                    g = gguf_arch.to_gguf(fam, gname, t.float(), cfg)
+                    if STREAMED and g.dim() >= 2:
+                        _write_parts(w, iter((g,)), q, hf)  # the same bytes, converted into reused buffers
+                    else:
+                        w.write_tensor_data(_encode(g, q, hf))
                 else:
                     _write_rows(w, t, q, hf or gname)
             sync.close()
@@ -416,12 +424,13 @@ def _merged_blocks(view, name: str):
     view.check_input(name, view.ck.get_mapped(view.source(name)))
     rows, cols = view.info(name).shape
     for r0, r1 in merge_mod.row_blocks(rows, cols):
-        yield view.merge_rows(name, _BUF.get((r1 - r0, cols), torch.float32), r0, r1)
+        yield view.merge_rows(name, _MERGED.get((r1 - r0, cols), torch.float32), r0, r1)
     view.modified.append(name)
 
 
 class _closing:
-    """Close a GGUFWriter's files when the export fails (on success ``w.close()`` has run)."""
+    """Free the reused buffers; close a GGUFWriter's files when the export fails (on success
+    ``w.close()`` has run)."""
 
     def __init__(self, w):
         self.w = w
@@ -430,7 +439,9 @@ class _closing:
         return self.w
 
     def __exit__(self, et, ev, tb):
-        if et is not None:
+        _BUF.clear()
+        _MERGED.clear()
+        if et is not None and self.w is not None:
             for f in self.w.fout or []:
                 f.close()
 
@@ -798,7 +809,7 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     specs = [st.TensorInfo(hf, dt, shape) for hf, shape, _ in plan]
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)
     check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
-    with CheckpointWriter(out, specs, config=cfgd) as wr:
+    with CheckpointWriter(out, specs, config=cfgd) as wr, _closing(None):
         for (hf, shape, make), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
             t = tensors.get(gguf_names.get(hf))
             if STREAMED and t is not None and t.tensor_type in (Q.F16, Q.F32) and len(shape) == 2 and \

@@ -402,7 +402,7 @@ class MergedView:
 
 
 STREAMED = True  # the buffered, row-blocked writer below; tests set False to compare it with _write_plain
-BLOCK_ELEMS = 1 << 26  # a merged tensor above this many elements is computed a block of rows at a time
+BLOCK_ELEMS = 1 << 25  # a merged tensor above this many elements (128 MiB in fp32) is computed a block of rows at a time
 MIN_BLOCK_ROWS = 256   # (never fewer rows: the GEMM of a block then sums exactly as the whole tensor's)
 
 
@@ -422,7 +422,8 @@ def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
 def _rounded(view: MergedView, name: str, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out.copy_(t)`` (rounding once to the output type), refusing a non-finite result (exit 3):
     the inputs are finite (checked), so the merged values lie outside the output type's range."""
-    out.copy_(t)
+    if out is not t:
+        out.copy_(t)
     if out.dtype == torch.float16:
         hint = "write bf16 or fp32 instead (--dtype bf16)"
     else:
@@ -450,17 +451,17 @@ def _write_plain(view: MergedView, wr: CheckpointWriter, specs: list, bar) -> No
 
 class _Buffers:
     """Reused work buffers (a fresh allocation of a large tensor costs a page fault per 4 KiB, more
-    than the arithmetic): one float32 and one per output dtype, grown to the largest use."""
+    than the arithmetic): the float32 work buffer and one output buffer per dtype, grown to the largest use."""
 
     def __init__(self):
-        self._b: dict[torch.dtype, torch.Tensor] = {}
+        self._b: dict[tuple, torch.Tensor] = {}
 
-    def get(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = math.prod(shape)
-        b = self._b.get(dtype)
+    def get(self, shape, dtype: torch.dtype, slot: str = "out") -> torch.Tensor:
+        n, key = math.prod(shape), (slot, dtype)
+        b = self._b.get(key)
         if b is None or b.numel() < n:
-            self._b.pop(dtype, None)
-            b = self._b[dtype] = torch.empty(n, dtype=dtype)
+            self._b.pop(key, None)
+            b = self._b[key] = torch.empty(n, dtype=dtype)
         return b[:n].view(shape)
 
 
@@ -493,8 +494,8 @@ def _write_streamed(view: MergedView, wr: CheckpointWriter, specs: list, bar) ->
         rows, cols = spec.shape
         blocks = row_blocks(rows, cols)
         for r0, r1 in blocks:
-            W = view.merge_rows(name, buf.get((r1 - r0, cols), torch.float32), r0, r1)
-            out = _rounded(view, name, W, buf.get((r1 - r0, cols), spec.dtype))
+            W = view.merge_rows(name, buf.get((r1 - r0, cols), torch.float32, "work"), r0, r1)
+            out = _rounded(view, name, W, W if spec.dtype == torch.float32 else buf.get((r1 - r0, cols), spec.dtype))
             wr.write(name, out) if len(blocks) == 1 else wr.write_rows(name, r0, out)
         view.modified.append(name)
 
