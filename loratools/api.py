@@ -118,7 +118,7 @@ def _num_layers(base) -> int | None:
 def save_adapter(adapter: Adapter, out: str | os.PathLike, fmt: str = "peft", overwrite: bool = False,
                  inputs: Iterable = (), num_layers: int | None = None, expert_form: str | None = None) -> Path:
     """Write ``adapter``; ``expert_form`` ("fused", the default, or "per_expert"): how PEFT expert LoRA is written."""
-    check_output(out, inputs, overwrite)
+    check_output(out, inputs, overwrite, file=fmt != "peft")  # kohya: one .safetensors file
     if fmt == "peft":
         return peft.write_peft(adapter, out, num_layers=num_layers, expert_form=expert_form)
     if expert_form is not None and any(peft.px.is_expert_name(n) for n in adapter.modules):
@@ -274,7 +274,7 @@ def check_plot(plot, inputs, overwrite: bool, output=None) -> None:
         raise InputError("--plot must name a .png, .svg or .pdf file", plot)
     if output is not None and p.resolve().parent == Path(output).resolve():
         return
-    check_output(p, inputs, overwrite)
+    check_output(p, inputs, overwrite, file=True)
 
 
 def inspect(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
@@ -547,7 +547,7 @@ def export_onnx_adapter(adapter, out, base=None, slot_model=None, dtype: str = "
     from .errors import LoratoolsError
     from .formats.onnx_model import check_adapter_fits, export_onnx_adapter as run
 
-    check_output(out, [adapter, base, slot_model], overwrite)
+    check_output(out, [adapter, base, slot_model], overwrite, file=True)
     check = None
     if slot_model:
         path = Path(slot_model) / "model.onnx" if Path(slot_model).is_dir() else Path(slot_model)

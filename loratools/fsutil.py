@@ -105,12 +105,17 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def check_output(dest: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), overwrite: bool = False,
-                 work: Iterable[str | os.PathLike] = ()) -> Path:
+                 work: Iterable[str | os.PathLike] = (), file: bool = False) -> Path:
     """Refuse an output that already exists (unless overwrite) or that is, contains or lies inside
     one of the inputs (through links); the same for the command's ``work`` (scratch, state)
-    folders, which it creates and removes. Clears this output's stale temporary files."""
-    if not os.fspath(dest).strip() or Path(dest).name in ("", ".", ".."):
-        raise OutputError(f"the output path {os.fspath(dest)!r} names no file or folder; give it a name")
+    folders, which it creates and removes. ``file``: the command writes one file, so a path that
+    names a folder (ends with a separator, or is an existing folder, even with overwrite) is
+    refused. Clears this output's stale temporary files."""
+    raw = os.fspath(dest)
+    if not raw.strip() or Path(dest).name in ("", ".", ".."):
+        raise OutputError(f"the output path {raw!r} names no file or folder; give it a name")
+    if file and (raw.endswith(os.sep) or (os.altsep and raw.endswith(os.altsep)) or Path(dest).is_dir()):
+        raise OutputError("names a folder, but this command writes one file: give a file name (inside it, if you meant the folder)", dest)
     dest = Path(dest)
     srcs = [Path(s) for s in inputs if s is not None]
     for src in srcs:
@@ -218,6 +223,9 @@ def _publish(tmp: Path, dest: Path, replace: bool | None = None) -> None:
     if not replace:
         _place_new(tmp, dest)
     elif dest.exists() or dest.is_symlink():
+        if not dest.is_symlink() and dest.is_dir() != tmp.is_dir():  # never swap a folder for a file (or back)
+            raise OutputError("is a folder; a file output does not replace it" if dest.is_dir()
+                              else "is a file; a folder output does not replace it", dest)
         try:
             swapped = _renameat2(tmp, dest, _RENAME_EXCHANGE)
         except FileNotFoundError:  # dest went away meanwhile

@@ -211,3 +211,34 @@ def test_an_output_name_of_250_bytes_is_written(fx, tmp_path, run_cli):
     code, _, err = run_cli("scale", fx / "adapters" / "llama-rslora", "--factor", "0.5", "-o", folder)
     assert code == 0 and (folder / "adapter_config.json").is_file(), err
     assert _temps(tmp_path) == []
+
+
+# -- a file output that names a folder ------------------------------------------------------------
+def test_a_file_output_never_replaces_or_becomes_a_folder(fx, tmp_path, run_cli):
+    """`-o DIR --overwrite` for a one-file output would swap the folder out and remove it; `-o new/`
+    would write a file named `new`. Both are refused before any work, and the folder is kept."""
+    a, base = fx / "adapters" / "llama-rslora", fx / "models" / "llama"
+    keep = tmp_path / "models"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("keep me")
+    for argv in (["export", "gguf-adapter", a, "--base", base, "-o", keep, "--overwrite"],
+                 ["export", "gguf", base, "-o", keep, "--outtype", "f32", "--overwrite", "--quiet"],
+                 ["convert", a, "--to", "kohya", "-o", keep, "--overwrite"],
+                 ["export", "gguf-adapter", a, "--base", base, "-o", f"{tmp_path / 'new'}/"]):
+        code, _, err = run_cli(*argv)
+        assert code == 5 and "names a folder" in err and len(_lines(err)) == 1, (argv, err)
+        assert (keep / "precious.txt").read_text() == "keep me" and sorted(os.listdir(keep)) == ["precious.txt"]
+        assert not (tmp_path / "new").exists() and _temps(tmp_path) == []
+
+
+def test_publish_never_swaps_a_folder_for_a_file(tmp_path):
+    from loratools.errors import OutputError
+    from loratools.fsutil import atomic_file
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "x").write_text("x")
+    with pytest.raises(OutputError, match="is a folder"):
+        with atomic_file(d, replace=True) as tmp:
+            tmp.write_text("file")
+    assert (d / "x").read_text() == "x" and _temps(tmp_path) == []

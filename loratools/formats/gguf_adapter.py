@@ -36,7 +36,7 @@ def export_gguf_adapter(adapter: Adapter, base_dir: str | os.PathLike, out: str 
 
     if outtype not in DTYPES:
         raise LoratoolsError(f"adapter --outtype must be f32 or f16, got {outtype!r}")
-    check_output(out, [base_dir, adapter.source or None], overwrite)
+    check_output(out, [base_dir, adapter.source or None], overwrite, file=True)
     src = adapter.source or None
     if adapter.use_dora:
         raise UnsupportedError("llama.cpp cannot apply DoRA (its magnitude vector rescales whole rows of W + ΔW); "

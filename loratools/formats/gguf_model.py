@@ -295,7 +295,7 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
     gguf = _gguf()
     F32 = gguf.GGMLQuantizationType.F32
     qname = OUTTYPES[outtype]
-    check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite)
+    check_output(out, [model_dir] + [a.source for a in adapters if a.source], overwrite, file=True)
     cfg = load_config(model_dir)
     fam = gguf_arch.family(cfg, model_dir)
     fam.check(cfg, model_dir)
@@ -462,9 +462,9 @@ def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "
                              "give --imatrix FILE or --calibration TEXT")
     out = Path(out)
     inputs = [model_dir, imatrix, calibration] + [a.source for a in adapters if a.source]
-    check_output(out, inputs, overwrite)
+    check_output(out, inputs, overwrite, file=True)
     if save_imatrix is not None:
-        check_output(save_imatrix, inputs, overwrite)
+        check_output(save_imatrix, inputs, overwrite, file=True)
         if Path(save_imatrix).resolve() == out.resolve():
             raise LoratoolsError("--save-imatrix and the output are the same file", save_imatrix)
     im = None

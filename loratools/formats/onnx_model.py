@@ -413,7 +413,7 @@ def export_onnx_adapter(adapter: Adapter, out: str | os.PathLike, dtype: str = "
     file before it is renamed to ``out`` (a failure leaves ``out`` as it was)."""
     import onnxruntime as ort
 
-    check_output(out, [adapter.source or None], overwrite)
+    check_output(out, [adapter.source or None], overwrite, file=True)
     src = adapter.source or None
     if base is not None:
         from ..models.decoder import internal_adapter
