@@ -29,6 +29,10 @@ from ..modelinfo import EMBED, embed_name, head_name, read_model_info, tied_pair
 from . import factor
 from .common import check_finite, check_patterns, delta_sq, progress, retained_energy, selected as _selected, sum_sq
 
+# a 2-D delta of more fp32 bytes than this (the embedding and head, at a vocabulary of a few tens of
+# thousands) is never whole in memory: its energy and factorization come from row blocks of
+# wt − wb (factor.DeltaBlocks). Smaller ones are built whole, as before (the same bytes out).
+BLOCKED_MIN_BYTES = 256 << 20
 EMBED_NAMES = ("model.embed_tokens", "lm_head")  # the usual layout; the checkpoint's own names are found by modelinfo
 REPORT = "extract_report.json"
 
@@ -121,7 +125,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 B, A, S, info_f = factor.factorize(M, r_mod, exact, oversample, power_iters, seed)
             spec = info_f.pop("spectrum", S)
             if full_spectra and spec.numel() < min(M.shape):
-                spec = torch.linalg.svdvals(M.float()).cpu()
+                spec = factor.svdvals(M).cpu()
             plot_spectra[mod] = (spec, e, info_f["rank"])
             info_f["seconds"] = time.perf_counter() - ts
             info_f["shape"] = list(M.shape)
@@ -154,7 +158,11 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                 continue
             # the embedding is factored as ΔWᵀ (PEFT's orientation): its delta is built in that layout,
             # so that the products of the SVD read it in place
-            delta, e = delta_sq(wb, wt, dev, transposed=mod == emb_mod and len(info.shape) == 2)
+            if len(info.shape) == 2 and info.shape[0] >= info.shape[1] and 4 * info.numel > BLOCKED_MIN_BYTES:
+                delta = factor.DeltaBlocks(wb, wt, dev, transposed=mod == emb_mod)  # M itself, either orientation
+                e = delta.sum_sq()
+            else:
+                delta, e = delta_sq(wb, wt, dev, transposed=mod == emb_mod and len(info.shape) == 2)
             energy_total += e
             if e == 0.0:
                 report["unchanged"].append(name)
@@ -181,7 +189,7 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, out: str | os.Pat
                     report["embeddings"][mod] = {"mode": "full", "params": wt.numel(), "energy": 1.0, "total_energy": e}
                     continue
                 del embed_energy[name]
-            M = delta.T if mod == emb_mod else delta  # PEFT's embedding orientation
+            M = delta if isinstance(delta, factor.DeltaBlocks) else delta.T if mod == emb_mod else delta  # PEFT's embedding orientation
             kind = "embedding" if mod == emb_mod else "linear"
             factor_module(mod, M, e, kind)
             del delta, M, wb, wt
