@@ -1,7 +1,9 @@
 """Extract a LoRA from a full fine-tune: ΔW = W_tuned − W_base, tensor by tensor, factored.
 
 Streaming: one module's delta (fp32) and its factors are in memory at a time; its two weights are
-read through file-backed maps and the delta built from them a block of rows at a time.
+read through file-backed maps and the delta built from them a block of rows at a time. A delta
+over BLOCKED_MIN_BYTES (the embedding and head of a large vocabulary) is never whole: its energy
+and factorization come from passes over row blocks (factor.DeltaBlocks).
 With ``budget``, each module's factors at the cap rank (256 or --max-rank) go to a scratch file
 beside the output until the global allocation is known, then each is read back and cut to its
 rank: memory stays at one module's factors (a 7B model's cap-rank factors are ~3.5 GB).
