@@ -33,6 +33,7 @@ when the sequence grows past the original length, and so does ``runtimes.onnxrun
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -52,6 +53,7 @@ from ..models.decoder import LoraSlot
 from ..ops.common import progress, stage
 
 TWO_GB = 2 * 1024**3
+FAST = True  # False: the placeholders' products are computed while tracing and shape inference reads them (same bytes, slower)
 
 
 def slot_names(module: str) -> tuple[str, str]:
@@ -70,6 +72,10 @@ class _Exportable(torch.nn.Module):
         self.mods = model.linear_modules()
 
     def forward(self, input_ids, attention_mask, position_ids, *rest):
+        with _NoPlaceholderProducts() if FAST else contextlib.nullcontext():
+            return self._forward(input_ids, attention_mask, position_ids, *rest)
+
+    def _forward(self, input_ids, attention_mask, position_ids, *rest):
         past = None
         if self.cached is not None:
             past = [None] * self.n
@@ -141,6 +147,57 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     model.inv_freq = rope_inv_freq(cfg).float()
     model.requires_grad_(False)
     return model.eval(), disk
+
+
+def _broadcast(t) -> bool:
+    """A placeholder weight: more than one element, all of them one stored number."""
+    return isinstance(t, torch.Tensor) and t.numel() > 1 and all(st == 0 for st in t.stride())
+
+
+_PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+class _NoPlaceholderProducts:
+    """While tracing (``FAST``): a matrix product with a placeholder operand is not computed; it
+    returns zeros of its shape and dtype. The tracer records the op above this level, from its
+    inputs, so the graph is the same; only the traced values (placeholder products, which nothing
+    branches on) differ. This is where the old trace spent its time: fp16 GEMMs over every weight."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        products = {getattr(torch.ops.aten, n).default for n in _PRODUCTS}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in products and any(_broadcast(a) for a in args):
+                    meta = func(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+                    return torch.zeros(meta.shape, dtype=meta.dtype)
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _shape_inference_without_placeholders():
+    """The exporter's ONNX shape inference is given the parameters without the placeholder weights
+    (``FAST``): with them it builds each weight into a temporary initializer (a full copy) to
+    propagate values that only the weights' shapes, already on the graph inputs, decide."""
+    orig = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def infer(graph, params, opset):
+        return orig(graph, {k: v for k, v in params.items() if not _broadcast(v)}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = orig
 
 
 def _weight_plan(proto, declared: set[str]) -> list[tuple[str, str, bool]]:
@@ -320,7 +377,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         with tempfile.TemporaryDirectory(prefix="loratools-onnx-") as work:
             raw = Path(work) / "model.onnx"
             import warnings
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), \
+                    _shape_inference_without_placeholders() if FAST else contextlib.nullcontext():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, tuple(args), str(raw), dynamo=False, opset_version=opset,
                                   input_names=names_in, output_names=names_out, dynamic_axes=axes,
