@@ -28,7 +28,8 @@ def _both(monkeypatch, tmp_path, model, **kw):
     assert names == sorted(p.name for p in outs[True].iterdir())
     assert "model.onnx" in names
     for n in names:
-        assert (outs[False] / n).read_bytes() == (outs[True] / n).read_bytes(), n
+        same = (outs[False] / n).read_bytes() == (outs[True] / n).read_bytes()  # (no diff of the bytes in a failure)
+        assert same, n
     return outs[True]
 
 
@@ -65,3 +66,19 @@ def test_fast_export_same_bytes_every_family(families, monkeypatch, tmp_path, na
 @pytest.mark.parametrize("name", list(MOE_FIXTURES))
 def test_fast_export_same_bytes_moe(moe_families, monkeypatch, tmp_path, name):
     _both(monkeypatch, tmp_path, moe_families / name, lora_slots="all-linear", dtype="fp16")
+
+
+@pytest.mark.parametrize("block", [1000, 3000])
+def test_fast_export_same_bytes_in_row_blocks(fx, monkeypatch, tmp_path, block):
+    """Small blocks so that the fixture's tensors take every blocked path: merged rows in several
+    blocks (block 1000: written as column segments of the transposed rows; 3000: assembled whole),
+    unchanged tensors converted a few rows at a time."""
+    from loratools.ops import merge
+
+    monkeypatch.setattr(merge, "BLOCK_ELEMS", block)
+    monkeypatch.setattr(merge, "MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(onnx_model, "COPY_BLOCK_ELEMS", block)
+    m = fx / "models" / "llama"
+    a = api.load_adapter(fx / "adapters" / "llama-rslora", base=m)
+    assert len(merge.row_blocks(*a.modules[next(iter(a.modules))].B.shape[:1], 64)) > 1
+    _both(monkeypatch, tmp_path, m, adapters=[a], dtype="fp16", external_data_over=0)
