@@ -33,6 +33,7 @@ when the sequence grows past the original length, and so does ``runtimes.onnxrun
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -47,11 +48,13 @@ from ..checkpoint import copy_aux_files
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
 from ..fsutil import atomic_dir, atomic_file, check_output, check_space
 from ..models.config import load_config
-from ..ops.common import check_output_finite
+from ..ops.common import check_output_finite, is_finite
 from ..models.decoder import LoraSlot
 from ..ops.common import progress, stage
 
 TWO_GB = 2 * 1024**3
+FAST = True  # False: the placeholders' products are computed while tracing and shape inference reads them (same bytes, slower)
+COPY_BLOCK_ELEMS = 1 << 24  # an unchanged tensor is converted this many elements (whole rows) at a time
 
 
 def slot_names(module: str) -> tuple[str, str]:
@@ -70,6 +73,10 @@ class _Exportable(torch.nn.Module):
         self.mods = model.linear_modules()
 
     def forward(self, input_ids, attention_mask, position_ids, *rest):
+        with _NoProducts() if FAST else contextlib.nullcontext():
+            return self._forward(input_ids, attention_mask, position_ids, *rest)
+
+    def _forward(self, input_ids, attention_mask, position_ids, *rest):
         past = None
         if self.cached is not None:
             past = [None] * self.n
@@ -143,6 +150,61 @@ def _placeholder_model(cfg, view, tdt: torch.dtype):
     return model.eval(), disk
 
 
+def _broadcast(t) -> bool:
+    """A placeholder weight: more than one element, all of them one stored number."""
+    return isinstance(t, torch.Tensor) and t.numel() > 1 and all(st == 0 for st in t.stride())
+
+
+_PRODUCTS = ("mm", "addmm", "bmm", "baddbmm", "embedding")
+
+
+class _NoProducts:
+    """While tracing (``FAST``): no matrix product or embedding lookup is computed; each returns
+    zeros of its shape and dtype. The tracer records the op above this level, from its inputs, so
+    the graph is the same; only the traced values differ, and nothing in the decoder branches on
+    them (placeholder weights have no meaningful values). This is where the old trace spent its
+    time: GEMMs over every broadcast weight and products of subnormal values."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        products = {getattr(torch.ops.aten, n).default for n in _PRODUCTS}
+
+        def meta(a):
+            return torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in products:
+                    out = func(*[meta(a) for a in args], **{k: meta(v) for k, v in kwargs.items()})
+                    return torch.zeros(out.shape, dtype=out.dtype)
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+        return self.mode.__enter__()
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _shape_inference_without_placeholders():
+    """The exporter's ONNX shape inference is given the parameters without the placeholder weights
+    (``FAST``): with them it builds each weight into a temporary initializer (a full copy) to
+    propagate values that only the weights' shapes, already on the graph inputs, decide."""
+    orig = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def infer(graph, params, opset):
+        return orig(graph, {k: v for k, v in params.items() if not _broadcast(v)}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = orig
+
+
 def _weight_plan(proto, declared: set[str]) -> list[tuple[str, str, bool]]:
     """Turn the traced graph's weight inputs into initializers: (initializer name, model tensor
     name, stored transposed). A weight whose only use is a 2-D Transpose is stored transposed
@@ -207,10 +269,32 @@ def _external_initializers(proto, specs, location: str) -> list[tuple[int, int]]
     return spans
 
 
-def _write_external(proto, specs, get, path: Path, quiet: bool = True) -> None:
-    """model.onnx (the graph) + model.onnx_data (the weights, one tensor in memory at a time)."""
+def _pwrite(fd: int, t: torch.Tensor, offset: int) -> None:
+    """The bytes of the contiguous tensor ``t`` at ``offset`` of ``fd`` (all of them)."""
+    mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    while len(mv):
+        n = os.pwrite(fd, mv, offset)
+        mv, offset = mv[n:], offset + n
+
+
+def _write_external(proto, specs, get, path: Path, quiet: bool = True, put=None) -> None:
+    """model.onnx (the graph) + model.onnx_data (the weights, one tensor in memory at a time;
+    ``put(fd, offset, spec)``: the streamed writer, a block of rows at a time, flushed to disk in the
+    background as it goes)."""
+    from ..fsutil import BackgroundSync
+
     data = path.with_name("model.onnx_data")
     spans = _external_initializers(proto, specs, data.name)
+    if put is not None:
+        with open(data, "wb") as f, BackgroundSync() as sync:
+            sync.add(f.fileno())
+            with put:
+                for spec, (offset, n) in progress(zip(specs, spans), "onnx: weights", len(specs), quiet):
+                    put(f.fileno(), offset, spec)
+            f.truncate(spans[-1][0] + spans[-1][1] if spans else 0)
+            os.fsync(f.fileno())
+        path.write_bytes(proto.SerializeToString())
+        return
     with open(data, "wb") as f:
         for (name, key, tr, shape, dt), (offset, n) in progress(zip(specs, spans), "onnx: weights", len(specs), quiet):
             t = get(key, tr)
@@ -239,12 +323,34 @@ def _check_graph(proto, specs) -> None:
         onnx.checker.check_model(str(Path(d) / "model.onnx"))
 
 
-def _write_inline(proto, specs, get, path: Path, quiet: bool = True) -> None:
+def _write_inline(proto, specs, get, path: Path, quiet: bool = True, put=None) -> None:
     """One model.onnx: the graph, then each weight as a further top-level ModelProto holding one
     initializer (protobuf merges repeated messages on parsing, so the file reads as one model).
     The wire format is written by hand so a tensor's bytes go from its buffer to the file."""
     from onnx import TensorProto
 
+    if put is not None:  # the same bytes at the same offsets, each tensor from the streamed writer
+        from ..fsutil import BackgroundSync
+
+        with open(path, "wb") as f, BackgroundSync() as sync:
+            sync.add(f.fileno())
+            graph = proto.SerializeToString()
+            f.write(graph)
+            f.flush()
+            offset = len(graph)
+            with put:
+                for spec in progress(specs, "onnx: weights", quiet=quiet):
+                    name, key, tr, shape, dt = spec
+                    nbytes = math.prod(shape) * dt.itemsize
+                    head = TensorProto(name=name, dims=list(shape), data_type=_ONNX_DTYPE[dt]).SerializeToString()
+                    tensor_len = len(head) + 1 + len(_varint(nbytes)) + nbytes
+                    graph_len = 1 + len(_varint(tensor_len)) + tensor_len
+                    pre = b"\x3a" + _varint(graph_len) + b"\x2a" + _varint(tensor_len) + head + b"\x4a" + _varint(nbytes)
+                    os.pwrite(f.fileno(), pre, offset)
+                    put(f.fileno(), offset + len(pre), spec)
+                    offset += len(pre) + nbytes
+            os.fsync(f.fileno())
+        return
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
         for name, key, tr, shape, dt in progress(specs, "onnx: weights", quiet=quiet):
@@ -320,7 +426,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         with tempfile.TemporaryDirectory(prefix="loratools-onnx-") as work:
             raw = Path(work) / "model.onnx"
             import warnings
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), \
+                    _shape_inference_without_placeholders() if FAST else contextlib.nullcontext():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, tuple(args), str(raw), dynamo=False, opset_version=opset,
                                   input_names=names_in, output_names=names_out, dynamic_axes=axes,
@@ -357,15 +464,119 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapte
         big = sum(math.prod(sp[3]) * sp[4].itemsize for sp in specs) > external_data_over
         with atomic_dir(out_dir) as tmp:
             path = tmp / "model.onnx"
+            put = _StreamedWriter(view, disk, get, buffers, moe) if FAST else None
             if big:
-                _write_external(proto, specs, get, path, quiet)
+                _write_external(proto, specs, get, path, quiet, put)
                 onnx.checker.check_model(str(path))  # by path: the weights are not loaded
             else:
                 _check_graph(proto, specs)
-                _write_inline(proto, specs, get, path, quiet)
+                _write_inline(proto, specs, get, path, quiet, put)
             copy_aux_files(model_dir, tmp)
     return {"model": str(model_dir), "out": str(out_dir), "dtype": dtype, "cache": cache, "opset": opset,
             "layers": L, "lora_slots": slots, "external_data": big}
+
+
+class _StreamedWriter:
+    """``w(fd, offset, spec)``: write one stored tensor at ``offset`` the way ``get`` computes it
+    (the same bytes), a block of rows at a time through reused buffers, so that neither a whole
+    converted copy of a vocabulary-sized tensor nor its transpose is held; a writer thread writes
+    one block while the next is computed (two buffer sets in turn). A plain merged weight
+    (``MergedView.plain``) is computed in the row blocks of ``merge.row_blocks`` (exactly the whole
+    product's rows); stored transposed, it is assembled whole in the output type when that fits
+    ``2 * BLOCK_ELEMS``, else written as a column segment of each stored row. An unchanged 2-D
+    tensor is converted from the file-backed map. Anything else (rope tables, experts, saved or
+    DoRA tensors, pickle shards) is ``get`` whole. A block beyond float16: ``get`` raises the whole
+    tensor's error. Use it as a context manager (the thread is joined on every exit path)."""
+
+    def __init__(self, view, disk: dict, get, buffers: dict, moe: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..ops.merge import _Buffers
+
+        self.view, self.disk, self.get, self.buffers, self.moe = view, disk, get, buffers, moe
+        self.shared, self.bufs, self.turn = _Buffers(), [_Buffers(), _Buffers()], 0  # work; written in turn
+        self.pending: list = [None, None]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="loratools-onnx-write")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for f in self.pending:
+                if f is not None and exc[0] is None:
+                    f.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def _buffers(self):
+        """The next buffer set, once the writes from it are done."""
+        self.turn ^= 1
+        if self.pending[self.turn] is not None:
+            self.pending[self.turn].result()
+            self.pending[self.turn] = None
+        return self.bufs[self.turn]
+
+    def _write(self, fd: int, parts: list) -> None:
+        """(tensor, offset) pairs from the current buffer set, written by the thread."""
+        def run():
+            for t, off in parts:
+                _pwrite(fd, t, off)
+        self.pending[self.turn] = self.pool.submit(run)
+
+    def _rounded(self, bufs, src: torch.Tensor, key: str, tr: bool, dt: torch.dtype) -> torch.Tensor:
+        """``src`` in ``dt``, contiguous, in ``bufs``; a transposed view is converted first and then
+        transposed in the output type (a converting transpose is ten times slower)."""
+        if src.dtype != dt and src.dim() == 2 and src.stride(0) == 1 and src.shape[1] > 1:
+            src = self.shared.get(tuple(src.T.shape), dt, "conv").copy_(src.T).T
+        out = bufs.get(tuple(src.shape), dt).copy_(src)
+        if dt == torch.float16 and not is_finite(out):
+            self.get(key, tr)  # raises the whole tensor's refusal (its count of overflowing values)
+            raise AssertionError(key)
+        return out
+
+    def __call__(self, fd: int, offset: int, spec) -> None:
+        from ..ops.merge import BLOCK_ELEMS, row_blocks
+
+        view = self.view
+        name, key, tr, shape, dt = spec
+        src = None if self.moe or key in self.buffers else self.disk[key]
+        base = None if src is None else view.source(src)
+        isz = dt.itemsize
+        if src is not None and view.plain(src):
+            view.check_input(src, view.ck.get_mapped(base))
+            rows, cols = view.info(src).shape
+            blocks = row_blocks(rows, cols)
+            whole = tr and len(blocks) > 1 and rows * cols <= 2 * BLOCK_ELEMS
+            if whole:
+                dst = self._buffers().get((cols, rows), dt, "whole")
+            for r0, r1 in blocks:
+                W = view.merge_rows(src, self.shared.get((r1 - r0, cols), torch.float32, "work"), r0, r1)
+                if not tr:
+                    self._write(fd, [(self._rounded(self._buffers(), W, key, tr, dt), offset + r0 * cols * isz)])
+                elif whole:
+                    dst[:, r0:r1].copy_(self._rounded(self.shared, W.T, key, tr, dt))
+                elif len(blocks) == 1:
+                    self._write(fd, [(self._rounded(self._buffers(), W.T, key, tr, dt), offset)])
+                else:  # (cols, r1 - r0): a segment of each stored row
+                    seg = self._rounded(self._buffers(), W.T, key, tr, dt)
+                    self._write(fd, [(seg[c], offset + (c * rows + r0) * isz) for c in range(cols)])
+            if whole:
+                self._write(fd, [(dst, offset)])
+            view.modified.append(src)
+        elif base is not None and not view.changed(src) and base in view.ck and \
+                len(view.ck.info(base).shape) == 2 and view.ck.safetensors_file(base) is not None:
+            t = view.ck.get_mapped(base)
+            view.check_input(src, t)
+            o = t.T if tr else t
+            step = max(1, COPY_BLOCK_ELEMS // max(1, o.shape[1]))
+            for a in range(0, o.shape[0], step):
+                self._write(fd, [(self._rounded(self._buffers(), o[a:a + step], key, tr, dt), offset + a * o.shape[1] * isz)])
+        else:
+            t = self.get(key, tr)
+            assert tuple(t.shape) == tuple(shape) and t.dtype == dt, name
+            self._buffers()
+            self._write(fd, [(t, offset)])
 
 
 def longrope_switch(cfg) -> int | None:
