@@ -504,7 +504,7 @@ def unmerge(base, adapters: Sequence, out, **kw) -> dict:
 # -- export / import ----------------------------------------------------------------------------
 def gguf_outtypes() -> list[str]:
     """Every ``export gguf --outtype``: the in-house writer's, then llama.cpp quantizer's."""
-    from .formats.gguf_model import all_outtypes
+    from .formats.gguf_quant import all_outtypes
 
     return all_outtypes()
 

@@ -51,11 +51,18 @@ def cli(ctx, debug):
 RUNTIMES = ["vllm", "sglang", "llama.cpp", "onnxruntime"]  # loratools.runtimes.profiles
 
 
-def _gguf_outtypes() -> list[str]:
-    """api.gguf_outtypes() without importing torch (the help text is built with the parser)."""
-    from .formats.gguf_quant import all_outtypes
+class _LazyHelpOption(click.Option):
+    """An option whose help is ``help.format(...)`` of values asked of the API when the help is
+    shown (inside main()), not when the parser is built: building it then imports no torch."""
 
-    return all_outtypes()
+    def __init__(self, *args, help_values=None, **kw):
+        super().__init__(*args, **kw)
+        self._help_values = help_values
+
+    def get_help_record(self, ctx):
+        if self._help_values is not None and "{" in (self.help or ""):
+            self.help = self.help.format(**self._help_values())
+        return super().get_help_record(ctx)
 
 
 # -- inspect -----------------------------------------------------------------------------------
@@ -493,8 +500,9 @@ def export():
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(), help="Adapter merged first (repeatable).")
 @click.option("--weights", help="Comma-separated weight per adapter.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .gguf file.")
-@click.option("--outtype", default="f16", show_default=True, metavar="TYPE",
-              help=f"One of {', '.join(_gguf_outtypes())}. f32/f16/bf16/q8_0 are written directly; the K-quants, "
+@click.option("--outtype", cls=_LazyHelpOption, default="f16", show_default=True, metavar="TYPE",
+              help_values=lambda: {"types": ", ".join(api.gguf_outtypes())},
+              help="One of {types}. f32/f16/bf16/q8_0 are written directly; the K-quants, "
                    "i-quants (and q4_0..q5_1 when llama-cpp-python is installed) by llama.cpp's own quantizer from an "
                    "f32 intermediate.")
 @click.option("--imatrix", type=click.Path(), help="Importance matrix for the quantizer (llama-imatrix's GGUF or .dat file).")

@@ -263,25 +263,13 @@ class SafetensorsWriter:
         self._pending.discard(name)
 
     def write_part(self, name: str, index: int, part: torch.Tensor) -> None:
-        """Write ``tensor[index]`` (one slab along the first dim) of a planned tensor; the tensor
-        counts as written once every index has been."""
+        """Write ``tensor[index]`` (one slab along the first dim) of a planned tensor: rows
+        ``index:index + 1``; the tensor counts as written once every index has been."""
         info = self.placed.get(name)
-        if info is None or name not in self._pending:
-            raise LoratoolsError(f"{self.path}: tensor {name!r} not expected (or written twice)")
-        if not info.shape or tuple(part.shape) != info.shape[1:] or part.dtype != info.dtype or not 0 <= index < info.shape[0]:
+        if info is not None and (not info.shape or tuple(part.shape) != info.shape[1:]):
             raise LoratoolsError(f"{self.path}: part {index} of tensor {name!r} is {tuple(part.shape)} {part.dtype}, "
                                  f"planned {info.shape} {info.dtype}")
-        done = self._parts.setdefault(name, set())
-        if index in done:
-            raise LoratoolsError(f"{self.path}: part {index} of tensor {name!r} written twice")
-        t = part.detach().to("cpu").contiguous()
-        step = info.nbytes // info.shape[0]
-        if step:
-            self._f.seek(self._data_start + info.begin + index * step)
-            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        done.add(index)
-        if len(done) == info.shape[0]:
-            self._pending.discard(name)
+        self.write_rows(name, index, part.unsqueeze(0))
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Write rows ``start:start + len(rows)`` (along the first dim) of a planned tensor: a large

@@ -32,7 +32,7 @@ from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
 from . import gguf_arch, gguf_moe
 from .gguf_arch import permute_qk, unpermute_qk  # noqa: F401 - re-exported (tests, validate)
-from .gguf_quant import WRITER_OUTTYPES as OUTTYPES  # the in-house writer's (the CLI's help reads it without torch)
+from .gguf_quant import WRITER_OUTTYPES as OUTTYPES  # the in-house writer's
 
 SOURCE_CONFIG_KEY = "loratools.source_config"
 
@@ -244,13 +244,6 @@ def _check_name(w, report: dict) -> None:
                                       f"({', '.join(missing)})")
 
 
-def all_outtypes() -> list[str]:
-    """Every --outtype: the in-house writer's and llama.cpp quantizer's."""
-    from .gguf_quant import all_outtypes as run
-
-    return run()
-
-
 def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: Sequence[Adapter] = (),
                 weights: Sequence[float] | None = None, outtype: str = "f16", pre: str | None = None,
                 overwrite: bool = False, quiet: bool = True, imatrix: str | os.PathLike | None = None,
@@ -269,8 +262,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
     changes both by the same delta (as extract writes it) keeps the tie."""
     from . import gguf_quant
 
-    if outtype not in all_outtypes():
-        raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(all_outtypes())})")
+    if outtype not in gguf_quant.all_outtypes():
+        raise LoratoolsError(f"unknown --outtype {outtype!r} (one of {', '.join(gguf_quant.all_outtypes())})")
     uses_imatrix = imatrix is not None or calibration is not None
     if save_imatrix is not None and calibration is None:
         raise LoratoolsError("--save-imatrix needs --calibration (the text the importance matrix is computed from)")
