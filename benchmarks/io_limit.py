@@ -1,6 +1,7 @@
 """Streaming commands against the copy floor: time and peak anonymous memory, with their peers.
 
     .venv/bin/python benchmarks/io_limit.py [--cache DIR] [--only merge,unmerge,...] [--skip-peers]
+                                            [--repeat 3] [--settle 10]
     .venv/bin/python benchmarks/io_limit.py --vocab 32000,65536,152064   # the peak against the vocabulary
 
 The checkpoint is Llama-2-7B-shaped but 4 layers deep (hidden 4096, intermediate 11008, 32 heads,
@@ -9,8 +10,12 @@ layer; it is built once under --cache (default /tmp/lt-io-limit) with loratools'
 fixtures' byte-level BPE tokenizer (padded to the vocabulary).
 
 The floor: ``dd if=SHARD of=OUT bs=16M conv=fsync`` per shard, page cache warm — copying the bytes
-through user space and onto the disk. Each command is the CLI in a child process (wall time around
-``main()``, imports excluded); the parent samples its RssAnon (private anonymous memory) every 5 ms.
+through user space and onto the disk; beside it the same with ``oflag=direct`` (no page cache: the
+disk's own speed). Each step runs ``--repeat`` times: settle, buffered floor, settle, direct floor,
+settle, the command (settle: sync, no dirty pages left, ``--settle`` seconds of quiet, so that every
+measurement starts from the same state of the page cache and of free memory); medians are shown.
+Each command is the CLI in a child process (wall time around ``main()``, imports excluded); the
+parent samples its RssAnon (private anonymous memory) every 5 ms.
 Peers in the same run: PEFT merge_and_unload + save_pretrained, llama.cpp's convert_hf_to_gguf.py
 (LORATOOLS_LLAMA_CPP_SRC, f16, on the merged checkpoint), mergekit's LoRA extraction when installed.
 The load average is printed: on a shared machine the numbers move with it.
@@ -129,13 +134,32 @@ def warm(paths) -> None:
                 pass
 
 
-def floor(model: Path, out: Path) -> float:
-    """Seconds to copy the shards with dd (16 MiB blocks, fsync at the end of each)."""
+def settle(seconds: float) -> None:
+    """The same starting point for every measurement: written data on the disk (sync, then no dirty
+    or writeback pages left), then ``seconds`` of quiet. On this VM freed memory goes back to the
+    host within about a second (free page reporting), and a page taken again costs a host fault:
+    after the quiet every run, floor or command, starts with the same cold free memory, where
+    back-to-back runs would find the pages the previous one freed still warm."""
+    os.sync()
+    t = time.time()
+    while time.time() - t < 120:
+        with open("/proc/meminfo") as f:
+            left = sum(int(line.split()[1]) for line in f if line.startswith(("Dirty:", "Writeback:")))
+        if left < 8192:
+            break
+        time.sleep(0.2)
+    time.sleep(seconds)
+
+
+def floor(model: Path, out: Path, direct: bool = False) -> float:
+    """Seconds to copy the shards with dd (16 MiB blocks, fsync at the end of each; ``direct``:
+    oflag=direct, bypassing the page cache as loratools' writers do)."""
     warm(shards(model))
     out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     for s in shards(model):
-        subprocess.run(["dd", f"if={s}", f"of={out / s.name}", "bs=16M", "conv=fsync", "status=none"], check=True)
+        subprocess.run(["dd", f"if={s}", f"of={out / s.name}", "bs=16M", "conv=fsync", "status=none"]
+                       + (["oflag=direct"] if direct else []), check=True)
     sec = time.perf_counter() - t
     shutil.rmtree(out)
     return sec
@@ -155,6 +179,15 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def rng(xs) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
 def full(args) -> None:
     root = Path(args.cache) / "llama7b-shaped"
     base, adapter = build(root, 49152, SHAPE["layers"])
@@ -164,72 +197,113 @@ def full(args) -> None:
     work.mkdir()
     print(f"machine: {machine()}")
     print(f"checkpoint: {size / 1e9:.2f} GB bf16 in {len(shards(base))} shards, {SHAPE['layers']} layers, hidden "
-          f"{SHAPE['hidden']}, vocab 49152; adapter rank 16 on every linear layer; load average at start {load()}\n")
+          f"{SHAPE['hidden']}, vocab 49152; adapter rank 16 on every linear layer; load average at start {load()}")
+    print(f"each step {args.repeat} time(s): settle, dd floor (buffered), settle, dd floor (oflag=direct), settle, "
+          f"the command; settle = sync, no dirty pages, {args.settle:g} s quiet\n")
     shard = f"{size // 2 // 10**6 + 1}MB"
-    fl = floor(base, work / "dd")
-
-    class Rows(list):  # each row printed as soon as it is measured
-        def append(self, row):
-            super().append(row)
-            name, sec, peak, note = row
-            s = f"{sec:7.2f} {sec / fl:7.2f}x" if sec is not None else f"{'-':>7} {'-':>8}"
-            p = f"{peak:17.0f}" if peak is not None else f"{'-':>17}"
-            print(f"{name:<56} {s} {p}  {note or ''}", flush=True)
-
-    print(f"{'command':<56} {'wall s':>7} {'x floor':>8} {'peak RssAnon MiB':>17}  note", flush=True)
-    rows = Rows()
-    rows.append(("copy floor: dd bs=16M conv=fsync", fl, None, None))
     merged, gg = work / "merged", work / "model.gguf"
+    out = work / "out"
     only = set(args.only.split(",")) if args.only else None
     steps = [
-        ("merge", "loratools merge", cli("merge", "--base", base, "-a", adapter, "-o", merged, "--max-shard-size", shard,
-                                         "--device", "cpu", "--quiet"), [base], None),
-        ("unmerge", "loratools unmerge", cli("unmerge", "--base", merged, "-a", adapter, "-o", work / "unmerged",
-                                             "--max-shard-size", shard, "--device", "cpu", "--quiet"), [merged], None),
+        ("merge", "loratools merge", cli("merge", "--base", base, "-a", adapter, "-o", out, "--max-shard-size", shard,
+                                         "--device", "cpu", "--quiet"), [base]),
+        ("unmerge", "loratools unmerge", cli("unmerge", "--base", merged, "-a", adapter, "-o", out,
+                                             "--max-shard-size", shard, "--device", "cpu", "--quiet"), [merged]),
         ("gguf", "loratools export gguf f16 (adapter merged)",
-         cli("export", "gguf", base, "-a", adapter, "-o", gg, "--outtype", "f16", "--quiet"), [base], None),
-        ("import", "loratools import gguf (f16 -> f16)", cli("import", "gguf", gg, "-o", work / "imported", "--quiet"), [gg], None),
+         cli("export", "gguf", base, "-a", adapter, "-o", out, "--outtype", "f16", "--quiet"), [base]),
+        ("import", "loratools import gguf (f16 -> f16)", cli("import", "gguf", gg, "-o", out, "--quiet"), [gg]),
         ("onnx", "loratools export onnx (adapter merged)",
-         cli("export", "onnx", base, "-a", adapter, "-o", work / "onnx", "--dtype", "fp16"), [base], None),
+         cli("export", "onnx", base, "-a", adapter, "-o", out, "--dtype", "fp16"), [base]),
         ("extract", "loratools extract --rank 16",
-         cli("extract", "--base", base, "--tuned", merged, "-o", work / "extracted", "--rank", "16"), [base, merged], None),
+         cli("extract", "--base", base, "--tuned", merged, "-o", out, "--rank", "16"), [base, merged]),
     ]
     peers = {"merge": ("PEFT merge_and_unload + save_pretrained",
-                       PEFT.format(base=str(base), adapter=str(adapter), out=str(work / "peft"), shard=shard)),
+                       PEFT.format(base=str(base), adapter=str(adapter), out=str(out), shard=shard)),
              "gguf": ("llama.cpp convert_hf_to_gguf.py f16 (merged checkpoint)", None)}
-    results = {}
-    for key, name, code, inputs, _ in steps:
+    print(f"{'command':<58} {'wall s median (range)':>22} {'x floor':>8} {'x direct':>8} {'peak RssAnon MiB':>17}  note",
+          flush=True)
+
+    def row(name, secs, floors, dfloors, peak, note=""):
+        if not secs:
+            print(f"{name:<58} {'-':>22} {'-':>8} {'-':>8} {'-':>17}  {note}", flush=True)
+            return
+        m = median(secs)
+        rel = f"{m / median(floors):8.2f}" if floors else f"{'':>8}"
+        drel = f"{m / median(dfloors):8.2f}" if dfloors else f"{'':>8}"
+        p = f"{peak:17.0f}" if peak is not None else f"{'-':>17}"
+        print(f"{name:<58} {f'{m:.2f} ({rng(secs)})':>22} {rel} {drel} {p}  {note}", flush=True)
+
+    def clear():
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+
+    all_floors, all_direct, summary = [], [], []
+    for key, name, code, inputs in steps:
         if only is not None and key not in only:
             continue
-        if key in ("unmerge", "extract") and not merged.exists():
+        if key in ("unmerge", "extract", "gguf") and not merged.exists():
             subprocess.run([sys.executable, "-c", cli("merge", "--base", base, "-a", adapter, "-o", merged, "--max-shard-size",
                                                       shard, "--device", "cpu", "--quiet")], check=True, cwd=ROOT)
         if key == "import" and not gg.exists():
-            subprocess.run([sys.executable, "-c", steps[2][2]], check=True, cwd=ROOT)
-        try:
-            sec, peak = timed(code, [x for i in inputs for x in (shards(i) if i.is_dir() else [i])])
-        except RuntimeError as e:
-            rows.append((name, None, None, str(e).splitlines()[-1][:80]))
-            continue
-        results[key] = sec
-        rows.append((name, sec, peak, None))
+            subprocess.run([sys.executable, "-c", cli("export", "gguf", base, "-a", adapter, "-o", gg, "--outtype", "f16",
+                                                      "--quiet")], check=True, cwd=ROOT)
+        files = [x for i in inputs for x in (shards(i) if i.is_dir() else [i])]
+        floors, dfloors, secs, peaks, err = [], [], [], [], None
+        for _ in range(args.repeat):
+            settle(args.settle)
+            floors.append(floor(base, work / "dd"))
+            settle(args.settle)
+            dfloors.append(floor(base, work / "dd", direct=True))
+            settle(args.settle)
+            try:
+                sec, peak = timed(code, files)
+            except RuntimeError as e:
+                err = str(e).splitlines()[-1][:80]
+                break
+            finally:
+                clear()
+            secs.append(sec)
+            peaks.append(peak)
+        all_floors += floors
+        all_direct += dfloors
+        row(f"  copy floor before it: dd conv=fsync", floors, floors, dfloors, None)
+        row(f"  copy floor before it: dd oflag=direct conv=fsync", dfloors, floors, dfloors, None)
+        row(name, secs, floors, dfloors, max(peaks) if peaks else None, err or "")
+        if secs:
+            summary.append((name, median(secs) / median(floors), median(secs) / median(dfloors)))
         if key in peers and not args.skip_peers:
             pname, pcode = peers[key]
             if key == "gguf":
                 src = os.environ.get("LORATOOLS_LLAMA_CPP_SRC")
-                if not src or not merged.exists():
-                    rows.append((pname, None, None, "LORATOOLS_LLAMA_CPP_SRC not set" if not src else "no merged checkpoint"))
+                if not src:
+                    row(pname, [], [], [], None, "LORATOOLS_LLAMA_CPP_SRC not set")
                     continue
-                pcode = LLAMA_CPP.format(src=src, model=str(merged), out=str(work / "peer.gguf"))
-            try:
-                psec, ppeak = timed(pcode, shards(base))
-                rows.append((pname, psec, ppeak, f"loratools {psec / sec:.2f}x faster"))
-            except RuntimeError as e:
-                rows.append((pname, None, None, str(e).splitlines()[-1][:80]))
+                pcode = LLAMA_CPP.format(src=src, model=str(merged), out=str(out))
+            psecs, ppeaks, perr = [], [], None
+            for _ in range(args.repeat):
+                settle(args.settle)
+                try:
+                    psec, ppeak = timed(pcode, shards(merged if key == "gguf" else base))
+                except RuntimeError as e:
+                    perr = str(e).splitlines()[-1][:80]
+                    break
+                finally:
+                    clear()
+                psecs.append(psec)
+                ppeaks.append(ppeak)
+            note = f"loratools {median(psecs) / median(secs):.2f}x faster" if psecs and secs else perr or ""
+            row(pname, psecs, floors, dfloors, max(ppeaks) if ppeaks else None, note)
         if key == "extract" and not args.skip_peers:
             import importlib.util
-            rows.append(("mergekit extract", None, None,
-                         "not installed" if importlib.util.find_spec("mergekit") is None else "installed: not run here"))
+            row("mergekit extract", [], [], [], None,
+                "not installed" if importlib.util.find_spec("mergekit") is None else "installed: not run here")
+    if summary:
+        print(f"\nall floors: dd conv=fsync {median(all_floors):.2f} s median ({rng(all_floors)}), oflag=direct "
+              f"{median(all_direct):.2f} s ({rng(all_direct)})")
+        for name, r, d in summary:
+            print(f"  {name:<56} {r:5.2f}x the buffered floor, {d:5.2f}x the direct floor")
     print(f"\nload average at end: {load()}")
     shutil.rmtree(work, ignore_errors=True)
 
@@ -240,7 +314,7 @@ def sweep(args) -> None:
     print(f"peak RssAnon (MiB) against the vocabulary: 2 layers of the shape above, untied embedding and head, the "
           f"adapter on every linear layer, the embedding and the head (merge and export compute them); load {load()}\n",
           flush=True)
-    cols = ["merge", "export gguf f16", "extract --rank 16"]
+    cols = ["merge", "export gguf f16", "extract --rank 16", "export onnx fp16"]
     print(f"{'vocab':>8} {'embedding MiB (bf16)':>21} " + " ".join(f"{c:>18}" for c in cols))
     for v in vocabs:
         root = Path(args.cache) / f"sweep-{v}"
@@ -252,7 +326,8 @@ def sweep(args) -> None:
         peaks = []
         steps = (("merge", cli("merge", "--base", base, "-a", adapter, "-o", merged, "--device", "cpu", "--quiet")),
                  ("gguf", cli("export", "gguf", base, "-a", adapter, "-o", work / "m.gguf", "--outtype", "f16", "--quiet")),
-                 ("extract", cli("extract", "--base", base, "--tuned", merged, "-o", work / "ex", "--rank", "16")))
+                 ("extract", cli("extract", "--base", base, "--tuned", merged, "-o", work / "ex", "--rank", "16")),
+                 ("onnx", cli("export", "onnx", base, "-a", adapter, "-o", work / "onnx", "--dtype", "fp16")))
         for key, code in steps:
             if args.only and key not in args.only.split(","):
                 if key == "merge":  # extract compares with the merged checkpoint
@@ -273,8 +348,10 @@ def sweep(args) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default=os.environ.get("LORATOOLS_BENCH_CACHE", "/tmp/lt-io-limit"))
-    ap.add_argument("--only", help="comma-separated steps: merge,unmerge,gguf,import,onnx,extract (sweep: merge,gguf,extract)")
+    ap.add_argument("--only", help="comma-separated steps: merge,unmerge,gguf,import,onnx,extract (sweep: merge,gguf,extract,onnx)")
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each step and of its floors (medians are shown)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds of quiet after sync before each measurement")
     ap.add_argument("--vocab", help="sweep mode: comma-separated vocabulary sizes")
     ap.add_argument("--keep", action="store_true", help="sweep: keep the built checkpoints")
     args = ap.parse_args()

@@ -316,7 +316,7 @@ class CheckpointWriter:
                 fname = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
                 w = st.SafetensorsWriter(self.tmp / fname, g, {"format": "pt"})
                 self._shard_writers.append(w)
-                self._sync.add(w._f.fileno())
+                self._sync.add(w._f.sync_fd())
                 for s in g:
                     self._writers[s.name] = w
                     self.weight_map[s.name] = fname
@@ -327,6 +327,12 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writers[name].write(name, tensor)
+
+    def file_order(self, specs: list[st.TensorInfo]) -> list[st.TensorInfo]:
+        """``specs`` in the order their bytes lie in the shards (shard by shard, by offset): produced
+        in this order, every shard is written front to back (large sequential, direct writes)."""
+        rank = {n: (i, j) for i, w in enumerate(self._shard_writers) for j, n in enumerate(w.file_order())}
+        return sorted(specs, key=lambda s: rank[s.name])
 
     def write_part(self, name: str, index: int, part: torch.Tensor) -> None:
         """Write slab ``index`` (along the first dim) of tensor ``name``: a 3-D expert stack one
@@ -364,8 +370,7 @@ class CheckpointWriter:
                     (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
             else:
                 for w in self._shard_writers:
-                    if not w._f.closed:
-                        w._f.close()
+                    w.abort()
         except BaseException as e:
             self._ctx.__exit__(type(e), e, e.__traceback__)
             raise

@@ -346,3 +346,290 @@ class BackgroundSync:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Large outputs go to the disk without the page cache where the filesystem allows it (O_DIRECT):
+# a buffered write first takes a fresh page-cache page for every 4 KiB it writes, which on some
+# machines (virtual machines that hand freed memory back to their host) costs more than the disk
+# itself. DIRECT_IO = False (or LORATOOLS_DIRECT_IO=0) writes through the page cache everywhere.
+DIRECT_IO = os.environ.get("LORATOOLS_DIRECT_IO", "1") != "0"
+_ALIGN = 4096           # file offsets, lengths and buffer addresses of direct writes: any logical block size up to a page
+_CHUNK = 8 << 20        # bytes staged before a direct write; two chunks per file in turn
+_ZERO_GAP = 64 << 20    # a forward gap up to this is filled with zeros in direct mode (larger: buffered from there on)
+_POOL: list = []        # free staging chunks (anonymous maps: page-aligned), reused from file to file
+_POOL_LOCK = __import__("threading").Lock()
+
+
+def _chunk():
+    import mmap
+
+    with _POOL_LOCK:
+        if _POOL:
+            return _POOL.pop()
+    return mmap.mmap(-1, _CHUNK)
+
+
+def _release(m) -> None:
+    with _POOL_LOCK:
+        if len(_POOL) < 4:
+            _POOL.append(m)
+            return
+    m.close()
+
+
+def _pwrite_all(fd: int, data, offset: int, path=None) -> None:
+    """All of ``data`` at ``offset``; an error names ``path`` (a full disk: one line with the file)."""
+    mv = memoryview(data).cast("B")
+    try:
+        while len(mv):
+            n = os.pwrite(fd, mv, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            mv, offset = mv[n:], offset + n
+    except OSError as e:
+        if path is None or e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+class SeqFile:
+    """An output file written front to back (a header, then tensors in file order), with large
+    sequential writes that reach the disk while the caller computes: the bytes are staged in
+    aligned chunks and a thread writes each full chunk with O_DIRECT (no page cache) while the
+    next one fills. Where direct I/O is refused (the filesystem, an alignment it rejects) or a
+    write goes backwards, it turns into plain positioned writes through the page cache from that
+    point on, after writing out what it staged: the file's bytes are the same either way.
+
+    ``write`` / ``pwrite`` take any bytes-like object (a contiguous tensor's ``numpy()`` view);
+    ``copy_range`` copies bytes of another file (unchanged tensors). ``close()`` writes the last
+    chunk (padded to the alignment, then the file is cut to its size); ``abort()`` drops the rest.
+    Neither fsyncs: that is atomic_file's / atomic_dir's, on the finished temporary file. There is
+    no ``fileno()``: nothing may write to the descriptor behind the staged bytes' back."""
+
+    def __init__(self, path: str | os.PathLike, direct: bool | None = None):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self._dfd = None
+        if (DIRECT_IO if direct is None else direct) and hasattr(os, "O_DIRECT"):
+            with contextlib.suppress(OSError):
+                self._dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+        self._pos = 0      # where the next sequential byte goes
+        self._size = 0     # the file's length once closed
+        self._base = 0     # file offset of the current chunk (a multiple of _ALIGN)
+        self._fill = 0     # bytes staged in the current chunk
+        self._bufs: list = []
+        self._cur = 0
+        self._pending: list = [None, None]
+        self._pool = None
+        self._refused = False  # set by the writer thread when a direct write was refused (EINVAL)
+        self.closed = False
+
+    @property
+    def direct(self) -> bool:
+        return self._dfd is not None
+
+    def sync_fd(self) -> int:
+        """A descriptor to fdatasync (BackgroundSync) — never to write through."""
+        return self._fd
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        """Nothing to do: staged bytes are written by ``close()`` (a reader needs the closed file)."""
+
+    # -- direct mode ---------------------------------------------------------------------------
+    def _io(self, k: int, offset: int, n: int) -> None:
+        mv = memoryview(self._bufs[k])[:n]
+        if not self._refused:
+            try:
+                _pwrite_all(self._dfd, mv, offset)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise OSError(e.errno, e.strerror, str(self.path)) from None
+                self._refused = True  # this filesystem takes no direct writes: the page cache from now on
+        _pwrite_all(self._fd, mv, offset, self.path)
+
+    def _wait(self, k: int) -> None:
+        f, self._pending[k] = self._pending[k], None
+        if f is not None:
+            f.result()
+
+    def _submit(self, n: int) -> None:
+        """Write the current chunk's first ``n`` bytes (``n`` a multiple of _ALIGN) at ``_base`` in
+        the thread; the next chunk becomes current once its previous write is done."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="loratools-write")
+        self._pending[self._cur] = self._pool.submit(self._io, self._cur, self._base, n)
+        self._cur ^= 1
+        self._wait(self._cur)
+        if len(self._bufs) <= self._cur:
+            self._bufs.append(_chunk())
+        self._base += n
+        self._fill = 0
+
+    def _cur_buf(self):
+        if not self._bufs:
+            self._bufs.append(_chunk())
+        return self._bufs[self._cur]
+
+    def _stage(self, data) -> None:
+        """Append ``data`` at ``_base + _fill``; when a direct write was refused meanwhile, the rest
+        goes through the page cache (and direct mode ends)."""
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            k = min(len(mv), _CHUNK - self._fill)
+            self._cur_buf()[self._fill:self._fill + k] = mv[:k]
+            self._fill += k
+            mv = mv[k:]
+            if self._fill == _CHUNK:
+                self._submit(_CHUNK)
+                if self._refused:
+                    self._to_buffered(mv)
+                    return
+
+    def _zeros(self, n: int) -> None:
+        """``n`` zero bytes appended (a gap between tensors); refused meanwhile: the gap stays a hole."""
+        while n and self._dfd is not None:
+            k = min(n, _CHUNK - self._fill)
+            self._cur_buf()[self._fill:self._fill + k] = bytes(k)
+            self._fill += k
+            n -= k
+            if self._fill == _CHUNK:
+                self._submit(_CHUNK)
+                if self._refused:
+                    self._to_buffered()
+
+    def _drain(self) -> None:
+        for k in (0, 1):
+            self._wait(k)
+
+    def _to_buffered(self, rest=b"") -> None:
+        """Leave direct mode: the staged bytes and ``rest`` (which follows them) through the page cache."""
+        self._drain()
+        if self._fill:
+            _pwrite_all(self._fd, memoryview(self._bufs[self._cur])[:self._fill], self._base, self.path)
+        if len(rest):
+            _pwrite_all(self._fd, rest, self._base + self._fill, self.path)
+        self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for b in self._bufs:
+            _release(b)
+        self._bufs = []
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
+
+    # -- the interface ---------------------------------------------------------------------------
+    def pwrite(self, data, offset: int) -> None:
+        n = memoryview(data).nbytes
+        if self._dfd is not None and (offset < self._pos or offset - self._pos > _ZERO_GAP):
+            self._to_buffered()
+        if self._dfd is not None and offset > self._pos:
+            self._zeros(offset - self._pos)
+        if self._dfd is not None:
+            self._stage(data)
+        else:
+            _pwrite_all(self._fd, data, offset, self.path)
+        self._pos = offset + n
+        self._size = max(self._size, self._pos)
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.pwrite(data, self._pos)
+        return n
+
+    def seek(self, offset: int) -> None:
+        """The next ``write`` goes to ``offset`` (backwards: from then on through the page cache)."""
+        if self._dfd is not None and (offset < self._pos or offset - self._pos > _ZERO_GAP):
+            self._to_buffered()
+        if self._dfd is not None and offset > self._pos:
+            self._zeros(offset - self._pos)
+        self._size = max(self._size, offset)
+        self._pos = offset
+
+    def copy_range(self, src_fd: int, src_offset: int, n: int, offset: int) -> None:
+        """``n`` bytes of ``src_fd`` from ``src_offset`` to ``offset`` here: read straight into the
+        staged chunks in direct mode, else copied in the kernel (copy_file_range)."""
+        if self._dfd is not None and self._pos <= offset <= self._pos + _ZERO_GAP:
+            self.seek(offset)
+            done = 0
+            while done < n and self._dfd is not None:
+                k = min(n - done, _CHUNK - self._fill)
+                got = os.preadv(src_fd, [memoryview(self._cur_buf())[self._fill:self._fill + k]], src_offset + done)
+                if got <= 0:
+                    raise EOFError(f"{n - done} bytes missing")
+                self._fill += got
+                done += got
+                self._pos += got
+                if self._fill == _CHUNK:
+                    self._submit(_CHUNK)
+                    if self._refused:
+                        self._to_buffered()
+            self._size = max(self._size, self._pos)
+            if done == n:
+                return
+            src_offset, offset, n = src_offset + done, offset + done, n - done
+        if self._dfd is not None:
+            self._to_buffered()
+        done = 0
+        while done < n:
+            step = min(n - done, 64 << 20)
+            try:
+                k = os.copy_file_range(src_fd, self._fd, step, src_offset + done, offset + done)
+            except OSError:
+                k = os.pwrite(self._fd, os.pread(src_fd, min(step, 8 << 20), src_offset + done), offset + done)
+            if k <= 0:
+                raise EOFError(f"{n - done} bytes missing")
+            done += k
+        self._pos = offset + n
+        self._size = max(self._size, self._pos)
+
+    def truncate(self, size: int) -> None:
+        """The file's length once closed (a sparse tail beyond what was written reads as zeros)."""
+        self._size = size
+        if self._dfd is None:
+            os.ftruncate(self._fd, size)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self._dfd is not None:
+                if self._fill:
+                    self._zeros(-self._fill % _ALIGN)  # the last chunk padded to the alignment, cut below
+                    if self._fill:
+                        self._submit(self._fill)
+                self._drain()
+                self._close_direct()
+            os.ftruncate(self._fd, self._size)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        os.close(self._fd)
+
+    def abort(self) -> None:
+        """Stop without writing what is staged (the caller removes the file); waits for the thread."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self._drain()
+        with contextlib.suppress(Exception):
+            self._close_direct()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    def __enter__(self) -> "SeqFile":
+        return self
+
+    def __exit__(self, et, ev, tb) -> None:
+        self.close() if et is None else self.abort()

@@ -245,10 +245,17 @@ class SafetensorsWriter:
         self._data_start = len(head)
         self._pending = set(self.placed)
         self._parts: dict[str, set] = {}
-        self._f = open(self.path, "wb")
+        from .fsutil import SeqFile
+
+        self._f = SeqFile(self.path)  # written front to back when tensors come in file order (direct I/O)
         self._f.write(head)
-        total = self._data_start + sum(i.nbytes for i in self.placed.values())
-        self._f.truncate(total)
+        self._total = self._data_start + sum(i.nbytes for i in self.placed.values())
+        self._f.truncate(self._total)
+
+    def file_order(self) -> list[str]:
+        """The planned tensors in the order of their bytes in the file: written in this order, the
+        file is one sequential stream."""
+        return sorted(self.placed, key=lambda n: self.placed[n].begin)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         info = self.placed.get(name)
@@ -258,8 +265,7 @@ class SafetensorsWriter:
             raise LoratoolsError(f"{self.path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}")
         t = tensor.detach().to("cpu").contiguous()
         if info.nbytes:
-            self._f.seek(self._data_start + info.begin)
-            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            self._f.pwrite(memoryview(t.view(-1).view(torch.uint8).numpy()), self._data_start + info.begin)
         self._pending.discard(name)
 
     def write_part(self, name: str, index: int, part: torch.Tensor) -> None:
@@ -288,8 +294,7 @@ class SafetensorsWriter:
         t = rows.detach().to("cpu").contiguous()
         step = info.nbytes // info.shape[0]
         if step:
-            self._f.seek(self._data_start + info.begin + start * step)
-            self._f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            self._f.pwrite(memoryview(t.view(-1).view(torch.uint8).numpy()), self._data_start + info.begin + start * step)
         done.update(range(start, start + n))
         if len(done) == info.shape[0]:
             self._pending.discard(name)
@@ -304,35 +309,33 @@ class SafetensorsWriter:
         if (sinfo.shape, sinfo.dtype) != (info.shape, info.dtype):
             raise LoratoolsError(f"{self.path}: tensor {name!r} is {sinfo.shape} {sinfo.dtype}, planned {info.shape} {info.dtype}")
         off, n = src.location(src_name)
-        self._f.flush()
-        fin, fout = src._fh().fileno(), self._f.fileno()
-        dst = self._data_start + info.begin
-        done = 0
-        while done < n:
-            step = min(n - done, 64 << 20)
-            try:
-                k = os.copy_file_range(fin, fout, step, off + done, dst + done)
-            except OSError:
-                k = os.pwrite(fout, os.pread(fin, min(step, 8 << 20), off + done), dst + done)
-            if k <= 0:
-                raise InputError(f"truncated while copying tensor {src_name!r}", src.path)
-            done += k
+        try:
+            self._f.copy_range(src._fh().fileno(), off, n, self._data_start + info.begin)
+        except EOFError:
+            raise InputError(f"truncated while copying tensor {src_name!r}", src.path) from None
         self._pending.discard(name)
 
     def close(self) -> None:
         if self._pending:
-            self._f.close()
+            self._f.abort()
             raise LoratoolsError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
-        self._f.flush()  # fsync and rename belong to the atomic_file / atomic_dir around the writer
-        self._f.close()
+        self._f.close()  # fsync and rename belong to the atomic_file / atomic_dir around the writer
+
+    def abort(self) -> None:
+        """Stop writing (a failed run: the caller removes the file)."""
+        self._f.abort()
 
 
 def save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write a dict of tensors to one safetensors file (not atomic by itself: use fsutil)."""
     specs = [TensorInfo(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     w = SafetensorsWriter(path, specs, {"format": "pt", **(metadata or {})})
-    for k, v in tensors.items():
-        w.write(k, v)
+    try:
+        for k in w.file_order():  # front to back: the file is one sequential stream
+            w.write(k, tensors[k])
+    except BaseException:
+        w.abort()
+        raise
     w.close()
 
 

@@ -26,7 +26,7 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, CheckpointWriter
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import BackgroundSync, atomic_file, check_output, check_space, temp_path
+from ..fsutil import BackgroundSync, SeqFile, atomic_file, check_output, check_space, temp_path
 from ..ops.common import check_finite, check_output_finite
 from ..models.config import ModelConfig, load_config, parse_config
 from ..models.decoder import DecoderLM, check_fits
@@ -154,9 +154,42 @@ def _write_rows(w, t: torch.Tensor, qtype, name: str | None = None) -> None:
     gguf = _gguf()
     native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
     if t.dim() < 2 or w.endianess != native:
-        w.write_tensor_data(_encode(t.float(), qtype, name))
+        _write_array(w, _encode(t.float(), qtype, name))
         return
     _write_parts(w, iter((t,)), qtype, name)
+
+
+def _write_array(w, a: np.ndarray) -> None:
+    """GGUFWriter.write_tensor_data (the next planned tensor, byte-swapped to the file's order, with
+    its alignment padding) through the writer's file object's ``write`` (a SeqFile has no descriptor
+    for numpy's ``tofile``)."""
+    gguf = _gguf()
+    native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
+    if w.state is not gguf.gguf_writer.WriterState.TI_DATA and w.state is not gguf.gguf_writer.WriterState.WEIGHTS:
+        raise ValueError(f"Expected output file to contain tensor info or weights, got {w.state}")
+    if w.endianess != native:
+        a = a.byteswap(inplace=False)
+    file_id = next(i for i, ts in enumerate(w.tensors) if len(ts) > 0)
+    fout = w.fout[file_id]
+    ti = w.tensors[file_id].pop(next(iter(w.tensors[file_id])))
+    if ti.nbytes != a.nbytes:
+        raise AssertionError(f"a {a.nbytes}-byte array for a {ti.nbytes}-byte tensor")
+    w.write_padding(fout, fout.tell())
+    fout.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+    w.write_padding(fout, a.nbytes)
+    w.state = gguf.gguf_writer.WriterState.WEIGHTS
+
+
+def _open_seq(w, path: Path, direct: bool | None = None) -> None:
+    """Point the GGUFWriter at ``path`` through a SeqFile (large sequential direct writes): its
+    header, key-values and tensor infos go through ``write``, the tensors through ``_write_parts`` /
+    ``_write_array``."""
+    gguf = _gguf()
+    if w.state is not gguf.gguf_writer.WriterState.NO_FILE or len(w.tensors) != 1:
+        raise ValueError(f"Expected one output file not yet opened, got {w.state}")
+    w.path = Path(path)
+    w.fout = [SeqFile(path, direct)]
+    w.state = gguf.gguf_writer.WriterState.EMPTY
 
 
 class _Buffers:
@@ -188,7 +221,7 @@ def _write_parts(w, parts, qtype, name: str | None = None) -> None:
     gguf = _gguf()
     native = gguf.GGUFEndian.BIG if sys.byteorder == "big" else gguf.GGUFEndian.LITTLE
     if w.endianess != native:
-        w.write_tensor_data(_encode(torch.cat([p.float().reshape(-1, p.shape[-1]) for p in parts]), qtype, name))
+        _write_array(w, _encode(torch.cat([p.float().reshape(-1, p.shape[-1]) for p in parts]), qtype, name))
         return
     if w.state is not gguf.gguf_writer.WriterState.TI_DATA and w.state is not gguf.gguf_writer.WriterState.WEIGHTS:
         raise ValueError(f"Expected output file to contain tensor info or weights, got {w.state}")
@@ -212,7 +245,7 @@ def _write_parts(w, parts, qtype, name: str | None = None) -> None:
                 written += h.numel() * h.element_size()
                 continue
             a = _encode(blk.float(), qtype, name)
-            a.tofile(fout)
+            fout.write(memoryview(np.ascontiguousarray(a)).cast("B"))
             written += a.nbytes
     if written != ti.nbytes:
         raise AssertionError(f"wrote {written} bytes of a {ti.nbytes}-byte tensor")
@@ -279,8 +312,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: 
 
 
 def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre=None, overwrite: bool = False,
-            quiet: bool = True) -> dict:
-    """The in-house streamed writer (f32, f16, bf16, q8_0; the legacy 4/5-bit types without llama.cpp)."""
+            quiet: bool = True, direct: bool | None = None) -> dict:
+    """The in-house streamed writer (f32, f16, bf16, q8_0; the legacy 4/5-bit types without llama.cpp).
+    ``direct``: SeqFile's choice (None: fsutil.DIRECT_IO; False for a file read back at once)."""
     from ..ops.common import progress
     from ..ops.merge import MergedView
     from . import gguf_vocab
@@ -378,8 +412,9 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
             nbytes += n
         check_space(out, nbytes, "the GGUF file")
         with atomic_file(out) as tmp, BackgroundSync() as sync, _closing(w):
-            w.write_header_to_file(tmp)
-            sync.add(w.fout[0].fileno())  # the file reaches the disk while it is written
+            _open_seq(w, tmp, direct)
+            w.write_header_to_file()
+            sync.add(w.fout[0].sync_fd())  # (through the page cache where direct I/O is refused)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for gname, hf, shape, q, get in progress(plan, "gguf", quiet=quiet):
@@ -394,7 +429,7 @@ def _export(model_dir, out, adapters=(), weights=None, outtype: str = "f16", pre
                     if STREAMED and g.dim() >= 2:
                         _write_parts(w, iter((g,)), q, hf)  # the same bytes, converted into reused buffers
                     else:
-                        w.write_tensor_data(_encode(g, q, hf))
+                        _write_array(w, _encode(g, q, hf))
                 else:
                     _write_rows(w, t, q, hf or gname)
             sync.close()
@@ -436,7 +471,7 @@ class _closing:
         _MERGED.clear()
         if et is not None and self.w is not None:
             for f in self.w.fout or []:
-                f.close()
+                f.abort() if isinstance(f, SeqFile) else f.close()
 
 
 def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "q4_k_m", pre=None,
@@ -467,7 +502,7 @@ def export_quantized(model_dir, out, adapters=(), weights=None, outtype: str = "
         im = gguf_quant.compute_imatrix(model_dir, adapters, weights, calibration, chunk, quiet)
     mid = temp_path(out, ".f32.gguf")  # a name that fits beside any legal output name
     try:
-        rep = _export(model_dir, mid, adapters, weights, "f32", pre, False, quiet)
+        rep = _export(model_dir, mid, adapters, weights, "f32", pre, False, quiet, direct=False)  # read back at once: cached
         if im is not None:
             reader = open_gguf(mid)
             shapes = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
@@ -803,7 +838,9 @@ def import_gguf(path: str | os.PathLike, out: str | os.PathLike, dtype: str = "a
     files = gguf_vocab.tokenizer_files_from_gguf(reader.fields)
     check_space(out, sum(s.nbytes for s in specs), "the imported checkpoint")
     with CheckpointWriter(out, specs, config=cfgd) as wr, _closing(None):
-        for (hf, shape, make), spec in progress(list(zip(plan, specs)), "import", quiet=quiet):
+        by_name = {spec.name: (entry, spec) for entry, spec in zip(plan, specs)}
+        ordered = [by_name[s.name] for s in wr.file_order(specs)]  # each shard written front to back
+        for (hf, shape, make), spec in progress(ordered, "import", quiet=quiet):
             t = tensors.get(gguf_names.get(hf))
             if STREAMED and t is not None and t.tensor_type in (Q.F16, Q.F32) and len(shape) == 2 and \
                     not gguf_arch.changes(fam, t.name, cfg):

@@ -46,7 +46,7 @@ import torch
 from ..adapter import Adapter
 from ..checkpoint import copy_aux_files
 from ..errors import IncompatibleError, InputError, LoratoolsError, UnsupportedError
-from ..fsutil import atomic_dir, atomic_file, check_output, check_space
+from ..fsutil import SeqFile, atomic_dir, atomic_file, check_output, check_space, fsync_path
 from ..models.config import load_config
 from ..ops.common import check_output_finite, is_finite
 from ..models.decoder import LoraSlot
@@ -269,12 +269,9 @@ def _external_initializers(proto, specs, location: str) -> list[tuple[int, int]]
     return spans
 
 
-def _pwrite(fd: int, t: torch.Tensor, offset: int) -> None:
-    """The bytes of the contiguous tensor ``t`` at ``offset`` of ``fd`` (all of them)."""
-    mv = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    while len(mv):
-        n = os.pwrite(fd, mv, offset)
-        mv, offset = mv[n:], offset + n
+def _pwrite(f, t, offset: int) -> None:
+    """The bytes of the contiguous tensor (or bytes object) ``t`` at ``offset`` of the SeqFile ``f``."""
+    f.pwrite(t if isinstance(t, bytes) else memoryview(t.reshape(-1).view(torch.uint8).numpy()), offset)
 
 
 def _write_external(proto, specs, get, path: Path, quiet: bool = True, put=None) -> None:
@@ -286,13 +283,13 @@ def _write_external(proto, specs, get, path: Path, quiet: bool = True, put=None)
     data = path.with_name("model.onnx_data")
     spans = _external_initializers(proto, specs, data.name)
     if put is not None:
-        with open(data, "wb") as f, BackgroundSync() as sync:
-            sync.add(f.fileno())
+        with SeqFile(data) as f, BackgroundSync() as sync:  # front to back: large direct writes
+            sync.add(f.sync_fd())
             with put:
                 for spec, (offset, n) in progress(zip(specs, spans), "onnx: weights", len(specs), quiet):
-                    put(f.fileno(), offset, spec)
+                    put(f, offset, spec)
             f.truncate(spans[-1][0] + spans[-1][1] if spans else 0)
-            os.fsync(f.fileno())
+        fsync_path(data)
         path.write_bytes(proto.SerializeToString())
         return
     with open(data, "wb") as f:
@@ -332,11 +329,10 @@ def _write_inline(proto, specs, get, path: Path, quiet: bool = True, put=None) -
     if put is not None:  # the same bytes at the same offsets, each tensor from the streamed writer
         from ..fsutil import BackgroundSync
 
-        with open(path, "wb") as f, BackgroundSync() as sync:
-            sync.add(f.fileno())
+        with SeqFile(path) as f, BackgroundSync() as sync:
+            sync.add(f.sync_fd())
             graph = proto.SerializeToString()
             f.write(graph)
-            f.flush()
             offset = len(graph)
             with put:
                 for spec in progress(specs, "onnx: weights", quiet=quiet):
@@ -346,10 +342,10 @@ def _write_inline(proto, specs, get, path: Path, quiet: bool = True, put=None) -
                     tensor_len = len(head) + 1 + len(_varint(nbytes)) + nbytes
                     graph_len = 1 + len(_varint(tensor_len)) + tensor_len
                     pre = b"\x3a" + _varint(graph_len) + b"\x2a" + _varint(tensor_len) + head + b"\x4a" + _varint(nbytes)
-                    os.pwrite(f.fileno(), pre, offset)
-                    put(f.fileno(), offset + len(pre), spec)
+                    put.raw(f, pre, offset)
+                    put(f, offset + len(pre), spec)
                     offset += len(pre) + nbytes
-            os.fsync(f.fileno())
+        fsync_path(path)
         return
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
@@ -496,6 +492,7 @@ class _StreamedWriter:
         self.view, self.disk, self.get, self.buffers, self.moe = view, disk, get, buffers, moe
         self.shared, self.bufs, self.turn = _Buffers(), [_Buffers(), _Buffers()], 0  # work; written in turn
         self.pending: list = [None, None]
+        self.raws: list = []  # writes of small byte strings (inline framing), in order with the rest
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="loratools-onnx-write")
 
     def __enter__(self):
@@ -503,11 +500,16 @@ class _StreamedWriter:
 
     def __exit__(self, *exc):
         try:
-            for f in self.pending:
+            for f in self.pending + self.raws:
                 if f is not None and exc[0] is None:
                     f.result()
         finally:
             self.pool.shutdown(wait=True)
+
+    def raw(self, f, data: bytes, offset: int) -> None:
+        """``data`` at ``offset`` of ``f``, written by the thread in turn with the tensors' blocks."""
+        self.raws = [r for r in self.raws if not r.done() or r.result()]
+        self.raws.append(self.pool.submit(_pwrite, f, data, offset))
 
     def _buffers(self):
         """The next buffer set, once the writes from it are done."""
@@ -517,11 +519,11 @@ class _StreamedWriter:
             self.pending[self.turn] = None
         return self.bufs[self.turn]
 
-    def _write(self, fd: int, parts: list) -> None:
-        """(tensor, offset) pairs from the current buffer set, written by the thread."""
+    def _write(self, f, parts: list) -> None:
+        """(tensor, offset) pairs from the current buffer set, written to the SeqFile ``f`` by the thread."""
         def run():
             for t, off in parts:
-                _pwrite(fd, t, off)
+                _pwrite(f, t, off)
         self.pending[self.turn] = self.pool.submit(run)
 
     def _rounded(self, bufs, src: torch.Tensor, key: str, tr: bool, dt: torch.dtype) -> torch.Tensor:
@@ -535,7 +537,7 @@ class _StreamedWriter:
             raise AssertionError(key)
         return out
 
-    def __call__(self, fd: int, offset: int, spec) -> None:
+    def __call__(self, fd, offset: int, spec) -> None:
         from ..ops.merge import BLOCK_ELEMS, row_blocks
 
         view = self.view

@@ -522,7 +522,10 @@ def merge(base: str | os.PathLike, adapters: Sequence[Adapter], out: str | os.Pa
         check_space(out, sum(s.nbytes for s in specs), "the merged checkpoint")
         with CheckpointWriter(out, specs, max_shard_size=max_shard_size, aux_from=ck.root, config=view.config(dtype)) as wr:
             write = _write_streamed if STREAMED and not view.experts else _write_plain
-            write(view, wr, specs, progress(specs, "unmerge" if unmerge else "merge", quiet=quiet))
+            order = wr.file_order(specs)  # each shard written front to back
+            write(view, wr, order, progress(order, "unmerge" if unmerge else "merge", quiet=quiet))
+        rank = {s.name: i for i, s in enumerate(specs)}
+        view.modified.sort(key=lambda n: rank.get(n, len(rank)))  # reported in the checkpoint's order
     report = {"base": str(base), "out": str(out), "adapters": [a.source for a in adapters],
               "weights": list(weights) if weights is not None else [1.0] * len(adapters), "unmerge": unmerge,
               "device": str(dev), "modified": view.modified}
