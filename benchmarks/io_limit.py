@@ -239,6 +239,17 @@ def full(args) -> None:
         elif out.exists():
             out.unlink()
 
+    def attempt(code, files):
+        """(seconds, peak, None) of one settled run of ``code``, or (None, None, its last error line);
+        its output is removed either way."""
+        settle(args.settle)
+        try:
+            return (*timed(code, files), None)
+        except RuntimeError as e:
+            return None, None, str(e).splitlines()[-1][:80]
+        finally:
+            clear()
+
     all_floors, all_direct, summary = [], [], []
     for key, name, code, inputs in steps:
         if only is not None and key not in only:
@@ -256,14 +267,9 @@ def full(args) -> None:
             floors.append(floor(base, work / "dd"))
             settle(args.settle)
             dfloors.append(floor(base, work / "dd", direct=True))
-            settle(args.settle)
-            try:
-                sec, peak = timed(code, files)
-            except RuntimeError as e:
-                err = str(e).splitlines()[-1][:80]
+            sec, peak, err = attempt(code, files)
+            if err:
                 break
-            finally:
-                clear()
             secs.append(sec)
             peaks.append(peak)
         all_floors += floors
@@ -283,14 +289,9 @@ def full(args) -> None:
                 pcode = LLAMA_CPP.format(src=src, model=str(merged), out=str(out))
             psecs, ppeaks, perr = [], [], None
             for _ in range(args.repeat):
-                settle(args.settle)
-                try:
-                    psec, ppeak = timed(pcode, shards(merged if key == "gguf" else base))
-                except RuntimeError as e:
-                    perr = str(e).splitlines()[-1][:80]
+                psec, ppeak, perr = attempt(pcode, shards(merged if key == "gguf" else base))
+                if perr:
                     break
-                finally:
-                    clear()
                 psecs.append(psec)
                 ppeaks.append(ppeak)
             note = f"loratools {median(psecs) / median(secs):.2f}x faster" if psecs and secs else perr or ""
