@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -310,8 +311,6 @@ class BackgroundSync:
     thread and closes the duplicates, on every exit path (use it as a context manager)."""
 
     def __init__(self, interval: float = 0.25):
-        import threading
-
         self._fds: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -357,7 +356,7 @@ _ALIGN = 4096           # file offsets, lengths and buffer addresses of direct w
 _CHUNK = 8 << 20        # bytes staged before a direct write; two chunks per file in turn
 _ZERO_GAP = 64 << 20    # a forward gap up to this is filled with zeros in direct mode (larger: buffered from there on)
 _POOL: list = []        # free staging chunks (anonymous maps: page-aligned), reused from file to file
-_POOL_LOCK = __import__("threading").Lock()
+_POOL_LOCK = threading.Lock()
 
 
 def _chunk():
@@ -528,17 +527,23 @@ class SeqFile:
             self._dfd = None
 
     # -- the interface ---------------------------------------------------------------------------
-    def pwrite(self, data, offset: int) -> None:
-        n = memoryview(data).nbytes
+    def _goto(self, offset: int) -> None:
+        """Make ``offset`` the next byte: in direct mode a short forward gap is staged as zeros; a
+        backwards or long jump ends direct mode."""
         if self._dfd is not None and (offset < self._pos or offset - self._pos > _ZERO_GAP):
             self._to_buffered()
         if self._dfd is not None and offset > self._pos:
             self._zeros(offset - self._pos)
+        self._pos = offset
+        self._size = max(self._size, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self._goto(offset)
         if self._dfd is not None:
             self._stage(data)
         else:
             _pwrite_all(self._fd, data, offset, self.path)
-        self._pos = offset + n
+        self._pos = offset + memoryview(data).nbytes
         self._size = max(self._size, self._pos)
 
     def write(self, data) -> int:
@@ -548,37 +553,27 @@ class SeqFile:
 
     def seek(self, offset: int) -> None:
         """The next ``write`` goes to ``offset`` (backwards: from then on through the page cache)."""
-        if self._dfd is not None and (offset < self._pos or offset - self._pos > _ZERO_GAP):
-            self._to_buffered()
-        if self._dfd is not None and offset > self._pos:
-            self._zeros(offset - self._pos)
-        self._size = max(self._size, offset)
-        self._pos = offset
+        self._goto(offset)
 
     def copy_range(self, src_fd: int, src_offset: int, n: int, offset: int) -> None:
         """``n`` bytes of ``src_fd`` from ``src_offset`` to ``offset`` here: read straight into the
         staged chunks in direct mode, else copied in the kernel (copy_file_range)."""
-        if self._dfd is not None and self._pos <= offset <= self._pos + _ZERO_GAP:
-            self.seek(offset)
-            done = 0
-            while done < n and self._dfd is not None:
-                k = min(n - done, _CHUNK - self._fill)
-                got = os.preadv(src_fd, [memoryview(self._cur_buf())[self._fill:self._fill + k]], src_offset + done)
-                if got <= 0:
-                    raise EOFError(f"{n - done} bytes missing")
-                self._fill += got
-                done += got
-                self._pos += got
-                if self._fill == _CHUNK:
-                    self._submit(_CHUNK)
-                    if self._refused:
-                        self._to_buffered()
-            self._size = max(self._size, self._pos)
-            if done == n:
-                return
-            src_offset, offset, n = src_offset + done, offset + done, n - done
-        if self._dfd is not None:
-            self._to_buffered()
+        self._goto(offset)
+        done = 0
+        while done < n and self._dfd is not None:
+            k = min(n - done, _CHUNK - self._fill)
+            got = os.preadv(src_fd, [memoryview(self._cur_buf())[self._fill:self._fill + k]], src_offset + done)
+            if got <= 0:
+                raise EOFError(f"{n - done} bytes missing")
+            self._fill += got
+            done += got
+            self._pos += got
+            if self._fill == _CHUNK:
+                self._submit(_CHUNK)
+                if self._refused:
+                    self._to_buffered()
+        self._size = max(self._size, self._pos)
+        src_offset, offset, n = src_offset + done, offset + done, n - done
         done = 0
         while done < n:
             step = min(n - done, 64 << 20)

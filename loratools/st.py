@@ -249,8 +249,7 @@ class SafetensorsWriter:
 
         self._f = SeqFile(self.path)  # written front to back when tensors come in file order (direct I/O)
         self._f.write(head)
-        self._total = self._data_start + sum(i.nbytes for i in self.placed.values())
-        self._f.truncate(self._total)
+        self._f.truncate(self._data_start + sum(i.nbytes for i in self.placed.values()))
 
     def file_order(self) -> list[str]:
         """The planned tensors in the order of their bytes in the file: written in this order, the

@@ -508,7 +508,10 @@ class _StreamedWriter:
 
     def raw(self, f, data: bytes, offset: int) -> None:
         """``data`` at ``offset`` of ``f``, written by the thread in turn with the tensors' blocks."""
-        self.raws = [r for r in self.raws if not r.done() or r.result()]
+        for r in self.raws:
+            if r.done():
+                r.result()  # a failed write raises here
+        self.raws = [r for r in self.raws if not r.done()]
         self.raws.append(self.pool.submit(_pwrite, f, data, offset))
 
     def _buffers(self):
